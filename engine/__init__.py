@@ -1,0 +1,1 @@
+"""Training engine: config, optimizer, schedule, losses, loop, checkpoints, logging."""
