@@ -1,0 +1,85 @@
+"""Run logging: console progress, ``OUT/metrics.jsonl``, and Weights & Biases.
+
+metrics.jsonl has one JSON object per log point (train: epoch, step, lr, train_loss, images_per_s,
+data_wait_frac; eval: val_top1, val_top5, val_loss) so tools (sweeps, plots) read runs without W&B.
+W&B gets the resolved config, the same metrics, and each epoch's checkpoint as a versioned model
+artifact; ``offline`` writes under ``OUT/wandb`` (sync later with ``wandb sync``), ``online`` needs
+``WANDB_API_KEY`` or a prior ``wandb login``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from engine.config import LogConfig
+
+
+class RunLogger:
+    """Only rank 0 writes; other ranks get a logger whose methods do nothing."""
+
+    def __init__(self, cfg: LogConfig, out: Path, config_dict: dict[str, Any], *, enabled: bool, run_id: str):
+        self.cfg, self.out, self.enabled = cfg, Path(out), enabled
+        self.wandb = None
+        self._metrics = None
+        if not enabled:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._metrics = open(self.out / "metrics.jsonl", "a", buffering=1)
+        if cfg.wandb != "off":
+            self.wandb = _start_wandb(cfg, self.out, config_dict, run_id)
+
+    def info(self, msg: str) -> None:
+        if self.enabled:
+            print(msg, file=sys.stderr, flush=True)
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._metrics.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def artifact(self, path: Path, epoch: int, metadata: dict[str, Any]) -> None:
+        if self.wandb is None:
+            return
+        import wandb
+
+        art = wandb.Artifact(name=f"model-{self.wandb.id}", type="model", metadata={"epoch": epoch, **metadata})
+        art.add_file(str(path), name="checkpoint.pt")
+        self.wandb.log_artifact(art, aliases=["latest", f"epoch-{epoch}"])
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _start_wandb(cfg: LogConfig, out: Path, config_dict: dict[str, Any], run_id: str):
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("error: log.wandb is set but wandb is not installed; pip install -e '.[wandb]' "
+                         "or set log.wandb=off") from None
+    if cfg.wandb == "online" and not (os.environ.get("WANDB_API_KEY") or _has_netrc_login()):
+        raise SystemExit("error: log.wandb=online needs WANDB_API_KEY (or `wandb login`); "
+                         "use log.wandb=offline to log locally and `wandb sync` later")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    (out / "wandb").mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=cfg.project, name=cfg.run_name or out.name, id=run_id, resume="allow",
+                      dir=str(out), mode=cfg.wandb, config=config_dict)
+
+
+def _has_netrc_login() -> bool:
+    netrc = Path.home() / ".netrc"
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def format_progress(epoch: int, step: int, steps: int, rec: dict[str, Any]) -> str:
+    return (f"epoch {epoch} [{step}/{steps}] loss {rec['train_loss']:.4f} lr {rec['lr']:.3g} "
+            f"{rec['images_per_s']:.0f} img/s data-wait {100 * rec['data_wait_frac']:.0f}%")

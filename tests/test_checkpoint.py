@@ -1,0 +1,59 @@
+"""Checkpoint files: atomic replace, weights_only loading, damaged-file skipping, pruning, RNG round trip."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from engine import checkpoint as ckpt
+
+
+def test_atomic_save_leaves_no_temp_and_loads_weights_only(tmp_path):
+    state = {"model": {"w": torch.arange(4.0)}, "progress": {"epoch": 1, "step": 7}, "rng": ckpt.rng_state()}
+    path = tmp_path / ckpt.checkpoint_name(1, 7)
+    ckpt.atomic_save(state, path)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["model"]["w"], torch.arange(4.0)) and loaded["progress"]["step"] == 7
+
+
+def test_newest_good_skips_a_damaged_newest_file(tmp_path):
+    for step in (10, 20, 30):
+        ckpt.atomic_save({"step": step}, tmp_path / ckpt.checkpoint_name(0, step))
+    newest = tmp_path / ckpt.checkpoint_name(0, 30)
+    newest.write_bytes(newest.read_bytes()[:20])  # truncated, as after a crash of a non-atomic writer
+    messages = []
+    path, state = ckpt.newest_good(tmp_path, log=messages.append)
+    assert state["step"] == 20 and path.name == ckpt.checkpoint_name(0, 20)
+    assert "unreadable" in messages[0]
+
+
+def test_weights_only_refuses_pickled_code(tmp_path):
+    path = tmp_path / ckpt.checkpoint_name(0, 1)
+    torch.save({"evil": print}, path)  # not a tensor/primitive: must not be unpickled
+    with pytest.raises(Exception):
+        ckpt.load(path)
+
+
+def test_prune_keeps_last_k_by_step(tmp_path):
+    for step in (5, 50, 500, 5000):
+        ckpt.atomic_save({}, tmp_path / ckpt.checkpoint_name(step // 100, step))
+    ckpt.prune(tmp_path, 2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [ckpt.checkpoint_name(5, 500), ckpt.checkpoint_name(50, 5000)]
+
+
+def test_rng_state_round_trip_through_weights_only_file(tmp_path):
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    path = tmp_path / "rng.pt"
+    ckpt.atomic_save(ckpt.rng_state(), path)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    ckpt.set_rng_state(ckpt.load(path))
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+def test_safetensors_export(tmp_path):
+    from safetensors.torch import load_file
+
+    ckpt.export_safetensors({"a": torch.ones(2, 2)}, tmp_path / "m.safetensors", {"arch": "x"})
+    assert torch.equal(load_file(str(tmp_path / "m.safetensors"))["a"], torch.ones(2, 2))
