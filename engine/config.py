@@ -42,7 +42,6 @@ class DataConfig:
     root: str = "data/imagenet"
     num_classes: int = 1000
     workers: int = 8  # decode workers per process
-    subset_fraction: float = 1.0  # fraction of the train set per epoch (fast exploration)
 
 
 @dataclass

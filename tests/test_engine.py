@@ -1,0 +1,201 @@
+"""End-to-end engine behaviour on CPU: metrics, checkpoints, exact resume after kill -9, DDP, W&B,
+and the failures a user meets (NaN loss, missing data, wrong class count, Ctrl-C)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.train_main import batch_composition
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny but real run: timm ResNet (resnet_tiny) on Fashion-MNIST crops through the reference pipeline
+# and stage 2 (RandAugment + mixup/CutMix + BCE, as in the RSB recipes) with LAMB.
+TINY = ["model.arch=resnet_tiny", "data.pipeline=reference", "data.num_classes=10", "data.workers=0",
+        "train.epochs=2", "train.global_batch_size=64", "train.train_res=32", "train.precision=fp32",
+        "train.log_every=2", "eval.res=32", "eval.crop_pct=1.0", "eval.batch_size=64",
+        "optim.warmup_epochs=1", "optim.lr=0.005", "augment.rand_augment=rand-m7-mstd0.5-inc1",
+        "augment.mixup_alpha=0.2", "augment.cutmix_alpha=1.0", "checkpoint.every_minutes=0",
+        "log.wandb=off", "train.deterministic=true"]
+
+
+def engine_cmd(root: Path, out: Path, *extra: str) -> list[str]:
+    sets = [f"data.root={root}", *TINY, *extra]
+    return [sys.executable, "-m", "engine.run", "recipes/a3.toml", "--out", str(out)] + \
+        [a for s in sets for a in ("--set", s)]
+
+
+def run_engine(root, out, *extra, check=True, env=None, args=()):
+    proc = subprocess.run(engine_cmd(root, out, *extra) + list(args), cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def comparable(records: list[dict]) -> list[tuple]:
+    """What must be identical between runs (timings are not)."""
+    keys = ("epoch", "step", "lr", "train_loss", "val_top1", "val_top5", "val_loss")
+    return [tuple(r.get(k) for k in keys) for r in records]
+
+
+def test_batch_composition():
+    assert batch_composition(2048, 8, 0) == (256, 1)
+    assert batch_composition(2048, 8, 64) == (64, 4)
+    assert batch_composition(256, 1, 32) == (32, 8)
+    from engine.config import ConfigError
+    with pytest.raises(ConfigError, match="not a multiple"):
+        batch_composition(2048, 8, 48)
+
+
+def test_run_writes_metrics_checkpoints_and_exports(fmnist_tree, tmp_path):
+    out = tmp_path / "run"
+    proc = run_engine(fmnist_tree, out)
+    recs = metrics(out)
+    train = [r for r in recs if "train_loss" in r]
+    evals = [r for r in recs if "val_top1" in r]
+    assert train and evals and evals[-1]["epoch"] == 1
+    for r in train:
+        assert set(r) >= {"epoch", "step", "lr", "train_loss", "images_per_s", "data_wait_frac"}
+        assert r["images_per_s"] > 0 and 0 <= r["data_wait_frac"] <= 1
+    assert evals[-1]["val_images"] == 160  # every val image exactly once
+    assert "final val top-1" in proc.stdout
+    assert "batch: global 64 = 64 per device x 1 processes x 1 accumulation steps" in proc.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" in names and "best.safetensors" in names
+    ckpts = [n for n in names if n.startswith("ckpt-")]
+    assert len(ckpts) == 2  # keep_last = 2 of the two epoch checkpoints
+    state = torch.load(out / ckpts[-1], weights_only=True)
+    assert state["progress"]["epoch"] == 2 and state["config"]["train"]["epochs"] == 2
+
+
+def test_accumulation_keeps_the_global_batch(fmnist_tree, tmp_path):
+    """16 per device x 4 accumulation steps = the same optimizer steps as 64 at once."""
+    a = run_engine(fmnist_tree, tmp_path / "a", "train.epochs=1", "augment.rand_augment=", "augment.mixup_alpha=0",
+                   "augment.cutmix_alpha=0", "model.drop_path_rate=0")
+    b = run_engine(fmnist_tree, tmp_path / "b", "train.epochs=1", "augment.rand_augment=", "augment.mixup_alpha=0",
+                   "augment.cutmix_alpha=0", "model.drop_path_rate=0", "train.per_device_batch_size=16")
+    assert "16 per device x 1 processes x 4 accumulation steps" in b.stderr
+    ma, mb = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [r["step"] for r in ma] == [r["step"] for r in mb]
+    # BatchNorm sees 16 instead of 64 images, so losses are close, not equal
+    for ra, rb in zip(ma, mb):
+        if "train_loss" in ra:
+            assert abs(ra["train_loss"] - rb["train_loss"]) < 0.1 * ra["train_loss"]
+
+
+def test_kill_9_mid_epoch_then_resume_auto_is_exact(fmnist_tree, tmp_path):
+    full = tmp_path / "full"
+    run_engine(fmnist_tree, full, "train.epochs=3")
+    out = tmp_path / "killed"
+    # checkpoints every optimizer step (every_minutes tiny) so a kill lands mid-epoch
+    proc = subprocess.Popen(engine_cmd(fmnist_tree, out, "train.epochs=3", "checkpoint.every_minutes=1e-9",
+                                       "checkpoint.keep_last=3"),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    # wait for a checkpoint in the middle of epoch 1 (epoch 0 done, epoch 1 started)
+    while time.time() < deadline and not any(p.name.startswith("ckpt-e0001-") for p in out.glob("ckpt-*.pt")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    resumed = run_engine(fmnist_tree, out, "train.epochs=3", args=["--resume", "auto"])
+    assert "resumed from" in resumed.stderr
+    # records logged by the killed run after its last checkpoint are logged again by the resumed run;
+    # the newest record per log point must equal the uninterrupted run's, timings aside
+    assert comparable(newest_per_point(metrics(out))) == comparable(newest_per_point(metrics(full)))
+
+
+def newest_per_point(records: list[dict]) -> list[dict]:
+    latest = {(r["step"], "val_top1" in r): r for r in records}
+    return [latest[k] for k in sorted(latest)]
+
+
+def test_nan_loss_stops_with_step_and_keeps_good_checkpoint(fmnist_tree, tmp_path):
+    out = tmp_path / "nan"
+    proc = run_engine(fmnist_tree, out, "optim.name=sgd", "optim.lr=1e30", "optim.warmup_epochs=0",
+                      "checkpoint.every_minutes=0", check=False)
+    assert proc.returncode == 3
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(line) == 1 and "NaN/Inf at step" in line[0]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("data.root=/nonexistent/data",), "data.root /nonexistent/data does not exist"),
+    (("data.num_classes=1000",), "data.num_classes = 1000 but the dataset"),
+    (("model.arch=resnet5O",), "did you mean resnet50?"),
+])
+def test_user_errors_are_one_line(fmnist_tree, tmp_path, extra, message):
+    proc = run_engine(fmnist_tree, tmp_path / "e", *extra, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error:") and message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_checkpoints_then_resume_continues(fmnist_tree, tmp_path):
+    out = tmp_path / "int"
+    proc = subprocess.Popen(engine_cmd(fmnist_tree, out, "train.epochs=20"), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "stopped on request" in err
+    state = torch.load(sorted(out.glob("ckpt-*.pt"))[-1], weights_only=True)
+    assert state["tag"] == "interrupted"
+    resumed = run_engine(fmnist_tree, out, "train.epochs=20", "train.epochs=2", args=["--resume", "auto"], check=False)
+    assert "resumed from" in resumed.stderr
+
+
+def test_wandb_offline_run_has_config_metrics_and_artifact(fmnist_tree, tmp_path):
+    out = tmp_path / "wb"
+    run_engine(fmnist_tree, out, "log.wandb=offline", "train.epochs=1", env={"WANDB_MODE": "offline"})
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    from tests.wandb_reader import read_offline_run
+
+    found = read_offline_run(runs[0])
+    assert found["config"]["optim"]["lr"] == 0.005 and found["config"]["model"]["arch"] == "resnet_tiny"
+    assert any("train_loss" in h for h in found["history"]) and any("val_top1" in h for h in found["history"])
+    assert any(a["type"] == "model" for a in found["artifacts"])
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_matches_single_process(fmnist_tree, tmp_path):
+    common = ("train.epochs=2", "augment.rand_augment=", "augment.mixup_alpha=0", "augment.cutmix_alpha=0",
+              "model.drop_path_rate=0", "train.deterministic=false")
+    single = tmp_path / "single"
+    run_engine(fmnist_tree, single, *common)
+    ddp = tmp_path / "ddp"
+    cmd = engine_cmd(fmnist_tree, ddp, *common)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"] + cmd[1:]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "32 per device x 2 processes x 1 accumulation steps" in proc.stderr
+    a, b = metrics(single), metrics(ddp)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    ea, eb = [r for r in a if "val_top1" in r][-1], [r for r in b if "val_top1" in r][-1]
+    assert eb["val_images"] == 160  # the val set is split across ranks without duplicates
+    # same global batch and lr; BatchNorm statistics per rank make it close, not identical
+    assert abs(ea["val_loss"] - eb["val_loss"]) < 0.25 * ea["val_loss"]
+    la = [r["train_loss"] for r in a if "train_loss" in r]
+    lb = [r["train_loss"] for r in b if "train_loss" in r]
+    assert all(abs(x - y) < 0.15 * x for x, y in zip(la, lb))
