@@ -1,0 +1,199 @@
+"""RandAugment's image ops, batched over a uint8 tensor ``[k, 3, H, W]`` with one argument per sample.
+
+Each op reproduces the PIL function timm calls (``timm/data/auto_augment.py``), including
+PIL's integer behaviour, so that a batched op on a tensor gives the pixels timm's op gives on
+the same image:
+
+* ``ImageEnhance`` ops are ``Image.blend(degenerate, img, f)``, which truncates (not rounds)
+  ``d + f * (x - d)`` after clipping to 0..255;
+* grey is PIL's ``convert('L')``: ``(19595 R + 38470 G + 7471 B + 2^15) >> 16``;
+* affine ops sample at pixel centres, fill where the source point falls outside the image,
+  and clamp neighbours at the border (PIL ``Geometry.c``); the result is rounded to uint8.
+
+Ops return uint8 so rounding happens after every op, as between PIL ops.
+Where the per-sample arguments come from is ``randaugment.py``'s business.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# PIL's ImageFilter.SMOOTH kernel (the "degenerate" image of ImageEnhance.Sharpness).
+_SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
+
+
+def _col(v: torch.Tensor, x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Per-sample values as a [k, 1, 1, 1] tensor on x's device."""
+    return v.to(device=x.device, dtype=dtype).view(-1, 1, 1, 1)
+
+
+def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """PIL ``Image.blend``: truncate(clip(d + f * (x - d))) in float32."""
+    f = _col(factor, x)
+    out = degenerate + f * (x.float() - degenerate)
+    return out.clamp_(0, 255).to(torch.uint8)  # float->uint8 truncates toward zero, like PIL
+
+
+def grey(x: torch.Tensor) -> torch.Tensor:
+    """PIL's RGB->L conversion as [k, 1, H, W] float (exact integers)."""
+    xi = x.to(torch.int32)
+    g = (xi[:, 0:1] * 19595 + xi[:, 1:2] * 38470 + xi[:, 2:3] * 7471 + 0x8000) >> 16
+    return g.float()
+
+
+def _histogram(x: torch.Tensor) -> torch.Tensor:
+    """Per (sample, channel) 256-bin histograms, [k, 3, 256] int64."""
+    k, c = x.shape[:2]
+    offset = (torch.arange(k * c, device=x.device) * 256).view(k, c, 1, 1)
+    counts = torch.bincount((x.long() + offset).flatten(), minlength=k * c * 256)
+    return counts.view(k, c, 256)
+
+
+def _apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """Look up each (sample, channel) in its own 256-entry table; lut is [k, 3, 256] uint8."""
+    k, c = x.shape[:2]
+    offset = (torch.arange(k * c, device=x.device) * 256).view(k, c, 1, 1)
+    return lut.reshape(-1)[x.long() + offset]
+
+
+# --------------------------------------------------------------------------- colour / LUT ops
+def auto_contrast(x: torch.Tensor, _arg=None) -> torch.Tensor:
+    """ImageOps.autocontrast (cutoff 0): stretch each channel's [min, max] to [0, 255]."""
+    k, c = x.shape[:2]
+    flat = x.view(k, c, -1) if x.is_contiguous() else x.reshape(k, c, -1)
+    lo = flat.amin(-1).double()
+    hi = flat.amax(-1).double()
+    i = torch.arange(256, device=x.device, dtype=torch.float64)
+    span = (hi - lo).clamp(min=1)
+    scale = torch.full_like(span, 255.0) / span  # tensor/tensor: `255.0 / t` rounds differently from PIL
+    lut = (i * scale[..., None] - (lo * scale)[..., None]).trunc().clamp(0, 255)
+    lut = torch.where((hi > lo)[..., None], lut, i)  # flat channel: PIL leaves it unchanged
+    return _apply_lut(x, lut.to(torch.uint8))
+
+
+def equalize(x: torch.Tensor, _arg=None) -> torch.Tensor:
+    """ImageOps.equalize: per channel, step = (pixels - count of the top value) // 255,
+    lut[i] = (step // 2 + pixels below i) // step; identity when step is 0."""
+    hist = _histogram(x)
+    total = hist.sum(-1)
+    top = 255 - torch.flip(hist > 0, dims=[-1]).int().argmax(-1)  # highest occupied bin
+    step = (total - hist.gather(-1, top[..., None]).squeeze(-1)) // 255
+    below = torch.cumsum(hist, -1) - hist
+    safe = step.clamp(min=1)[..., None]
+    lut = ((safe // 2 + below) // safe).clamp(max=255)
+    ident = torch.arange(256, device=x.device).expand_as(lut)
+    lut = torch.where((step > 0)[..., None], lut, ident)
+    return _apply_lut(x, lut.to(torch.uint8))
+
+
+def invert(x: torch.Tensor, _arg=None) -> torch.Tensor:
+    return 255 - x
+
+
+def posterize(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """Keep the top ``bits`` bits (bits >= 8: unchanged, 0: black)."""
+    shift = (8 - bits.clamp(0, 8)).to(torch.int64)
+    mask = (256 - (1 << shift)).to(torch.uint8)  # ~(2**(8-bits) - 1) & 0xFF
+    return x & _col(mask, x, torch.uint8)
+
+
+def solarize(x: torch.Tensor, thresh: torch.Tensor) -> torch.Tensor:
+    """Invert pixels >= thresh (thresh 256: unchanged)."""
+    return torch.where(x.to(torch.int16) < _col(thresh, x, torch.int16), x, 255 - x)
+
+
+def solarize_add(x: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+    """Add to pixels below 128, saturating at 255."""
+    added = (x.to(torch.int16) + _col(add, x, torch.int16)).clamp_(max=255).to(torch.uint8)
+    return torch.where(x < 128, added, x)
+
+
+def color(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """ImageEnhance.Color: blend with the grey image."""
+    return _blend(grey(x), x, factor)
+
+
+def contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """ImageEnhance.Contrast: blend with a flat image at the rounded mean grey level."""
+    mean = torch.floor(grey(x).mean(dim=(1, 2, 3), dtype=torch.float64) + 0.5)
+    return _blend(_col(mean, x), x, factor)
+
+
+def brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """ImageEnhance.Brightness: blend with black."""
+    return _blend(torch.zeros((), device=x.device), x, factor)
+
+
+def sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """ImageEnhance.Sharpness: blend with PIL's SMOOTH-filtered image (border pixels unfiltered)."""
+    xf = x.float()
+    k = _SMOOTH.to(x.device).expand(3, 1, 3, 3)
+    inner = F.conv2d(xf, k, groups=3)
+    degenerate = xf.clone()
+    degenerate[:, :, 1:-1, 1:-1] = inner.round_()  # PIL rounds the filtered uint8 image
+    return _blend(degenerate, x, factor)
+
+
+# --------------------------------------------------------------------------- geometric ops
+def affine(x: torch.Tensor, matrix: torch.Tensor, fill: tuple[int, int, int], mode: str) -> torch.Tensor:
+    """PIL ``Image.transform(AFFINE)`` per sample. ``matrix`` [k, 2, 3] maps an output pixel
+    centre (x + .5, y + .5) to the source point, PIL's convention; ``mode`` bilinear/bicubic."""
+    k, _, h, w = x.shape
+    dev = x.device
+    m = matrix.to(device=dev, dtype=torch.float32)
+    ys = (torch.arange(h, device=dev, dtype=torch.float32) + 0.5).view(1, h, 1)
+    xs = (torch.arange(w, device=dev, dtype=torch.float32) + 0.5).view(1, 1, w)
+    src_x = m[:, 0, 0, None, None] * xs + m[:, 0, 1, None, None] * ys + m[:, 0, 2, None, None]
+    src_y = m[:, 1, 0, None, None] * xs + m[:, 1, 1, None, None] * ys + m[:, 1, 2, None, None]
+    inside = (src_x >= 0) & (src_x < w) & (src_y >= 0) & (src_y < h)
+    # align_corners=False: normalized -1..1 spans pixel edges, matching PIL's centre convention;
+    # 'border' padding = PIL clamping neighbour indices at the edge.
+    grid = torch.stack((src_x * (2.0 / w) - 1.0, src_y * (2.0 / h) - 1.0), dim=-1)
+    out = F.grid_sample(x.float(), grid, mode=mode, padding_mode="border", align_corners=False)
+    # PIL truncates; the small bias absorbs float32 grid error on exact values (pure shifts).
+    out = out.add_(0.005).clamp_(0, 255).to(torch.uint8)
+    fill_t = torch.tensor(fill, dtype=torch.uint8, device=dev).view(1, 3, 1, 1)
+    return torch.where(inside.unsqueeze(1), out, fill_t)
+
+
+def rotate_matrix(degrees: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """PIL ``Image.rotate`` (counter-clockwise, about the image centre) as an affine matrix."""
+    a = -degrees.double() * (math.pi / 180.0)
+    cos, sin = torch.cos(a), torch.sin(a)
+    cx, cy = w / 2.0, h / 2.0
+    m = torch.zeros(len(degrees), 2, 3, dtype=torch.float64)
+    m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = cos, sin, -sin, cos
+    m[:, 0, 2] = -cos * cx - sin * cy + cx
+    m[:, 1, 2] = sin * cx - cos * cy + cy
+    return m
+
+
+def shear_matrix(factor: torch.Tensor, axis: str) -> torch.Tensor:
+    m = torch.zeros(len(factor), 2, 3, dtype=torch.float64)
+    m[:, 0, 0] = m[:, 1, 1] = 1.0
+    if axis == "x":
+        m[:, 0, 1] = factor  # source x = x + f * y
+    else:
+        m[:, 1, 0] = factor
+    return m
+
+
+def translate_matrix(pixels: torch.Tensor, axis: str) -> torch.Tensor:
+    m = torch.zeros(len(pixels), 2, 3, dtype=torch.float64)
+    m[:, 0, 0] = m[:, 1, 1] = 1.0
+    m[:, 0 if axis == "x" else 1, 2] = pixels
+    return m
+
+
+# The table randaugment.py dispatches on. Geometric ops are batched together there.
+POINT_OPS = {
+    "AutoContrast": auto_contrast, "Equalize": equalize, "Invert": invert,
+    "Posterize": posterize, "PosterizeIncreasing": posterize,
+    "Solarize": solarize, "SolarizeIncreasing": solarize, "SolarizeAdd": solarize_add,
+    "Color": color, "ColorIncreasing": color, "Contrast": contrast, "ContrastIncreasing": contrast,
+    "Brightness": brightness, "BrightnessIncreasing": brightness,
+    "Sharpness": sharpness, "SharpnessIncreasing": sharpness,
+}
+GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")

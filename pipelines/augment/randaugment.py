@@ -1,0 +1,118 @@
+"""Batched RandAugment: every image of a uint8 batch gets its own ops and magnitudes.
+
+Semantics are timm's ``RandAugment``/``AugmentOp`` (``timm/data/auto_augment.py``), after
+Cubuk et al. 2020 (https://arxiv.org/abs/1909.13719): for each of ``n`` layers an op is drawn
+uniformly with replacement; it runs with probability ``p``; its magnitude is ``m`` plus
+Gaussian noise ``mstd`` (or uniform in [0, m]), clipped to [0, mmax]; signed ops (rotate,
+shear, translate, the "increasing" enhancements) flip sign with probability 1/2.
+
+Batched: the per-sample choices are drawn first (``sample_params``), on a CPU generator, as
+small [layers, N] tensors. The pixel work then loops over *ops*, never images: each op runs
+once on the subset of samples that drew it, and the five geometric ops share one
+``grid_sample`` per interpolation mode. Because the choices live on the host, the subset sizes
+are known without a device sync, and a given seed gives the same choices on CPU and CUDA.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import ops as O
+from .policy import LEVEL_DENOM, RandAugmentPolicy
+
+
+@dataclass
+class RandAugmentParams:
+    """Per-layer, per-sample choices; all CPU tensors of shape [num_layers, N]."""
+
+    op: torch.Tensor  # int64 index into policy.ops
+    apply: torch.Tensor  # bool, the op's probability test passed
+    magnitude: torch.Tensor  # float64, after noise and clipping
+    sign: torch.Tensor  # float64, +1 / -1 for signed ops
+    bicubic: torch.Tensor  # bool, geometric ops resample bicubic (else bilinear)
+
+
+def sample_params(n: int, policy: RandAugmentPolicy, generator: torch.Generator) -> RandAugmentParams:
+    shape = (policy.num_layers, n)
+    g = generator
+    op = torch.randint(len(policy.ops), shape, generator=g)
+    apply = torch.rand(shape, generator=g, dtype=torch.float64) <= policy.prob
+    m = torch.full(shape, float(policy.magnitude), dtype=torch.float64)
+    if policy.magnitude_std == float("inf"):
+        m = torch.rand(shape, generator=g, dtype=torch.float64) * policy.magnitude
+    elif policy.magnitude_std > 0:
+        m = m + policy.magnitude_std * torch.randn(shape, generator=g, dtype=torch.float64)
+    m = m.clamp(0.0, policy.magnitude_max or LEVEL_DENOM)
+    sign = torch.where(torch.rand(shape, generator=g, dtype=torch.float64) < 0.5, -1.0, 1.0).double()
+    if policy.interpolation == "random":
+        bicubic = torch.rand(shape, generator=g) < 0.5
+    else:
+        bicubic = torch.full(shape, policy.interpolation == "bicubic")
+    return RandAugmentParams(op, apply, m, sign, bicubic)
+
+
+def op_argument(name: str, m: torch.Tensor, sign: torch.Tensor, h: int, w: int,
+                policy: RandAugmentPolicy) -> torch.Tensor:
+    """The op argument timm's ``LEVEL_TO_ARG`` gives for magnitudes ``m`` (float64 [k]).
+    Geometric ops get their [k, 2, 3] PIL affine matrix."""
+    level = m / LEVEL_DENOM
+    base = name.replace("Increasing", "")
+    increasing = name.endswith("Increasing")
+    if name == "Rotate":
+        return O.rotate_matrix(level * 30.0 * sign, h, w)
+    if name in ("ShearX", "ShearY"):
+        return O.shear_matrix(level * 0.3 * sign, name[-1].lower())
+    if name == "TranslateXRel":
+        return O.translate_matrix(level * policy.translate_pct * sign * w, "x")
+    if name == "TranslateYRel":
+        return O.translate_matrix(level * policy.translate_pct * sign * h, "y")
+    if base == "Posterize":
+        bits = torch.floor(level * 4)
+        return 4 - bits if increasing else bits
+    if base == "Solarize":
+        thresh = torch.floor(level * 256).clamp(max=256)
+        return 256 - thresh if increasing else thresh
+    if name == "SolarizeAdd":
+        return torch.floor(level * 110).clamp(max=128)
+    if base in ("Color", "Contrast", "Brightness", "Sharpness"):
+        if increasing:  # 1.0 is "no change"; move away from it either way
+            return (1.0 + sign * level * 0.9).clamp(min=0.1)
+        return level * 1.8 + 0.1
+    return m  # AutoContrast, Equalize, Invert take no argument
+
+
+def apply_params(x: torch.Tensor, params: RandAugmentParams, policy: RandAugmentPolicy) -> torch.Tensor:
+    """Apply drawn choices to uint8 ``x`` [N, 3, H, W]; returns a new tensor, same layout."""
+    out = x.clone()
+    h, w = x.shape[-2:]
+    dev = x.device
+    for layer in range(params.op.shape[0]):
+        chosen = torch.where(params.apply[layer], params.op[layer], -1)
+        geo_idx, geo_mat, geo_cubic = [], [], []
+        for k, name in enumerate(policy.ops):
+            sel = (chosen == k).nonzero().flatten()  # CPU tensor: no device sync
+            if sel.numel() == 0:
+                continue
+            arg = op_argument(name, params.magnitude[layer, sel], params.sign[layer, sel], h, w, policy)
+            if name in O.GEOMETRIC_OPS:
+                geo_idx.append(sel)
+                geo_mat.append(arg)
+                geo_cubic.append(params.bicubic[layer, sel])
+                continue
+            sel_d = sel.to(dev, non_blocking=True)
+            out[sel_d] = O.POINT_OPS[name](out[sel_d], arg)
+        if geo_idx:
+            idx, mat, cubic = torch.cat(geo_idx), torch.cat(geo_mat), torch.cat(geo_cubic)
+            for mode, pick in (("bilinear", ~cubic), ("bicubic", cubic)):
+                if pick.any():
+                    sel_d = idx[pick].to(dev, non_blocking=True)
+                    out[sel_d] = O.affine(out[sel_d], mat[pick], policy.fill, mode)
+    return out
+
+
+def rand_augment_batch(x: torch.Tensor, policy: RandAugmentPolicy, generator: torch.Generator) -> torch.Tensor:
+    """RandAugment on a uint8 batch [N, 3, H, W] (any device); ``generator`` is a CPU generator."""
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected uint8 [N, 3, H, W], got {x.dtype} {tuple(x.shape)}")
+    return apply_params(x, sample_params(x.shape[0], policy, generator), policy)
