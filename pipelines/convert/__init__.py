@@ -1,0 +1,13 @@
+"""ImageNet conversion: source images (class folders, flat val + label file, or the original
+tars) to FFCV ``.beton`` files and DALI webdataset shards, in one decode pass per image.
+
+Modules, one job each:
+``sources``  enumerate the three input kinds into ordered (label, locator) items;
+``labels``   read validation label files (Kaggle CSV, devkit ground truth + meta.mat);
+``decode``   bytes -> RGB pixels the way the reference loader sees them, -> stored JPEG;
+``dali_out`` webdataset shard + index writer; ``ffcv_out`` FFCV part store + ``.beton`` writer;
+``state``    per-chunk completion records, settings fingerprint, atomic file helpers;
+``manifest`` the ``manifest.json`` that readers and ``--verify`` trust;
+``convert``  the resumable multi-process driver; ``verify`` re-reads outputs.
+"""
+TOOL_VERSION = "1.0.0"

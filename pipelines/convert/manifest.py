@@ -1,0 +1,56 @@
+"""``manifest.json``: what a conversion produced, the contract its readers and ``--verify`` trust.
+
+Top level: ``version`` (tool version), ``format`` (this file's schema), ``source`` (absolute SRC),
+``formats``, ``settings``, ``exif_orientation``. Per split (``splits.<name>``): ``images`` written,
+``classes`` (names in index order), ``class_counts``, ``labels_sha256`` (of the label sequence in
+storage order, the same order in the beton and across the shards), ``skipped`` (``{path, reason}``),
+``ffcv`` (file, bytes, sha256, page size) and ``shards`` (DALI tar + index, images, bytes, sha256).
+Paths inside are relative to OUT, so a converted folder can be moved.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import TOOL_VERSION
+
+SCHEMA = 1
+EXIF_POLICY = "ignored, as PIL Image.open(p).convert('RGB') (the reference loader) ignores it"
+
+
+def manifest_path(out: Path) -> Path:
+    return out / "manifest.json"
+
+
+def split_paths(out: Path, split: str, chunk: int) -> dict[str, Path]:
+    stem = f"shard-{chunk:05d}"
+    parts = out / "ffcv" / ".parts" / split
+    return {"tar": out / "dali" / split / f"{stem}.tar", "idx": out / "dali" / split / f"{stem}.idx",
+            "part": parts / f"part-{chunk:05d}.bin", "part_meta": parts / f"part-{chunk:05d}.npy"}
+
+
+def label_digest(labels) -> str:
+    return hashlib.sha256(np.asarray(labels, dtype="<i8").tobytes()).hexdigest()
+
+
+def build_manifest(src: Path, settings: dict, formats: list[str], splits: dict) -> dict:
+    """``splits``: name -> (SplitSource, chunk records in order, beton info or None)."""
+    out = {"version": TOOL_VERSION, "format": SCHEMA, "source": str(src), "formats": formats,
+           "settings": settings, "exif_orientation": EXIF_POLICY,
+           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "splits": {}}
+    for name, (source, records, beton) in splits.items():
+        labels = [lab for r in records for lab in r["labels"]]
+        counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(source.classes))
+        entry = {"images": len(labels), "classes": source.classes, "num_classes": len(source.classes),
+                 "class_counts": counts.tolist(), "labels_sha256": label_digest(labels),
+                 "source_kind": source.kind,
+                 "skipped": source.skipped + [s for r in records for s in r["skipped"]]}
+        if beton is not None:
+            entry["ffcv"] = beton
+        if "dali" in formats:
+            entry["shards"] = [r["shard"] for r in records if r["shard"]]
+        out["splits"][name] = entry
+    return out
