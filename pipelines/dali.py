@@ -1,0 +1,288 @@
+"""Stage 1 on NVIDIA DALI over the converter's webdataset shards (``dali/{train,val}/*.tar`` + ``.idx``).
+
+Design choice — index feed, not ``fn.readers.webdataset``: the reader shards by contiguous file
+ranges and shuffles inside a bounded buffer, and it has no notion of repeated augmentation, so it
+cannot produce the shared sampler's order (pipelines/sampler.py: timm ``RepeatAugSampler`` /
+``DistributedSampler`` semantics) nor an exact per-rank epoch length (its ``pad_last_batch`` /
+``stick_to_shard`` modes pad with duplicates or drift shards between epochs). Instead
+:class:`ShardStore` memory-maps every tar once, takes each sample's JPEG offset/size from the
+``.idx`` file (DALI's own v1.2 index format, written by ``wds2idx``), and a batch-mode
+``fn.external_source`` hands DALI zero-copy views of the JPEG bytes for exactly the indices the
+sampler chose. Per batch that is a few microseconds of Python per image; decoding and resizing
+run on DALI's thread pool (CPU) or nvJPEG + the GPU (``device="mixed"``).
+
+Graph (DALI docs: ``fn.decoders.image_random_crop``, ``fn.resize``, ``fn.flip``, ``fn.external_source``):
+train: ``image_random_crop`` (ROI decode of a random-resized-crop box; ``random_area`` = timm
+``scale``, ``random_aspect_ratio`` = ``ratio``, 10 attempts) → ``resize`` to the epoch's
+``res``×``res`` (bilinear, antialiased) → ``flip`` (coin with ``hflip``) → uint8 HWC.
+val: ``decoders.image`` → ``resize`` shorter side to ``floor(res / crop_pct)`` (bicubic,
+antialiased; timm's eval transform) → centre ``crop`` ``res``×``res``.
+On a GPU the decoder is ``device="mixed"`` (nvJPEG; ``hw_decoder_load`` offloads part of the work
+to the A100/H100 hardware JPEG decoder) and resize/flip/crop run on the GPU; without one,
+everything runs on CPU with ``device_id=None``.
+
+Progressive resolution: the output size is an *argument input* fed per iteration by the same
+external source, so ``set_epoch(epoch, res)`` takes effect at the next epoch with no new pipeline.
+An epoch ends when the feed raises ``StopIteration``; the pipeline is ``reset()`` lazily at the
+start of the next epoch, after ``set_epoch`` has set the new order and size, so batches DALI
+prefetches always belong to the right epoch.
+
+Batches are copied out of DALI's buffers into fresh torch tensors (NHWC memory viewed as NCHW,
+i.e. channels_last), so a yielded batch is never overwritten by later iterations.
+"""
+from __future__ import annotations
+
+import math
+import mmap
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pipelines.base import Batch, DataError, MissingBackendError
+
+try:
+    import nvidia.dali.fn as fn
+    import nvidia.dali.math as dmath
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+except ImportError as e:  # engine/data.py turns this into the one-line "what to install" message
+    raise MissingBackendError(f"DALI is not importable ({e}): pip install -e '.[dali]' (nvidia-dali-cuda130), "
+                              "or set data.pipeline=reference") from None
+
+from pipelines._stage1_common import CONVERT_HINT, EpochPlan, read_split, resolve_device
+
+
+def _parse_index(path: Path) -> list[dict[str, tuple[int, int]]]:
+    """DALI webdataset index → per sample ``{ext: (data_offset, size)}``. v1.2 lines hold
+    ``ext offset size name`` groups; the older v1.1 ``ext offset size`` groups are accepted too."""
+    lines = path.read_text().splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or not head[0].startswith("v1.") or not head[1].isdigit():
+        raise DataError(f"{path}: not a DALI webdataset index (header {lines[:1]}); re-run the converter")
+    step = 4 if head[0] >= "v1.2" else 3
+    samples = []
+    for line in lines[1:]:
+        f = line.split()
+        if not f:
+            continue
+        samples.append({f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f) - step + 1, step)})
+    if len(samples) != int(head[1]):
+        raise DataError(f"{path}: header says {head[1]} samples, found {len(samples)}; re-run the converter")
+    return samples
+
+
+class ShardStore:
+    """Random access by global sample index (manifest order = shards in order, samples in tar order)
+    to the JPEG bytes and labels in a split's webdataset shards, through one ``mmap`` per tar."""
+
+    def __init__(self, root: Path, split: str, entry: dict):
+        folder = root / "dali" / split
+        names = entry.get("shards")
+        if names:
+            tars = [self._resolve(root, folder, s) for s in names]
+        else:
+            tars = sorted(folder.glob("*.tar"))
+        if not tars:
+            raise DataError(f"no DALI shards in {folder}; " + CONVERT_HINT.format(root=root, fmt="dali"))
+        self.maps, shard, offset, size, labels = [], [], [], [], []
+        for k, tar in enumerate(tars):
+            idx = tar.with_suffix(".idx")
+            for p in (tar, idx):
+                if not p.is_file():
+                    raise DataError(f"{p} not found; " + CONVERT_HINT.format(root=root, fmt="dali"))
+            with open(tar, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self.maps.append(mm)
+            for comp in _parse_index(idx):
+                jpg = comp.get("jpg") or comp.get("jpeg")
+                cls = comp.get("cls")
+                if jpg is None or cls is None:
+                    raise DataError(f"{idx}: a sample lacks .jpg or .cls ({sorted(comp)}); re-run the converter")
+                shard.append(k)
+                offset.append(jpg[0])
+                size.append(jpg[1])
+                labels.append(int(mm[cls[0]:cls[0] + cls[1]]))
+        self.shard = np.asarray(shard, np.int32)
+        self.offset = np.asarray(offset, np.int64)
+        self.size = np.asarray(size, np.int64)
+        self.labels = np.asarray(labels, np.int64)
+        self._buffers = [np.frombuffer(mm, np.uint8) for mm in self.maps]
+
+    @staticmethod
+    def _resolve(root: Path, folder: Path, shard) -> Path:
+        name = shard if isinstance(shard, str) else (shard.get("path") or shard.get("name") or shard.get("file"))
+        p = Path(name)
+        for cand in (p, folder / p, root / p, folder / p.name):
+            if cand.is_absolute() and cand.is_file() or (not cand.is_absolute() and cand.is_file()):
+                return cand
+        return folder / p.name
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def jpegs(self, indices: np.ndarray) -> list[np.ndarray]:
+        """Zero-copy views of the encoded images (DALI copies them into its own input buffer)."""
+        bufs, sh, off, sz = self._buffers, self.shard, self.offset, self.size
+        return [bufs[sh[i]][off[i]:off[i] + sz[i]] for i in indices.tolist()]
+
+
+class _Feed:
+    """The batch-mode external source: each call returns the next batch of this epoch's indices as
+    (jpegs, labels, output sizes), and raises ``StopIteration`` after the last one."""
+
+    def __init__(self, store: ShardStore, batch_size: int, with_size: bool):
+        self.store, self.batch_size, self.with_size = store, batch_size, with_size
+        self.order = np.zeros(0, np.int64)
+        self.pos, self.stop, self.size = 0, False, np.zeros(2, np.float32)
+
+    def start(self, order: np.ndarray, res: int) -> None:
+        self.order, self.pos, self.stop = order, 0, False
+        self.size = np.array([res, res], np.float32)
+
+    def __call__(self, info=None):
+        if self.stop or self.pos >= len(self.order):
+            raise StopIteration
+        idx = self.order[self.pos:self.pos + self.batch_size]
+        self.pos += len(idx)
+        labels = self.store.labels[idx]
+        out = (self.store.jpegs(idx), [labels[i:i + 1].reshape(()) for i in range(len(idx))])
+        return out + ([self.size] * len(idx),) if self.with_size else out
+
+
+class DALIPipeline:
+    """DALI stage 1 for ``split`` in {"train", "val"}; keywords as engine/data.py passes them."""
+
+    def __init__(self, root, split: str, *, batch_size: int, res: int, device="cpu", rank: int = 0,
+                 world_size: int = 1, seed: int = 0, repeats: int = 0, workers: int = 8,
+                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, crop_pct: float = 0.875,
+                 hw_decoder_load: float = 0.65, prefetch: int = 2):
+        info = read_split(root, split, "dali")
+        self.root, self.split, self.train = Path(root), split, split == "train"
+        self.num_classes, self.num_samples, self.classes = info.num_classes, info.num_samples, info.classes
+        self.store = ShardStore(self.root, split, info.entry)
+        if len(self.store) != self.num_samples:
+            raise DataError(f"DALI shards under {self.root / 'dali' / split} hold {len(self.store)} images but "
+                            f"manifest.json says {self.num_samples}; re-run the converter")
+        self.batch_size, self.res, self.device = batch_size, res, resolve_device(device)
+        self.crop_pct = crop_pct
+        self.plan = EpochPlan(self.num_samples, train=self.train, batch_size=batch_size, rank=rank,
+                              world_size=world_size, seed=seed, repeats=repeats)
+        self.feed = _Feed(self.store, batch_size, with_size=self.train)
+        gpu = self.device.type == "cuda"
+        build = _train_graph if self.train else _val_graph
+        opts = dict(scale=list(scale), ratio=list(ratio), hflip=hflip) if self.train else dict(res=res, crop_pct=crop_pct)
+        # Distinct random streams per rank: repeated copies of an image on different ranks must get
+        # different crops (the point of repeated augmentation).
+        self.pipe = build(self.feed, gpu=gpu, hw_decoder_load=hw_decoder_load, **opts,
+                          batch_size=batch_size, num_threads=max(1, workers),
+                          device_id=self.device.index if gpu else None,
+                          seed=(seed * 1_000_003 + rank * 7919 + 1) % (2**31 - 1),
+                          prefetch_queue_depth=prefetch)
+        self.pipe.build()
+        self._fresh = True  # no run() since build/reset: no reset needed before the next epoch
+
+    def set_epoch(self, epoch: int, res: int | None = None, start_batch: int = 0) -> None:
+        """Reseed the order for ``epoch``, skip ``start_batch`` batches (indices only, nothing is
+        decoded) and set the train output resolution for this epoch (val keeps its eval size)."""
+        self.plan.set_epoch(epoch, start_batch)
+        if res is not None and self.train:
+            self.res = res
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def _restart(self) -> None:
+        if self._fresh:
+            return
+        # A previous epoch may have been left early (max_steps, interruption): let DALI finish the
+        # few batches it already prefetched, without feeding it more, then rewind.
+        self.feed.stop = True
+        try:
+            while True:
+                self.pipe.run()
+        except StopIteration:
+            pass
+        self.pipe.reset()
+        self._fresh = True
+
+    def __iter__(self) -> Iterator[Batch]:
+        order = self.plan.remaining()
+        if len(order) == 0:
+            return
+        self._restart()
+        self.feed.start(order, self.res)
+        self._fresh = False
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        for _ in range(math.ceil(len(order) / self.batch_size)):
+            images, labels = self.pipe.run()
+            yield Batch(self._images(images, stream), self._labels(labels))
+
+    def _images(self, tl, stream) -> torch.Tensor:
+        t = tl.as_tensor()  # uniform [N, H, W, 3] uint8
+        out = torch.empty(t.shape(), dtype=torch.uint8, device=self.device)
+        feed_ndarray(t, out, cuda_stream=stream)
+        return out.permute(0, 3, 1, 2)  # NCHW view of NHWC memory = channels_last
+
+    def _labels(self, tl) -> torch.Tensor:
+        labels = torch.from_numpy(np.array(tl.as_tensor(), dtype=np.int64).reshape(-1))
+        if self.device.type == "cuda":
+            return labels.pin_memory().to(self.device, non_blocking=True)
+        return labels
+
+
+def _source(feed):
+    if feed.with_size:
+        return fn.external_source(source=feed, num_outputs=3, batch=True,
+                                  dtype=[types.UINT8, types.INT64, types.FLOAT])
+    return fn.external_source(source=feed, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT64])
+
+
+@pipeline_def(enable_conditionals=False)
+def _train_graph(feed, *, gpu: bool, hw_decoder_load: float, scale, ratio, hflip: float):
+    jpegs, labels, size = _source(feed)
+    kw = dict(hw_decoder_load=hw_decoder_load) if gpu else {}
+    images = fn.decoders.image_random_crop(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                           random_area=scale, random_aspect_ratio=ratio, num_attempts=10, **kw)
+    images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
+    if hflip > 0:
+        images = fn.flip(images, horizontal=fn.random.coin_flip(probability=hflip))
+    return images, labels
+
+
+def _timm_eval_geometry(jpegs, res: int, crop_pct: float):
+    """Per-sample resize size and crop position that reproduce timm's eval transform exactly:
+    ``Resize(S = floor(res / crop_pct))`` sets the shorter side to S and the longer to
+    ``int(S * long / short)`` (torchvision truncates), then ``CenterCrop(res)`` starts at
+    ``int(round((side - res) / 2))`` with Python's round-half-to-even. DALI's ``resize_shorter``
+    and ``crop_pos=0.5`` round differently (one pixel off for odd margins, a visible shift), so
+    the integers are computed here from the JPEG header (``peek_image_shape``), in float64."""
+    s = float(math.floor(res / crop_pct))
+    shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT64)  # [H, W, C]
+    h, w = shape[0], shape[1]
+    short = dmath.min(h, w)
+    out_h, out_w = dmath.floor(s * h / short), dmath.floor(s * w / short)
+
+    def pos(side):
+        margin = side - res
+        k = dmath.floor(margin / 2)
+        k += (margin - 2 * k) * (k - 2 * dmath.floor(k / 2))  # odd margin: the even neighbour
+        # DALI's anchor is crop_pos * margin; a quarter pixel keeps it on k whether it rounds or floors.
+        return (k + 0.25) / dmath.max(margin, 1.0)
+
+    return out_h, out_w, pos(out_h), pos(out_w)
+
+
+@pipeline_def(enable_conditionals=False)
+def _val_graph(feed, *, gpu: bool, hw_decoder_load: float, res: int, crop_pct: float):
+    jpegs, labels = _source(feed)
+    out_h, out_w, pos_y, pos_x = _timm_eval_geometry(jpegs, res, crop_pct)
+    kw = dict(hw_decoder_load=hw_decoder_load) if gpu else {}
+    images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB, **kw)
+    images = fn.resize(images, resize_x=fn.cast(out_w, dtype=types.FLOAT), resize_y=fn.cast(out_h, dtype=types.FLOAT),
+                       interp_type=types.INTERP_CUBIC, antialias=True)
+    images = fn.crop(images, crop=(res, res), crop_pos_x=fn.cast(pos_x, dtype=types.FLOAT),
+                     crop_pos_y=fn.cast(pos_y, dtype=types.FLOAT))
+    return images, labels

@@ -1,0 +1,176 @@
+"""Stage 1 on FFCV: a ``Loader`` over the converter's ``ffcv/{train,val}.beton``.
+
+Why FFCV: its decoders JIT-compile (numba) the whole read → JPEG decode → crop → resize → flip
+chain and run it on a thread pool with no Python per image, which is what makes the
+ffcv-imagenet ResNet-50 schedules fast (Leclerc et al. 2023, "FFCV: Accelerating Training by
+Removing Data Bottlenecks"; docs: https://docs.ffcv.io).
+
+Per batch (train), all inside FFCV:
+``RandomResizedCropRGBImageDecoder`` (decode + timm/torchvision random-resized-crop box sampling
+with ``scale``/``ratio``, 10 attempts then the centre fallback, resized with OpenCV INTER_AREA) →
+``RandomHorizontalFlip`` → ``ToTensor`` → ``ToDevice`` (``non_blocking=True``, CUDA only) →
+``ToTorchImage(channels_last=True)``: an NHWC uint8 buffer viewed as NCHW, the layout stage 2 expects.
+Val: :class:`TimmCenterCropDecoder` — decode, cut the source window that timm's eval transform
+(resize the shorter side to ``floor(res / crop_pct)``, centre-crop ``res``) shows, resize it to
+``res``: the two steps fused into one resize. Sub-pixel window placement and the resize filter
+(INTER_AREA vs bicubic) differ; tests/test_pipeline_parity.py bounds the difference.
+
+Order: FFCV accepts a custom ``TraversalOrder``; :class:`SamplerOrder` returns the shared sampler's
+indices (pipelines/sampler.py: DDP sharding + repeated augmentation), so FFCV's own
+``distributed=True`` sampler (plain ``DistributedSampler``, no repeats) is never used.
+
+Progressive resolution: the decoder's memory is re-declared by FFCV at the start of every epoch
+(``EpochIterator`` calls ``graph.allocate_memory``) and the compiled decode writes into whatever
+output buffer it is given, so setting ``decoder.output_size`` between epochs changes the resolution
+with no new Loader and no recompilation (the same trick as ffcv-imagenet's ``train_imagenet.py``).
+
+Buffer lifetime: FFCV reuses ``batches_ahead + 2`` output slots, so a yielded batch stays valid
+until a few later batches have been produced; consume it (or ``.clone()``) before keeping it.
+Random crops/flips use numba's per-thread generators, which FFCV does not let us seed: crops are
+random per run, not reproducible (the index order is).
+"""
+from __future__ import annotations
+
+import math
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pipelines.base import Batch, MissingBackendError
+
+try:
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder, ResizedCropRGBImageDecoder
+    from ffcv.loader import Loader
+    from ffcv.traversal_order.base import TraversalOrder
+    from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+except ImportError as e:  # engine/data.py turns this into the one-line "what to install" message
+    raise MissingBackendError(f"FFCV is not importable ({e}): pip install -e '.[ffcv]' "
+                              "(needs libturbojpeg and OpenCV dev packages), or set data.pipeline=reference") from None
+
+from pipelines._stage1_common import EpochPlan, read_split, require_file, resolve_device
+
+
+def timm_center_window(height, width, _scale, params):
+    """The source-pixel window (top, left, h, w) that timm's eval transform ends up showing:
+    ``Resize(S)`` of the shorter side (longer side ``int(S * long / short)``, torchvision
+    truncation) then ``CenterCrop(res)`` at ``round((side - res) / 2)`` (round half to even), mapped
+    back to source pixels and rounded to whole pixels, since FFCV crops integer windows.
+    ``params = (res, S)``. Compiled by numba inside FFCV's decoder."""
+    res, s = params[0], params[1]
+    h, w = np.float64(height), np.float64(width)
+    short = min(h, w)
+    out_h, out_w = np.floor(s * h / short), np.floor(s * w / short)
+    top, left = np.round((out_h - res) / 2), np.round((out_w - res) / 2)
+    i0, i1 = int(np.round(top * h / out_h)), int(np.round((top + res) * h / out_h))
+    j0, j1 = int(np.round(left * w / out_w)), int(np.round((left + res) * w / out_w))
+    return i0, j0, i1 - i0, j1 - j0
+
+
+class TimmCenterCropDecoder(ResizedCropRGBImageDecoder):
+    """Eval decoder: decode, cut :func:`timm_center_window`, resize it to ``res`` (OpenCV
+    INTER_AREA inside FFCV). FFCV's own ``CenterCropRGBImageDecoder`` cuts ``int(crop_pct * shorter
+    side)`` pixels at ``(side - c) // 2``, which lands up to a pixel or two away from timm's window
+    (measured: up to 11 uint8 levels mean difference on photos, vs ~3 with this window)."""
+
+    def __init__(self, res: int, crop_pct: float):
+        super().__init__((res, res))
+        self.scale = None
+        self.ratio = (float(res), float(math.floor(res / crop_pct)))  # FFCV passes it to the crop function
+
+    @property
+    def get_crop_generator(self):
+        return timm_center_window
+
+
+class SamplerOrder(TraversalOrder):
+    """FFCV traversal order that serves :class:`EpochPlan`'s indices for the current epoch.
+
+    FFCV 1.0.2's ``Loader`` builds a custom order by calling the instance it is given with the
+    loader (``order(self)``), so the instance is created first, without a loader, and binds it in
+    ``__call__``. FFCV's own epoch counter is ignored: the pipeline's ``set_epoch`` decides.
+    """
+
+    def __init__(self, plan: EpochPlan):  # no super().__init__: it needs the loader, bound later
+        self.plan = plan
+        self.loader = None
+
+    def __call__(self, loader) -> "SamplerOrder":
+        super().__init__(loader)
+        return self
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        # FFCV's memory managers and JIT code expect unsigned 64-bit sample ids.
+        return self.plan.remaining().astype(np.uint64)
+
+
+def _fields(reader) -> tuple[str, str]:
+    """Image and label field names, found by type (the converter's names are not hard-coded)."""
+    image = [n for n, h in reader.handlers.items() if isinstance(h, RGBImageField)]
+    label = [n for n, h in reader.handlers.items() if isinstance(h, IntField)]
+    if len(image) != 1 or len(label) != 1:
+        from pipelines.base import DataError
+        raise DataError(f"{reader.file_name}: expected one RGB image field and one int label field, found "
+                        f"{ {n: type(h).__name__ for n, h in reader.handlers.items()} }; re-run the converter")
+    return image[0], label[0]
+
+
+class FFCVPipeline:
+    """FFCV stage 1 for ``split`` in {"train", "val"}; keywords as engine/data.py passes them."""
+
+    def __init__(self, root, split: str, *, batch_size: int, res: int, device="cpu", rank: int = 0,
+                 world_size: int = 1, seed: int = 0, repeats: int = 0, workers: int = 8,
+                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, crop_pct: float = 0.875,
+                 batches_ahead: int = 3, os_cache: bool = True):
+        info = read_split(root, split, "ffcv")
+        self.root, self.split, self.train = Path(root), split, split == "train"
+        self.beton = require_file(self.root / "ffcv" / f"{split}.beton", self.root, "ffcv")
+        self.num_classes, self.num_samples, self.classes = info.num_classes, info.num_samples, info.classes
+        self.batch_size, self.res, self.device = batch_size, res, resolve_device(device)
+        self.crop_pct = crop_pct
+        self.plan = EpochPlan(self.num_samples, train=self.train, batch_size=batch_size, rank=rank,
+                              world_size=world_size, seed=seed, repeats=repeats)
+        if self.train:
+            self.decoder = RandomResizedCropRGBImageDecoder((res, res), scale=tuple(scale), ratio=tuple(ratio))
+            image_ops = [self.decoder] + ([RandomHorizontalFlip(hflip)] if hflip > 0 else [])
+        else:
+            self.decoder = TimmCenterCropDecoder(res, crop_pct)
+            image_ops = [self.decoder]
+        cuda = self.device.type == "cuda"
+        # On CPU ToDevice would only add a memcpy into another reused buffer: leave it out.
+        to_dev = [ToDevice(self.device, non_blocking=True)] if cuda else []
+        image_ops += [ToTensor(), *to_dev, ToTorchImage(channels_last=True, convert_back_int16=False)]
+        label_ops = [IntDecoder(), ToTensor(), Squeeze(), *to_dev]
+        self._order = SamplerOrder(self.plan)
+        from ffcv.reader import Reader
+
+        image_field, label_field = _fields(Reader(str(self.beton)))
+        self.loader = Loader(str(self.beton), batch_size=batch_size, num_workers=max(1, workers),
+                             order=self._order, os_cache=os_cache, drop_last=self.train, seed=seed,
+                             batches_ahead=batches_ahead,
+                             pipelines={image_field: image_ops, label_field: label_ops})
+        if self.loader.reader.num_samples != self.num_samples:
+            from pipelines.base import DataError
+            raise DataError(f"{self.beton} holds {self.loader.reader.num_samples} images but manifest.json says "
+                            f"{self.num_samples}; re-run the converter")
+
+    def set_epoch(self, epoch: int, res: int | None = None, start_batch: int = 0) -> None:
+        """Reseed the order for ``epoch``, skip ``start_batch`` batches (indices only), and switch the
+        decode resolution in place (train; val keeps its eval resolution unless given one)."""
+        self.plan.set_epoch(epoch, start_batch)
+        if res is not None and res != self.res:
+            self.res = res
+            self.decoder.output_size = (res, res)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if len(self.plan.remaining()) == 0:
+            return
+        for images, labels in self.loader:
+            yield Batch(images, labels)
