@@ -176,7 +176,7 @@ def process_chunk(task: tuple) -> dict:
         tar_tmp, idx_tmp = tmp_name(paths["tar"]), tmp_name(paths["idx"])
         members = write_shard(tar_tmp, samples)
         tool = write_index(tar_tmp, idx_tmp, members)
-        record["shard"] = {"tar": str(paths["tar"].relative_to(out)), "index": str(paths["idx"].relative_to(out)),
+        record["shard"] = {"path": str(paths["tar"].relative_to(out)), "index": str(paths["idx"].relative_to(out)),
                            "images": len(samples), "bytes": tar_tmp.stat().st_size, "sha256": sha256_file(tar_tmp),
                            "index_sha256": sha256_file(idx_tmp), "index_tool": tool}
         commit(tar_tmp, paths["tar"])
@@ -196,7 +196,7 @@ def _record_ok(out: Path, rec: dict | None, settings: Settings, beton_done: bool
     if not rec:
         return False
     if "dali" in settings.formats and rec["shard"]:
-        tar = out / rec["shard"]["tar"]
+        tar = out / rec["shard"]["path"]
         if not tar.is_file() or tar.stat().st_size != rec["shard"]["bytes"] or not (out / rec["shard"]["index"]).is_file():
             return False
     if "ffcv" in settings.formats and not beton_done:

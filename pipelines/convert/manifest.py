@@ -4,7 +4,8 @@ Top level: ``version`` (tool version), ``format`` (this file's schema), ``source
 ``formats``, ``settings``, ``exif_orientation``. Per split (``splits.<name>``): ``images`` written,
 ``classes`` (names in index order), ``class_counts``, ``labels_sha256`` (of the label sequence in
 storage order, the same order in the beton and across the shards), ``skipped`` (``{path, reason}``),
-``ffcv`` (file, bytes, sha256, page size) and ``shards`` (DALI tar + index, images, bytes, sha256).
+``ffcv`` (file, bytes, sha256, page size) and ``shards`` (DALI tar ``path`` + ``index``, images, bytes,
+sha256).
 Paths inside are relative to OUT, so a converted folder can be moved.
 """
 from __future__ import annotations

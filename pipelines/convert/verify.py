@@ -54,7 +54,7 @@ def _check_file(out: Path, rel: str, size: int, sha: str) -> list[str]:
 
 def _shard_task(args) -> tuple[list[str], list[int]]:
     out, shard, num_classes = args
-    rel, problems, labels = shard["tar"], [], []
+    rel, problems, labels = shard["path"], [], []
     problems += _check_file(out, rel, shard["bytes"], shard["sha256"])
     if problems and problems[0].endswith("missing"):
         return problems, labels
