@@ -83,8 +83,12 @@ def op_argument(name: str, m: torch.Tensor, sign: torch.Tensor, h: int, w: int,
 
 
 def apply_params(x: torch.Tensor, params: RandAugmentParams, policy: RandAugmentPolicy) -> torch.Tensor:
-    """Apply drawn choices to uint8 ``x`` [N, 3, H, W]; returns a new tensor, same layout."""
-    out = x.clone()
+    """Apply drawn choices to uint8 ``x`` [N, 3, H, W]; returns a new, contiguous (NCHW) tensor.
+
+    Contiguous because gathering and scattering whole images is then a memcpy per image
+    (``index_put`` into channels_last memory was the slowest step on CPU); ``normalize`` writes
+    channels_last anyway, so the layout change costs no extra pass."""
+    out = x.contiguous() if not x.is_contiguous() else x.clone()
     h, w = x.shape[-2:]
     dev = x.device
     for layer in range(params.op.shape[0]):
@@ -101,13 +105,13 @@ def apply_params(x: torch.Tensor, params: RandAugmentParams, policy: RandAugment
                 geo_cubic.append(params.bicubic[layer, sel])
                 continue
             sel_d = sel.to(dev, non_blocking=True)
-            out[sel_d] = O.POINT_OPS[name](out[sel_d], arg)
+            out.index_copy_(0, sel_d, O.POINT_OPS[name](out.index_select(0, sel_d), arg))
         if geo_idx:
             idx, mat, cubic = torch.cat(geo_idx), torch.cat(geo_mat), torch.cat(geo_cubic)
             for mode, pick in (("bilinear", ~cubic), ("bicubic", cubic)):
                 if pick.any():
                     sel_d = idx[pick].to(dev, non_blocking=True)
-                    out[sel_d] = O.affine(out[sel_d], mat[pick], policy.fill, mode)
+                    out.index_copy_(0, sel_d, O.affine(out.index_select(0, sel_d), mat[pick], policy.fill, mode))
     return out
 
 

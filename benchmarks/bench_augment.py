@@ -1,0 +1,116 @@
+"""Stage-2 throughput: batched RandAugment + normalize + mixup/CutMix vs timm's per-image transforms.
+
+Both run in the same process on the same 64 real photo crops (tests/photos.py) at 224x224:
+
+* timm:    ``rand_augment_transform`` (PIL, per image) -> ``ToTensor`` -> ``Normalize`` per image,
+           ``torch.stack``, then ``timm.data.Mixup`` on the batch (what timm's train loop does
+           without its CUDA prefetcher);
+* batched: ``pipelines.augment.Stage2`` on the uint8 channels_last batch.
+
+Usage: python benchmarks/bench_augment.py [--batch 64] [--res 224] [--iters 5] [--threads 2]
+       [--rand rand-m7-mstd0.5-inc1] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.config import AugmentConfig  # noqa: E402
+from pipelines.augment import Stage2  # noqa: E402
+from pipelines.base import Batch  # noqa: E402
+from tests.photos import photo_crops  # noqa: E402
+
+
+def timed(fn, iters: int, sync=lambda: None) -> list[float]:
+    fn()  # warm-up
+    sync()
+    out = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def _once(fn, sync=lambda: None) -> float:
+    t = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--res", type=int, default=224)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rand", default="rand-m7-mstd0.5-inc1")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import torchvision.transforms as T
+    from timm.data import Mixup
+    from timm.data.auto_augment import rand_augment_transform
+
+    imgs = photo_crops(args.batch, (args.res, args.res), seed=0)
+    labels = torch.randint(0, 1000, (args.batch,))
+    aug = AugmentConfig(rand_augment=args.rand, mixup_alpha=0.2, cutmix_alpha=1.0)  # A1 settings
+
+    hparams = dict(translate_const=int(args.res * 0.45), img_mean=(124, 116, 104))
+    per_image = T.Compose([rand_augment_transform(args.rand, hparams), T.ToTensor(),
+                           T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    mixer = Mixup(mixup_alpha=aug.mixup_alpha, cutmix_alpha=aug.cutmix_alpha, label_smoothing=0.1, num_classes=1000)
+
+    def timm_step():
+        x = torch.stack([per_image(im) for im in imgs])
+        return mixer(x, labels)
+
+    dev = torch.device(args.device)
+    x8 = torch.from_numpy(np.stack([np.array(im) for im in imgs])).permute(0, 3, 1, 2).to(dev)
+    batch = Batch(x8, labels.to(dev))
+    stage2 = Stage2(aug, 1000, 0.1, train=True, seed=0)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    # Interleaved, so that load from other processes on a shared machine hits both alike.
+    timm_step()
+    stage2(batch)
+    t_timm, t_ours = [], []
+    for _ in range(args.iters):
+        t_timm.append(_once(timm_step))
+        t_ours.append(_once(lambda: stage2(batch), sync))
+    # Each part of ours alone, to show where the time goes.
+    from pipelines.augment import mixup_cutmix, normalize, rand_augment_batch
+    g = torch.Generator().manual_seed(0)
+    xf = normalize(x8)
+    parts = {
+        "RandAugment": timed(lambda: rand_augment_batch(x8, stage2.policy, g), args.iters, sync),
+        "normalize": timed(lambda: normalize(x8), args.iters, sync),
+        "mixup/CutMix": timed(lambda: mixup_cutmix(xf, batch.labels, aug, g, num_classes=1000, inplace=True),
+                              args.iters, sync),
+    }
+
+    med_t, med_o = statistics.median(t_timm), statistics.median(t_ours)
+    print(f"stage 2, batch {args.batch}x3x{args.res}x{args.res}, '{args.rand}', mixup 0.2 / CutMix 1.0, "
+          f"device {args.device}, torch threads {args.threads}, {args.iters} iters (median)")
+    print(f"  timm per-image (PIL RandAugment + ToTensor + Normalize, then Mixup): "
+          f"{med_t * 1e3:8.1f} ms/batch  {args.batch / med_t:8.0f} img/s")
+    print(f"  batched Stage2 (RandAugment + normalize + mixup/CutMix):             "
+          f"{med_o * 1e3:8.1f} ms/batch  {args.batch / med_o:8.0f} img/s")
+    for name, t in parts.items():
+        print(f"    {name:13s} {statistics.median(t) * 1e3:8.1f} ms")
+    print(f"  speed-up: {med_t / med_o:.2f}x (goal >= 5x)")
+
+
+if __name__ == "__main__":
+    main()
