@@ -29,9 +29,9 @@ def write_shard(path: Path, samples: list[tuple[str, bytes, int]]) -> list[tuple
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for key, jpeg, label in samples:
             for ext, data in (("jpg", jpeg), ("cls", str(label).encode())):
+                header_at = tar.offset  # a ustar member is one 512-byte header block, then its data
                 tar.addfile(member_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
-                m = tar.members[-1]
-                members.append((key, ext, m.offset_data, m.size))
+                members.append((key, ext, header_at + tarfile.BLOCKSIZE, len(data)))
     return members
 
 

@@ -43,7 +43,7 @@ def decode_rgb(data: bytes) -> Image.Image:
             raise SkipImage("not an image (format not recognised)") from None
         except OSError as e:
             text = str(e)
-            if "truncated" in text:
+            if "truncated" in text.lower():
                 raise SkipImage("truncated image data") from None
             raise SkipImage(f"cannot decode: {text}") from None
         except (SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError) as e:
