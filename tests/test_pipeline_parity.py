@@ -220,12 +220,160 @@ def test_eval_matches_reference(backend, photos_root):
     assert float(shifted.min()) > 3 * EVAL_TOL[backend]
 
 
-@pytest.mark.parametrize("backend", ["dali", "ffcv"])
-def test_ffcv_and_dali_read_the_same_samples(backend, ids_root):
-    """Both formats hold the same images in the same order: val ids come out as 0..N-1."""
-    pipe = make(backend, ids_root, "val", res=32, batch_size=8)
-    images, labels = collect(pipe)
-    ids, codes = decode_ids(images)
-    order = file_order(21)
-    assert ids.tolist() == order and len(pipe) == math.ceil(21 / 8)
-    assert labels.tolist() == codes.tolist() == [i % 3 for i in order]
+# ---------------------------------------------------------------- contract checks shared by the backend tests
+
+
+def check_batch(batch, n: int, res: int) -> None:
+    """Shape, dtype, memory layout and device of one stage-1 batch (pipelines/base.py contract)."""
+    assert batch.images.shape == (n, 3, res, res) and batch.images.dtype == torch.uint8
+    assert batch.images.is_contiguous(memory_format=torch.channels_last)
+    assert batch.labels.shape == (n,) and batch.labels.dtype == torch.int64
+    assert batch.images.device.type == batch.labels.device.type == "cpu"
+
+
+def timm_crop_stats(n: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), seed: int = 0) -> dict[str, np.ndarray]:
+    """Crop boxes drawn by timm's RandomResizedCrop on a COORD_W x COORD_H image: the oracle."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation as RRC
+
+    torch.manual_seed(seed)
+    img = Image.new("RGB", (COORD_W, COORD_H))
+    boxes = np.array([RRC.get_params(img, scale, ratio) for _ in range(n)], dtype=np.float64)  # i, j, h, w
+    return {"area": boxes[:, 3] * boxes[:, 2] / (COORD_W * COORD_H), "aspect": boxes[:, 3] / boxes[:, 2]}
+
+
+def check_train_crops(pipe, epochs: int, res: int) -> dict[str, np.ndarray]:
+    """Run ``epochs`` epochs of a train pipeline over ``coords``; check every batch, label alignment
+    and that crop area / aspect distributions match timm's RandomResizedCrop (two-sample KS test,
+    alpha = 1e-3), flips happen about half the time. Returns the measured statistics."""
+    from scipy.stats import ks_2samp
+
+    stats: dict[str, list] = {}
+    for epoch in range(epochs):
+        pipe.set_epoch(epoch, res)
+        batches = 0
+        for batch in pipe:
+            check_batch(batch, pipe.batch_size, res)
+            boxes = crop_boxes(batch.images)
+            assert boxes["label"].tolist() == batch.labels.tolist()  # labels travel with their images
+            for k, v in boxes.items():
+                stats.setdefault(k, []).append(v)
+            batches += 1
+        assert batches == len(pipe)
+    got = {k: np.concatenate(v) for k, v in stats.items()}
+    ref = timm_crop_stats(4000)
+    for key in ("area", "aspect"):
+        p = ks_2samp(got[key], ref[key]).pvalue
+        print(f"crop {key}: ours median {np.median(got[key]):.3f} (10%-90% {np.percentile(got[key], 10):.3f}-"
+              f"{np.percentile(got[key], 90):.3f}), timm median {np.median(ref[key]):.3f} "
+              f"({np.percentile(ref[key], 10):.3f}-{np.percentile(ref[key], 90):.3f}), KS p={p:.3g}")
+        assert p > 1e-3, (key, p)
+    # The box estimate is good to about a pixel: areas stay within the scale range, aspects within ratio.
+    assert got["area"].min() > 0.08 * 0.9 and got["area"].max() < 1.03
+    assert got["aspect"].min() > 0.75 * 0.95 and got["aspect"].max() < 4 / 3 * 1.05
+    n = len(got["flipped"])
+    frac = got["flipped"].mean()
+    assert abs(frac - 0.5) < 4 * math.sqrt(0.25 / n), frac  # binomial, 4 sigma
+    return got
+
+
+def ids_of(pipe, epoch: int, res: int | None = None, start_batch: int = 0, limit: int | None = None):
+    """Set the epoch, run it (or its first ``limit`` batches) and return (ids, labels, resolutions)."""
+    pipe.set_epoch(epoch, res, start_batch=start_batch)
+    ids, labels, sizes = [], [], []
+    for k, batch in enumerate(pipe):
+        if limit is not None and k >= limit:
+            break
+        i, code = decode_ids(batch.images)
+        assert code.tolist() == batch.labels.tolist()
+        ids += i.tolist()
+        labels += batch.labels.tolist()
+        sizes.append(batch.images.shape[-1])
+    return ids, labels, sizes
+
+
+def check_sharding_resume_progressive(pipes, *, n: int, seed: int, repeats: int, batch_size: int) -> None:
+    """Simulated ranks (``pipes[r]`` has rank r): each epoch's ids are exactly the shared sampler's
+    indices for that rank, in order, less the last partial batch; resuming with ``start_batch``
+    yields exactly the rest of that order; an epoch abandoned early does not leak into the next;
+    and a progressive schedule's resolution takes effect at its epoch."""
+    from engine.config import ProgressiveConfig
+    from engine.progressive import resolution_for_epoch
+    from pipelines.sampler import epoch_indices
+
+    world = len(pipes)
+    order = file_order(n)
+    prog = ProgressiveConfig(kind="linear", start_res=32, end_res=64, start_epoch=1, end_epoch=3, round_to=16)
+    schedule = [resolution_for_epoch(prog, e, 5, 64) for e in range(5)]
+    assert schedule == [32, 32, 48, 64, 64]
+    for epoch in range(4):
+        seen = []
+        for rank, pipe in enumerate(pipes):
+            expect_idx = epoch_indices(n, epoch=epoch, seed=seed, rank=rank, world_size=world, repeats=repeats)
+            expect_idx = expect_idx[: len(expect_idx) // batch_size * batch_size]
+            ids, labels, sizes = ids_of(pipe, epoch, schedule[epoch])
+            assert ids == [order[k] for k in expect_idx], (epoch, rank)
+            assert labels == [order[k] % 3 for k in expect_idx]
+            assert sizes == [schedule[epoch]] * len(pipe) and len(pipe) == len(expect_idx) // batch_size
+            seen += ids
+        if repeats == 0:
+            assert len(set(seen)) == len(seen)  # no sample twice in an epoch across ranks
+    # resume mid-epoch: the rest of the order, not re-drawn and not re-decoded from the start
+    pipe = pipes[-1]
+    full, _, _ = ids_of(pipe, 7, 32)
+    rest, _, sizes = ids_of(pipe, 7, 32, start_batch=1)
+    assert rest == full[batch_size:] and len(sizes) == len(pipe) - 1
+    none, _, _ = ids_of(pipe, 7, 32, start_batch=len(pipe))
+    assert none == []
+    # leave an epoch after one batch (max_steps / interruption), then run the next one in full
+    ids_of(pipe, 8, 48, limit=1)
+    again, _, sizes = ids_of(pipe, 7, 32)
+    assert again == full and sizes == [32] * len(pipe)
+
+
+def check_val_sharding(pipes, n: int) -> None:
+    """Val over simulated ranks: every sample exactly once, no padding, last partial batch kept."""
+    world = len(pipes)
+    order = file_order(n)
+    seen = []
+    for rank, pipe in enumerate(pipes):
+        ids, labels, _ = ids_of(pipe, 0)
+        assert ids == [order[k] for k in range(rank, n, world)]
+        assert labels == [i % 3 for i in ids]
+        assert len(pipe) == math.ceil(len(range(rank, n, world)) / pipe.batch_size)
+        seen += ids
+    assert sorted(seen) == list(range(n))
+
+
+def check_missing_data(backend: str, tmp_path: Path, ids_root: Path) -> None:
+    """No converted data → DataError naming the converter; a manifest without this format's files too."""
+    from pipelines.base import DataError
+
+    with pytest.raises(DataError, match="convert_imagenet.py"):
+        make(backend, tmp_path / "nowhere", "train")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "manifest.json").write_text((ids_root / "manifest.json").read_text())
+    with pytest.raises(DataError, match="convert_imagenet.py") as e:
+        make(backend, partial, "val")
+    assert "\n" not in str(e.value)
+
+
+def check_missing_backend(module: str, backend_pkg: str, monkeypatch) -> None:
+    """If the backend package cannot be imported, the module import raises MissingBackendError
+    (engine/data.py's one-line install hint), never a silent fallback."""
+    import importlib
+
+    from engine.config import AugmentConfig, DataConfig
+    from engine.data import build_train_pipeline
+    from pipelines.base import MissingBackendError
+
+    for name in [m for m in sys.modules if m == backend_pkg or m.startswith(backend_pkg + ".")]:
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import <pkg>[.sub]` raise ImportError
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    with pytest.raises(MissingBackendError):
+        importlib.import_module(module)
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    data = DataConfig(pipeline=module.split(".")[-1], root=str(ROOT))
+    with pytest.raises(MissingBackendError, match="install"):
+        build_train_pipeline(data, AugmentConfig(), res=32, batch_size=8, rank=0, world_size=1,
+                             device=torch.device("cpu"), seed=0)

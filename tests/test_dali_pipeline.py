@@ -1,0 +1,83 @@
+"""DALI stage 1 (pipelines/dali.py) on data the converter wrote: batch contract, random-resized-crop
+statistics vs timm, shared-sampler order over simulated ranks, resume, progressive resolution
+without a new DALI pipeline, val coverage, the shard index and the error paths. Eval pixel parity:
+test_pipeline_parity.py. Pipelines are module-scoped and reused; every check sets its own epoch."""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("nvidia.dali")
+
+from tests.test_pipeline_parity import (check_missing_backend, check_missing_data,  # noqa: E402
+                                        check_sharding_resume_progressive, check_train_crops, check_val_sharding,
+                                        coords_root, ids_root, make)
+
+__all__ = ["coords_root", "ids_root"]  # session fixtures shared with the other stage-1 tests
+
+SEED, REPEATS, BS = 5, 3, 8
+
+
+@pytest.fixture(scope="module")
+def rank_pipes(ids_root):
+    return [make("dali", ids_root, "train", rank=r, world_size=2, seed=SEED, repeats=REPEATS, batch_size=BS, res=32)
+            for r in range(2)]
+
+
+def test_train_batches_and_crop_statistics(coords_root):
+    pipe = make("dali", coords_root, "train", batch_size=8, res=64)
+    assert pipe.num_classes == 3 and pipe.num_samples == 16 and len(pipe) == 2
+    check_train_crops(pipe, epochs=16, res=64)
+
+
+def test_sharding_resume_and_progressive_resolution(rank_pipes):
+    dali_pipe = rank_pipes[0].pipe
+    check_sharding_resume_progressive(rank_pipes, n=48, seed=SEED, repeats=REPEATS, batch_size=BS)
+    assert rank_pipes[0].pipe is dali_pipe  # resolution changed three times, same DALI pipeline
+
+
+def test_val_every_sample_once_across_ranks(ids_root):
+    pipes = [make("dali", ids_root, "val", rank=r, world_size=2, batch_size=4, res=32) for r in range(2)]
+    check_val_sharding(pipes, n=21)
+
+
+def test_missing_data_is_a_one_line_data_error(tmp_path, ids_root):
+    check_missing_data("dali", tmp_path, ids_root)
+
+
+def test_missing_dali_is_missing_backend_error(monkeypatch):
+    check_missing_backend("pipelines.dali", "nvidia.dali", monkeypatch)
+
+
+def test_plain_sharding(ids_root):
+    """repeats=0 over 2 ranks: DistributedSampler semantics from the shared sampler, no sample twice."""
+    pipes = [make("dali", ids_root, "train", rank=r, world_size=2, seed=1, repeats=0, batch_size=BS, res=32, hflip=0.0)
+             for r in range(2)]
+    check_sharding_resume_progressive(pipes, n=48, seed=1, repeats=0, batch_size=BS)
+
+
+def test_no_flip_when_hflip_is_zero(coords_root):
+    from tests.test_pipeline_parity import crop_boxes
+
+    pipe = make("dali", coords_root, "train", batch_size=8, res=48, hflip=0.0)
+    for epoch in range(4):
+        pipe.set_epoch(epoch, 48)
+        for batch in pipe:
+            assert not crop_boxes(batch.images)["flipped"].any()
+
+
+def test_shard_store_matches_tar_members(ids_root):
+    """The index-based reader returns the same bytes and labels as reading the tars with tarfile."""
+    import tarfile
+
+    import numpy as np
+
+    pipe = make("dali", ids_root, "val")
+    k = 0
+    for tar in sorted((ids_root / "dali" / "val").glob("*.tar")):
+        with tarfile.open(tar) as t:
+            members = {m.name: t.extractfile(m).read() for m in t.getmembers()}
+        for name in sorted(n for n in members if n.endswith(".jpg")):
+            assert bytes(pipe.store.jpegs(np.array([k]))[0]) == members[name]
+            assert pipe.store.labels[k] == int(members[name[:-4] + ".cls"])
+            k += 1
+    assert k == pipe.num_samples

@@ -1,0 +1,51 @@
+"""FFCV stage 1 (pipelines/ffcv.py) on data the converter wrote: batch contract, random-resized-crop
+statistics vs timm, shared-sampler order over simulated ranks, resume, progressive resolution
+without a new Loader, val coverage, and the error paths. Eval pixel parity: test_pipeline_parity.py.
+
+Each FFCV Loader JIT-compiles on its first epoch (several seconds), so pipelines are module-scoped
+and reused; every check sets its own epoch first."""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("ffcv")
+
+from tests.test_pipeline_parity import (check_missing_backend, check_missing_data,  # noqa: E402
+                                        check_sharding_resume_progressive, check_train_crops, check_val_sharding,
+                                        coords_root, ids_root, make)
+
+__all__ = ["coords_root", "ids_root"]  # session fixtures shared with the other stage-1 tests
+
+SEED, REPEATS, BS = 5, 3, 8
+
+
+@pytest.fixture(scope="module")
+def rank_pipes(ids_root):
+    return [make("ffcv", ids_root, "train", rank=r, world_size=2, seed=SEED, repeats=REPEATS, batch_size=BS, res=32)
+            for r in range(2)]
+
+
+def test_train_batches_and_crop_statistics(coords_root):
+    pipe = make("ffcv", coords_root, "train", batch_size=8, res=64)
+    assert pipe.num_classes == 3 and pipe.num_samples == 16 and len(pipe) == 2
+    check_train_crops(pipe, epochs=16, res=64)
+
+
+def test_sharding_resume_and_progressive_resolution(rank_pipes):
+    loader, code = rank_pipes[0].loader, rank_pipes[0].loader.code
+    check_sharding_resume_progressive(rank_pipes, n=48, seed=SEED, repeats=REPEATS, batch_size=BS)
+    # Resolution changed three times with the same Loader and the same compiled code.
+    assert rank_pipes[0].loader is loader and rank_pipes[0].loader.code is code
+
+
+def test_val_every_sample_once_across_ranks(ids_root):
+    pipes = [make("ffcv", ids_root, "val", rank=r, world_size=2, batch_size=4, res=32) for r in range(2)]
+    check_val_sharding(pipes, n=21)
+
+
+def test_missing_data_is_a_one_line_data_error(tmp_path, ids_root):
+    check_missing_data("ffcv", tmp_path, ids_root)
+
+
+def test_missing_ffcv_is_missing_backend_error(monkeypatch):
+    check_missing_backend("pipelines.ffcv", "ffcv", monkeypatch)
