@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 
 from . import TOOL_VERSION
-from .dali_out import write_index, write_shard
+from .dali_out import ShardWriter, write_index
 from .decode import SkipImage, decode_rgb, encode_jpeg, resize_to_fit
 from .ffcv_out import MODE_JPG, MODE_RAW, PartWriter, sha256_file, write_beton
 from .manifest import build_manifest, manifest_path, split_paths
-from .sources import Item, discover
+from .sources import Item, discover, read_item
 from .state import (STATE_DIR, Lock, StateError, check_plan, chunk_record_path, commit, read_json,
                     remove_temps, tmp_name, write_json)
 
@@ -129,8 +129,9 @@ def process_chunk(task: tuple) -> dict:
     delay = float(os.environ.get(DELAY_ENV, "0") or 0)
     dali, ffcv = "dali" in settings.formats, "ffcv" in settings.formats
     paths = split_paths(out, split, chunk)
-    samples, labels, skipped, handles = [], [], [], {}
-    part = None
+    labels, skipped, handles = [], [], {}
+    part = shard = None
+    tar_tmp, idx_tmp = tmp_name(paths["tar"]), tmp_name(paths["idx"])
     if ffcv:
         paths["part"].parent.mkdir(parents=True, exist_ok=True)
         part_tmp = tmp_name(paths["part"])
@@ -139,7 +140,7 @@ def process_chunk(task: tuple) -> dict:
         for j, item in enumerate(items):
             seq = first_seq + j
             try:
-                img = resize_to_fit(decode_rgb(_read(item, handles)), settings.max_resolution)
+                img = resize_to_fit(decode_rgb(read_item(item, handles)), settings.max_resolution)
                 as_jpeg = stored_as_jpeg(settings, split, seq)
                 jpeg = None
                 if dali or (ffcv and as_jpeg):
@@ -152,7 +153,10 @@ def process_chunk(task: tuple) -> dict:
             else:
                 key = sample_key(seq, item.name)
                 if dali:
-                    samples.append((key, jpeg, item.label))
+                    if shard is None:
+                        paths["tar"].parent.mkdir(parents=True, exist_ok=True)
+                        shard = ShardWriter(tar_tmp)
+                    shard.add(key, jpeg, item.label)
                 if ffcv:
                     payload = jpeg if as_jpeg else img.tobytes()
                     part.add(item.label, MODE_JPG if as_jpeg else MODE_RAW, img.width, img.height, payload)
@@ -171,24 +175,16 @@ def process_chunk(task: tuple) -> dict:
         part.close(meta_tmp)
         commit(part_tmp, paths["part"])
         commit(meta_tmp, paths["part_meta"])
-    if dali and samples:
-        paths["tar"].parent.mkdir(parents=True, exist_ok=True)
-        tar_tmp, idx_tmp = tmp_name(paths["tar"]), tmp_name(paths["idx"])
-        members = write_shard(tar_tmp, samples)
+    if shard is not None:
+        members = shard.close()
         tool = write_index(tar_tmp, idx_tmp, members)
         record["shard"] = {"path": str(paths["tar"].relative_to(out)), "index": str(paths["idx"].relative_to(out)),
-                           "images": len(samples), "bytes": tar_tmp.stat().st_size, "sha256": sha256_file(tar_tmp),
+                           "images": len(members) // 2, "bytes": tar_tmp.stat().st_size, "sha256": sha256_file(tar_tmp),
                            "index_sha256": sha256_file(idx_tmp), "index_tool": tool}
         commit(tar_tmp, paths["tar"])
         commit(idx_tmp, paths["idx"])
     write_json(chunk_record_path(out, split, chunk), record)
     return record
-
-
-def _read(item: Item, handles: dict) -> bytes:
-    from .sources import read_item
-
-    return read_item(item, handles)
 
 
 # --------------------------------------------------------------------------- parent side

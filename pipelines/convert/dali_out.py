@@ -23,16 +23,30 @@ def member_info(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def write_shard(path: Path, samples: list[tuple[str, bytes, int]]) -> list[tuple[str, str, int, int]]:
+class ShardWriter:
+    """Streams ``(key, jpeg, label)`` samples into a tar, so a worker never holds a shard in memory."""
+
+    def __init__(self, path: Path):
+        self.tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
+        self.members: list[tuple[str, str, int, int]] = []  # (key, ext, data offset, size)
+
+    def add(self, key: str, jpeg: bytes, label: int) -> None:
+        for ext, data in (("jpg", jpeg), ("cls", str(label).encode())):
+            header_at = self.tar.offset  # a ustar member is one 512-byte header block, then its data
+            self.tar.addfile(member_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
+            self.members.append((key, ext, header_at + tarfile.BLOCKSIZE, len(data)))
+
+    def close(self) -> list[tuple[str, str, int, int]]:
+        self.tar.close()
+        return self.members
+
+
+def write_shard(path: Path, samples) -> list[tuple[str, str, int, int]]:
     """Write ``(key, jpeg, label)`` samples; returns ``(key, ext, data_offset, size)`` per member."""
-    members = []
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, jpeg, label in samples:
-            for ext, data in (("jpg", jpeg), ("cls", str(label).encode())):
-                header_at = tar.offset  # a ustar member is one 512-byte header block, then its data
-                tar.addfile(member_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
-                members.append((key, ext, header_at + tarfile.BLOCKSIZE, len(data)))
-    return members
+    writer = ShardWriter(path)
+    for key, jpeg, label in samples:
+        writer.add(key, jpeg, label)
+    return writer.close()
 
 
 def index_text(members: list[tuple[str, str, int, int]]) -> str:
