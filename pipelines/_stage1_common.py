@@ -141,6 +141,13 @@ class EpochPlan:
         """This epoch's indices from ``start_batch`` on: what the backend should actually read."""
         return self.epoch_order()[self.start_batch * self.batch_size:]
 
+    def take(self) -> np.ndarray:
+        """:meth:`remaining` for the pass that starts now; the skip then lapses, so iterating again
+        without ``set_epoch`` replays the whole epoch (as the reference pipeline does)."""
+        order = self.remaining()
+        self.start_batch = 0
+        return order
+
 
 def resolve_device(device) -> torch.device:
     dev = torch.device(device)

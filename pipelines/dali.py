@@ -113,12 +113,11 @@ class ShardStore:
 
     @staticmethod
     def _resolve(root: Path, folder: Path, shard) -> Path:
-        name = shard if isinstance(shard, str) else (shard.get("path") or shard.get("name") or shard.get("file"))
-        p = Path(name)
-        for cand in (p, folder / p, root / p, folder / p.name):
-            if cand.is_absolute() and cand.is_file() or (not cand.is_absolute() and cand.is_file()):
-                return cand
-        return folder / p.name
+        """A manifest shard entry (``{"path": ...}`` relative to the data root, or a bare name)."""
+        p = Path(shard["path"] if isinstance(shard, dict) else shard)
+        if p.is_absolute():
+            return p
+        return root / p if (root / p).is_file() else folder / p.name
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -209,7 +208,7 @@ class DALIPipeline:
         self._fresh = True
 
     def __iter__(self) -> Iterator[Batch]:
-        order = self.plan.remaining()
+        order = self.plan.take()
         if len(order) == 0:
             return
         self._restart()

@@ -105,7 +105,7 @@ class SamplerOrder(TraversalOrder):
 
     def sample_order(self, epoch: int) -> np.ndarray:
         # FFCV's memory managers and JIT code expect unsigned 64-bit sample ids.
-        return self.plan.remaining().astype(np.uint64)
+        return self.plan.take().astype(np.uint64)
 
 
 def _fields(reader) -> tuple[str, str]:
@@ -171,6 +171,7 @@ class FFCVPipeline:
 
     def __iter__(self) -> Iterator[Batch]:
         if len(self.plan.remaining()) == 0:
+            self.plan.take()
             return
-        for images, labels in self.loader:
+        for images, labels in self.loader:  # Loader.__iter__ takes the order through SamplerOrder
             yield Batch(images, labels)
