@@ -15,9 +15,9 @@ matches timm's ``Lamb`` with its defaults, which the tests check to 1e-5 over 10
 Why our own: on CPU timm's ``Lamb`` runs one parameter at a time and allocates full-size
 temporaries per op. This version runs each op over a list of tensors (``torch._foreach_*``), in
 chunks of whole parameters small enough that the dozen passes of an update stay in the CPU cache
-(timm chunks by the GPU's L2 for the same reason), folds bias correction into scalars, and keeps the
-clip factor on the device (no host sync). On CUDA with apex importable, apex ``FusedLAMB`` (one
-fused kernel) is used instead.
+(timm chunks by the GPU's L2 for the same reason), folds bias correction and (on CPU) the clip
+factor into scalars; on CUDA the clip factor stays on the device (no host sync). On CUDA with apex
+importable, apex ``FusedLAMB`` (one fused kernel) is used instead.
 
 Weight decay groups follow the rule ``param.ndim <= 1`` -> no decay (every norm weight and every
 bias), never a name test: ``'bn' in name`` misses torchvision's ``downsample.1`` BatchNorm.
@@ -144,6 +144,7 @@ class Lamb(torch.optim.Optimizer):
         # Global, not per group: the clip factor is computed over the grads of every group (timm, apex).
         self.max_grad_norm = max_grad_norm
         self.chunk_elems = chunk_elems
+        self._clip_on_host: bool | None = None  # None = on CPU only; tests force either path
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dtype != torch.float32:
@@ -166,7 +167,13 @@ class Lamb(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        divisor = self._clip_divisor()
+        divisor: Tensor | float | None = self._clip_divisor()
+        host = self._clip_on_host if self._clip_on_host is not None else divisor is not None and divisor.is_cpu
+        if divisor is not None and host:
+            # On CPU reading the clip factor costs nothing: it is folded into the moment updates
+            # (no pass over the grads; none at all when nothing is clipped). On CUDA it stays a
+            # device tensor that the grads are divided by, to avoid a host sync per step.
+            divisor = float(divisor)
         for group in self.param_groups:
             group["step"] += 1  # per group, also when it has no grads this step (as timm)
             params = [p for p in group["params"] if p.grad is not None]
@@ -174,7 +181,7 @@ class Lamb(torch.optim.Optimizer):
                 self._update_group(group, params, divisor)
         return loss
 
-    def _update_group(self, group: dict[str, Any], params: list[Tensor], divisor: Tensor | None) -> None:
+    def _update_group(self, group: dict[str, Any], params: list[Tensor], divisor: Tensor | float | None) -> None:
         beta1, beta2 = group["betas"]
         step = group["step"]
         bc1 = 1.0 - beta1 ** step if group["bias_correction"] else 1.0
@@ -199,6 +206,8 @@ class Lamb(torch.optim.Optimizer):
         exp_avgs = [self.state[p]["exp_avg"] for p in params]
         exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
 
+        clip_on_device = isinstance(divisor, Tensor)
+        inv_clip = 1.0 / divisor if isinstance(divisor, float) else 1.0
         budget = self.chunk_elems
         if budget is None:
             budget = CPU_CHUNK_ELEMS if params[0].device.type == "cpu" else 0
@@ -207,15 +216,15 @@ class Lamb(torch.optim.Optimizer):
             g_c = [grads[i] for i in idx]
             m_c = [exp_avgs[i] for i in idx]
             v_c = [exp_avg_sqs[i] for i in idx]
-            if divisor is not None:
+            if clip_on_device:
                 g_c = torch._foreach_div(g_c, divisor)  # a copy: p.grad stays as autograd left it
-            if group["grad_averaging"]:
+            if group["grad_averaging"] and inv_clip == 1.0:
                 torch._foreach_lerp_(m_c, g_c, m_weight)
             else:
                 torch._foreach_mul_(m_c, beta1)
-                torch._foreach_add_(m_c, g_c, alpha=m_weight)
+                torch._foreach_add_(m_c, g_c, alpha=m_weight * inv_clip)
             torch._foreach_mul_(v_c, beta2)
-            torch._foreach_addcmul_(v_c, g_c, g_c, value=1.0 - beta2)
+            torch._foreach_addcmul_(v_c, g_c, g_c, value=(1.0 - beta2) * inv_clip * inv_clip)
             denom = torch._foreach_sqrt(v_c)
             torch._foreach_add_(denom, eps)
             update = torch._foreach_div(m_c, denom)

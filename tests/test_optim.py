@@ -20,11 +20,12 @@ def _rel_err(a, b):
     return float((a - b).norm() / b.norm().clamp(min=1e-12))
 
 
-def _run_pair(model, ours_kw, timm_kw, steps, grad_fn, wd=0.01, timm_foreach=None):
+def _run_pair(model, ours_kw, timm_kw, steps, grad_fn, wd=0.01, timm_foreach=None, clip_on_host=None):
     """Runs our Lamb and timm's on two copies of ``model`` with identical grads each step."""
     a, b = model, copy.deepcopy(model)
     ga, gb = _groups_pair(a, b, wd)
     ours = Lamb(ga, **ours_kw)
+    ours._clip_on_host = clip_on_host  # False: the CUDA path (clip factor kept as a tensor), run on CPU
     ref = TimmLamb(gb, foreach=timm_foreach, **timm_kw)
     pa, pb = list(a.parameters()), list(b.parameters())
     norms = []
@@ -56,14 +57,17 @@ def test_lamb_matches_timm_resnet50_100_steps_with_clipping():
     bank = [[torch.randn(p.shape, generator=gen) * 2e-4 for p in pa] for _ in range(2)]  # global norm ~1
     scales = [0.3, 3.0, 1.0, 0.6, 8.0]
 
+    grads = [torch.empty_like(p) for p in pa]  # reused buffers: no 100 MB allocation per step
+
     def grad_fn(k, params):
         # Fixed random directions plus a term that follows the weights, so later grads depend on the trajectory.
-        g = torch._foreach_mul(bank[k % 2], scales[k % len(scales)])
-        torch._foreach_add_(g, [p.detach() for p in params], alpha=1e-4)
-        return g
+        torch._foreach_copy_(grads, bank[k % 2])
+        torch._foreach_mul_(grads, scales[k % len(scales)])
+        torch._foreach_add_(grads, [p.detach() for p in params], alpha=1e-4)
+        return grads
 
     pa, pb, norms, ours = _run_pair(model, dict(lr=5e-3, weight_decay=0.01), dict(lr=5e-3, weight_decay=0.01),
-                                    100, grad_fn, timm_foreach=True)
+                                    100, grad_fn)
     assert min(norms) < 1.0 < max(norms)  # the clip path ran in some steps and not in others
     assert all(g["step"] == 100 for g in ours.param_groups)
     _assert_params_close(pa, pb)
@@ -94,11 +98,12 @@ def _small_grads(k, params):
     dict(betas=(0.8, 0.99), eps=1e-8),
 ])
 @pytest.mark.parametrize("wd", [0.05, 0.0])
-@pytest.mark.parametrize("chunk", [None, 1, 0])
-def test_lamb_matches_timm_single_tensor_options(kw, wd, chunk):
+@pytest.mark.parametrize("chunk,clip_on_host", [(None, None), (1, False), (0, True)])
+def test_lamb_matches_timm_single_tensor_options(kw, wd, chunk, clip_on_host):
     torch.manual_seed(0)
     pa, pb, _, _ = _run_pair(_Small(), dict(lr=1e-2, weight_decay=wd, chunk_elems=chunk, **kw),
-                             dict(lr=1e-2, weight_decay=wd, **kw), 30, _small_grads, wd=wd, timm_foreach=False)
+                             dict(lr=1e-2, weight_decay=wd, **kw), 30, _small_grads, wd=wd, timm_foreach=False,
+                             clip_on_host=clip_on_host)
     _assert_params_close(pa, pb)
 
 
