@@ -32,6 +32,7 @@ i.e. channels_last), so a yielded batch is never overwritten by later iterations
 """
 from __future__ import annotations
 
+import collections
 import math
 import mmap
 from pathlib import Path
@@ -136,6 +137,7 @@ class _Feed:
         self.store, self.batch_size, self.with_size = store, batch_size, with_size
         self.order = np.zeros(0, np.int64)
         self.pos, self.stop, self.size = 0, False, np.zeros(2, np.float32)
+        self.alive = collections.deque(maxlen=16)  # > prefetch depth + batches in flight
 
     def start(self, order: np.ndarray, res: int) -> None:
         self.order, self.pos, self.stop = order, 0, False
@@ -146,9 +148,11 @@ class _Feed:
             raise StopIteration
         idx = self.order[self.pos:self.pos + self.batch_size]
         self.pos += len(idx)
-        labels = self.store.labels[idx]
-        out = (self.store.jpegs(idx), [labels[i:i + 1].reshape(()) for i in range(len(idx))])
-        return out + ([self.size] * len(idx),) if self.with_size else out
+        # jpegs: a list (ragged); labels [N] and sizes [N, 2]: arrays, one row per sample.
+        out = (self.store.jpegs(idx), self.store.labels[idx])
+        out = out + (np.tile(self.size, (len(idx), 1)),) if self.with_size else out
+        self.alive.append(out)  # no_copy: keep the arrays referenced until DALI has surely used them
+        return out
 
 
 class DALIPipeline:
@@ -233,10 +237,12 @@ class DALIPipeline:
 
 
 def _source(feed):
+    """``no_copy``: the JPEG views point into read-only mmaps that live as long as the pipeline, and
+    label/size arrays are fresh per batch, so DALI may use them in place (DALI docs, external_source)."""
     if feed.with_size:
-        return fn.external_source(source=feed, num_outputs=3, batch=True,
+        return fn.external_source(source=feed, num_outputs=3, batch=True, no_copy=True,
                                   dtype=[types.UINT8, types.INT64, types.FLOAT])
-    return fn.external_source(source=feed, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT64])
+    return fn.external_source(source=feed, num_outputs=2, batch=True, no_copy=True, dtype=[types.UINT8, types.INT64])
 
 
 @pipeline_def(enable_conditionals=False)
