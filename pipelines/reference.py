@@ -139,7 +139,7 @@ class ReferencePipeline:
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.workers = workers
-        self.rank = rank
+        self.rank, self.world_size = rank, world_size
         self.seed = seed
         self.drop_last = self.train if drop_last is None else drop_last
         self.dataset = _Folder(samples, self.train, res, crop_pct, scale, ratio, hflip, interpolation)
@@ -164,15 +164,23 @@ class ReferencePipeline:
         """Start the coming epoch at batch ``n`` (resume mid-epoch)."""
         self.start_batch = n
 
+    def _indices(self):
+        # val: every sample exactly once across ranks (no DistributedSampler-style padding), so
+        # metrics summed over ranks count each image once
+        if self.train:
+            return self.sampler.indices()
+        from ._stage1_common import val_indices
+        return val_indices(self.num_samples, self.rank, self.world_size)
+
     def _batches(self) -> list[list[tuple[int, tuple[int, ...]]]]:
-        idx = self.sampler.indices()
+        idx = self._indices()
         keys = [(self.seed, self.epoch, self.rank, pos) for pos in range(len(idx))]
         items = list(zip(idx.tolist(), keys))
         n = len(items) // self.batch_size if self.drop_last else math.ceil(len(items) / self.batch_size)
         return [items[b * self.batch_size:(b + 1) * self.batch_size] for b in range(self.start_batch, n)]
 
     def __len__(self) -> int:
-        n = len(self.sampler)
+        n = len(self.sampler) if self.train else len(self._indices())
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self):
