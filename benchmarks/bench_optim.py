@@ -71,6 +71,35 @@ def main() -> None:
         print(f"  {name:24s} {ms:8.2f} ms/step   (min {min(times[name]) * 1e3:.2f})")
     print(f"speedup ours vs timm Lamb: {med['timm Lamb'] / med['ours']:.2f}x "
           f"(vs timm foreach=True: {med['timm Lamb foreach=True'] / med['ours']:.2f}x)")
+    floor = memory_floor_ms(n, device, sync, args.steps)
+    print(f"memory-traffic floor of any LAMB step (11 passes over {n * 4 / 1e6:.0f} MB, measured with torch "
+          f"copy/sum on this device): {floor:.2f} ms/step -> at most {med['timm Lamb'] / floor:.2f}x faster than timm Lamb")
+
+
+def memory_floor_ms(n: int, device: torch.device, sync, repeats: int) -> float:
+    """The least time any LAMB step can take on this device, from its memory traffic alone.
+
+    LAMB's trust ratio needs the norm of the whole update of a tensor before the tensor can be
+    written, and the clip needs the global grad norm before the moments, so even a perfectly fused
+    implementation makes three passes: read g (global norm); read g, m, v, w and write m, v (moments,
+    update norms); read m, v, w and write w (apply). That is 8 tensor reads and 3 writes of n fp32
+    elements. A pass that reads one tensor is timed as ``sum`` and one that reads and writes as
+    ``copy_``, both over n elements (medians), so floor = 3 copies + 5 reads.
+    """
+    a = torch.randn(n, device=device)
+    b = torch.randn(n, device=device)
+    reads, copies = [], []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        a.sum()
+        sync()
+        reads.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        a.copy_(b)
+        sync()
+        copies.append(time.perf_counter() - t0)
+    return (3 * statistics.median(copies) + 5 * statistics.median(reads)) * 1e3
 
 
 if __name__ == "__main__":
