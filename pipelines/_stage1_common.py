@@ -124,11 +124,19 @@ class EpochPlan:
 
     def epoch_order(self) -> np.ndarray:
         """All indices of this epoch for this rank (train: a whole number of batches)."""
+        return self.order_for(self.epoch)
+
+    def order_for(self, epoch: int) -> np.ndarray:
+        """All indices of ``epoch`` for this rank, without changing the current epoch: a backend
+        that prefetches across the epoch boundary asks for the next epoch's order in advance."""
         if self.sampler is None:
             return self._val
-        if self._cache is None or self._cache[0] != self.epoch:
+        if self._cache is None or self._cache[0] != epoch:
+            current = self.sampler.epoch
+            self.sampler.set_epoch(epoch)
             idx = self.sampler.indices()  # one permutation per epoch, cached: ImageNet's takes ~20 ms
-            self._cache = (self.epoch, idx[: len(idx) // self.batch_size * self.batch_size])
+            self.sampler.set_epoch(current)
+            self._cache = (epoch, idx[: len(idx) // self.batch_size * self.batch_size])
         return self._cache[1]
 
     def __len__(self) -> int:

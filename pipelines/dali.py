@@ -23,9 +23,12 @@ everything runs on CPU with ``device_id=None``.
 
 Progressive resolution: the output size is an *argument input* fed per iteration by the same
 external source, so ``set_epoch(epoch, res)`` takes effect at the next epoch with no new pipeline.
-An epoch ends when the feed raises ``StopIteration``; the pipeline is ``reset()`` lazily at the
-start of the next epoch, after ``set_epoch`` has set the new order and size, so batches DALI
-prefetches always belong to the right epoch.
+Epoch boundaries: while a train epoch runs, the feed already holds the next epoch's order (the
+sampler's order is a pure function of seed and epoch) and rolls on into it, so DALI's prefetch
+queue stays full across the boundary. When ``set_epoch`` then asks for exactly that epoch from
+its start at the same resolution, iteration simply continues; anything else (a new resolution,
+a resume offset, an epoch left early) drains the feed with ``StopIteration`` and ``reset()``s the
+pipeline, so the batches DALI prefetched always belong to the epoch being read.
 
 Batches are copied out of DALI's buffers into fresh torch tensors (NHWC memory viewed as NCHW,
 i.e. channels_last), so a yielded batch is never overwritten by later iterations.
@@ -130,20 +133,40 @@ class ShardStore:
 
 
 class _Feed:
-    """The batch-mode external source: each call returns the next batch of this epoch's indices as
-    (jpegs, labels, output sizes), and raises ``StopIteration`` after the last one."""
+    """The batch-mode external source: each call returns the next batch of indices as (jpegs,
+    labels, output sizes). At the end of the current order it rolls on into the queued next
+    epoch's order when there is one (so DALI's prefetch never drains at an epoch boundary), else
+    it raises ``StopIteration``."""
 
     def __init__(self, store: ShardStore, batch_size: int, with_size: bool):
         self.store, self.batch_size, self.with_size = store, batch_size, with_size
         self.order = np.zeros(0, np.int64)
         self.pos, self.stop, self.size = 0, False, np.zeros(2, np.float32)
+        self.key: tuple[int, int] | None = None  # (epoch, res) of the order being fed
+        self.queued: tuple[tuple[int, int], np.ndarray] | None = None
+        self.rolled = False
         self.alive = collections.deque(maxlen=16)  # > prefetch depth + batches in flight
 
-    def start(self, order: np.ndarray, res: int) -> None:
-        self.order, self.pos, self.stop = order, 0, False
+    def start(self, order: np.ndarray, res: int, key: tuple[int, int] | None = None) -> None:
+        self.order, self.pos, self.stop, self.key, self.queued = order, 0, False, key, None
+        self.rolled = False  # True once the feed has moved on into a queued order
         self.size = np.array([res, res], np.float32)
 
+    def queue(self, key: tuple[int, int], order: np.ndarray) -> None:
+        """Feed ``order`` (epoch ``key[0]`` at resolution ``key[1]``) right after the current one."""
+        self.queued = (key, order)
+
+    def holds(self, key: tuple[int, int]) -> bool:
+        """True when the batches fed since the current order began are exactly the first batches
+        of epoch ``key``: the pipeline may go on without a reset."""
+        if self.queued is not None:
+            return self.queued[0] == key  # queued, nothing of it fed yet
+        return self.rolled and self.key == key
+
     def __call__(self, info=None):
+        if not self.stop and self.pos >= len(self.order) and self.queued is not None:
+            (self.key, self.order), self.pos, self.queued, self.rolled = self.queued, 0, None, True
+            self.size = np.array([self.key[1], self.key[1]], np.float32)
         if self.stop or self.pos >= len(self.order):
             raise StopIteration
         idx = self.order[self.pos:self.pos + self.batch_size]
@@ -186,6 +209,7 @@ class DALIPipeline:
                           prefetch_queue_depth=prefetch)
         self.pipe.build()
         self._fresh = True  # no run() since build/reset: no reset needed before the next epoch
+        self._rolling = False  # the last epoch was read to its end and the feed rolled on into the next
 
     def set_epoch(self, epoch: int, res: int | None = None, start_batch: int = 0) -> None:
         """Reseed the order for ``epoch``, skip ``start_batch`` batches (indices only, nothing is
@@ -200,8 +224,9 @@ class DALIPipeline:
     def _restart(self) -> None:
         if self._fresh:
             return
-        # A previous epoch may have been left early (max_steps, interruption): let DALI finish the
-        # few batches it already prefetched, without feeding it more, then rewind.
+        # A previous epoch was left early (max_steps, interruption) or the next one differs from
+        # what was queued: let DALI finish the few batches it already prefetched, without feeding
+        # it more, then rewind.
         self.feed.stop = True
         try:
             while True:
@@ -212,15 +237,28 @@ class DALIPipeline:
         self._fresh = True
 
     def __iter__(self) -> Iterator[Batch]:
+        whole = self.plan.start_batch == 0
         order = self.plan.take()
         if len(order) == 0:
             return
-        self._restart()
-        self.feed.start(order, self.res)
-        self._fresh = False
+        key = (self.plan.epoch, self.res)
+        batches = math.ceil(len(order) / self.batch_size)
+        if not (self._rolling and whole and self.feed.holds(key)):
+            self._restart()
+            self.feed.start(order, self.res, key)
+        self._fresh, self._rolling = False, False
+        if self.train:
+            # Train epochs are whole batches, so the next epoch can follow in the same stream. If
+            # set_epoch then asks for something else (a new resolution, a resume offset), __iter__
+            # resets the pipeline as it would without this.
+            nxt = (self.plan.epoch + 1, self.res)
+            self.feed.queue(nxt, self.plan.order_for(nxt[0]))
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        for _ in range(math.ceil(len(order) / self.batch_size)):
+        for i in range(batches):
             images, labels = self.pipe.run()
+            # Set before the last yield: a consumer that stops after exactly `batches` batches has
+            # finished the epoch even if it never resumes this generator.
+            self._rolling = self.train and i == batches - 1
             yield Batch(self._images(images, stream), self._labels(labels))
 
     def _images(self, tl, stream) -> torch.Tensor:

@@ -81,3 +81,30 @@ def test_shard_store_matches_tar_members(ids_root):
             assert pipe.store.labels[k] == int(members[name[:-4] + ".cls"])
             k += 1
     assert k == pipe.num_samples
+
+
+def test_consecutive_epochs_continue_without_a_reset(ids_root):
+    """Whole train epochs at one resolution follow each other in one DALI stream (no drain/reset at
+    the boundary) and still give exactly the sampler's order; a new resolution or a resume offset
+    resets the pipeline once."""
+    from pipelines.sampler import epoch_indices
+    from tests.test_pipeline_parity import ids_of, stored_ids
+
+    pipe = make("dali", ids_root, "train", seed=3, repeats=0, batch_size=BS, res=32, hflip=0.0)
+    resets = []
+    real_reset = pipe.pipe.reset
+    pipe.pipe.reset = lambda: (resets.append(1), real_reset())[1]
+    order = stored_ids(ids_root, "train")
+
+    def expected(epoch):
+        idx = epoch_indices(48, epoch=epoch, seed=3, rank=0, world_size=1, repeats=0)
+        return [order[k] for k in idx[: len(idx) // BS * BS]]
+
+    for epoch in range(3):
+        ids, _, sizes = ids_of(pipe, epoch, 32)
+        assert ids == expected(epoch) and sizes == [32] * len(pipe)
+    assert resets == []
+    ids, _, sizes = ids_of(pipe, 3, 48)
+    assert ids == expected(3) and sizes == [48] * len(pipe) and len(resets) == 1
+    ids, _, _ = ids_of(pipe, 4, 48, start_batch=2)
+    assert ids == expected(4)[2 * BS:] and len(resets) == 2
