@@ -19,15 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.fileio import commit, replace_durably
+
 CKPT_RE = re.compile(r"^ckpt-e(\d+)-s(\d+)\.pt$")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -38,8 +32,7 @@ def atomic_save(obj: Any, path: Path) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    replace_durably(tmp, path)
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -107,4 +100,4 @@ def export_safetensors(state_dict: dict[str, torch.Tensor], path: Path, metadata
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    commit(tmp, Path(path))

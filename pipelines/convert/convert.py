@@ -30,14 +30,16 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.fileio import commit
+
 from . import TOOL_VERSION
 from .dali_out import ShardWriter, write_index
 from .decode import SkipImage, decode_rgb, encode_jpeg, resize_to_fit
 from .ffcv_out import MODE_JPG, MODE_RAW, PartWriter, sha256_file, write_beton
 from .manifest import build_manifest, manifest_path, split_paths
 from .sources import Item, discover, read_item
-from .state import (STATE_DIR, Lock, StateError, check_plan, chunk_record_path, commit, read_json,
-                    remove_temps, tmp_name, write_json)
+from .state import (STATE_DIR, Lock, StateError, check_plan, chunk_record_path, read_json, remove_temps, tmp_name,
+                    write_json)
 
 FORMATS = ("ffcv", "dali")
 WRITE_MODES = ("jpg", "raw", "proportion")

@@ -16,6 +16,8 @@ import json
 import os
 from pathlib import Path
 
+from engine.fileio import commit
+
 STATE_DIR = ".convert"
 
 
@@ -23,24 +25,8 @@ class StateError(ValueError):
     """OUT holds a conversion that does not match this command; one-line message."""
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def tmp_name(path: Path) -> Path:
     return path.with_name(f"{path.name}.tmp-{os.getpid()}")
-
-
-def commit(tmp: Path, final: Path) -> None:
-    """fsync ``tmp``'s data, rename it to ``final`` and make the rename durable."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

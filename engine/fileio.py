@@ -1,0 +1,32 @@
+"""Durable file replacement, shared by the checkpoint writer and the converter.
+
+A file is written under a temporary name in its final folder, its data fsync'd, then renamed over
+the final name: rename is atomic on POSIX, so a final name never holds a half-written file, even
+after ``kill -9`` or a power cut. The folder is fsync'd afterwards, because the rename lives in
+the directory entry and is not durable until the directory is flushed.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_durably(tmp: Path, final: Path) -> None:
+    """Rename the already-fsync'd ``tmp`` to ``final`` and make the rename durable."""
+    os.replace(tmp, final)
+    fsync_dir(Path(final).parent)
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """fsync the data of a closed temporary file, then :func:`replace_durably` it to ``final``."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    replace_durably(tmp, final)
