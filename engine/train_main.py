@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import signal
 import sys
 import time
@@ -280,7 +281,7 @@ def _train(cfg: Config, args, d: DistInfo, out: Path) -> int:
 def _export(model: nn.Module, path: Path, cfg: Config, metrics: dict[str, Any], epoch: int) -> None:
     meta = {"arch": cfg.model.arch, "num_classes": str(cfg.data.num_classes), "epoch": str(epoch),
             "val_top1": str(metrics.get("val_top1", "")), "eval_res": str(cfg.eval.res),
-            "crop_pct": str(cfg.eval.crop_pct)}
+            "crop_pct": str(cfg.eval.crop_pct), "config": json.dumps(to_dict(cfg))}
     ckpt.export_safetensors(model.state_dict(), path, meta)
 
 

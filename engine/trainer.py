@@ -7,6 +7,7 @@ step's flag through a pinned buffer, so a NaN is caught within one step without 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -185,8 +186,14 @@ def _optimizer_step(ctx: StepContext) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, pipeline, stage2, *, device: torch.device, precision: str) -> dict[str, float]:
-    """Top-1/top-5 and CE loss over the whole val set, summed across ranks."""
+def evaluate(model: nn.Module, pipeline, stage2, *, device: torch.device, precision: str,
+             flip_tta: bool = False) -> dict[str, float]:
+    """Top-1/top-5 and CE loss over the whole val set, summed across ranks.
+
+    ``flip_tta``: average the softmax of each image and its horizontal mirror (test-time
+    augmentation as in timm's validate.py ``--tta``-style flip); the loss is then the NLL of that
+    average. Off in training, so the engine's figures are single-view.
+    """
     model.eval()
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # correct1, correct5, loss, count
     ctx_autocast = (contextlib.nullcontext() if precision == "fp32"
@@ -195,7 +202,11 @@ def evaluate(model: nn.Module, pipeline, stage2, *, device: torch.device, precis
         images, labels = stage2(batch)
         with ctx_autocast:
             logits = model(images)
+            flipped = model(images.flip(3)) if flip_tta else None
         logits = logits.float()
+        if flipped is not None:
+            log_probs = torch.logsumexp(torch.stack([logits.log_softmax(1), flipped.float().log_softmax(1)]), 0)
+            logits = log_probs - math.log(2.0)  # log of the mean probability: ranks and NLL as the average
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hit = top.eq(labels[:, None])
@@ -207,5 +218,3 @@ def evaluate(model: nn.Module, pipeline, stage2, *, device: torch.device, precis
     n = max(float(sums[3]), 1.0)
     return {"val_top1": 100.0 * float(sums[0]) / n, "val_top5": 100.0 * float(sums[1]) / n,
             "val_loss": float(sums[2]) / n, "val_images": int(sums[3])}
-
-

@@ -123,15 +123,36 @@ class ReferencePipeline:
     def __init__(self, root: str, split: str, *, batch_size: int, res: int, crop_pct: float = 0.875,
                  scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, workers: int = 2,
                  device="cpu", rank: int = 0, world_size: int = 1, seed: int = 0, repeats: int = 0,
-                 drop_last: bool | None = None, interpolation: str = "random"):
+                 drop_last: bool | None = None, interpolation: str = "random", split_dir: str | Path | None = None,
+                 class_index_folders: bool = False):
+        """``split_dir``: read this class-folder directory instead of ``root/<split>`` (e.g. an
+        ImageNet-V2 download). ``class_index_folders``: folder names are class indices ("0".."999",
+        ImageNet-V2's layout), so label = int(name), not the position in sorted name order (where
+        "10" would sort before "2")."""
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if interpolation not in ("random", *INTERPOLATIONS):
             raise ValueError(f"interpolation must be random, bilinear or bicubic, got {interpolation!r}")
         self.train = split == "train"
-        split_dir = resolve_split_dir(root, split)
+        if split_dir is not None:
+            split_dir = Path(split_dir)
+            if not split_dir.is_dir():
+                raise DataError(f"no class-folder tree at {split_dir} (expected {split_dir}/<class>/<image>)")
+        else:
+            split_dir = resolve_split_dir(root, split)
         self.classes, class_to_idx = find_classes(str(split_dir))
-        samples = make_dataset(str(split_dir), class_to_idx, extensions=IMG_EXTENSIONS)
+        if class_index_folders:
+            bad = [c for c in self.classes if not c.isdigit()]
+            if bad:
+                raise DataError(f"class-index folders expected (0, 1, ... as in ImageNet-V2) but {split_dir} has "
+                                f"folder {bad[0]!r}; drop the class-index option for named class folders")
+            class_to_idx = {c: int(c) for c in self.classes}
+            self.classes = [str(i) for i in range(max(class_to_idx.values()) + 1)]
+        try:  # ImageNet-V2-style trees may hold a class with no image: allowed there, an error elsewhere
+            samples = make_dataset(str(split_dir), class_to_idx, extensions=IMG_EXTENSIONS,
+                                   allow_empty=class_index_folders)
+        except FileNotFoundError as e:
+            raise DataError(f"{split_dir}: {str(e).splitlines()[0]}") from None
         if not samples:
             raise DataError(f"no images under {split_dir}")
         self.num_classes = len(self.classes)

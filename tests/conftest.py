@@ -44,3 +44,27 @@ def write_fmnist_tree(out: Path, per_class_train: int, per_class_val: int, size:
 def fmnist_tree(tmp_path_factory) -> Path:
     """10 classes x 64 train / 16 val, 32x32: enough for a few real optimizer steps in seconds."""
     return write_fmnist_tree(tmp_path_factory.mktemp("fmnist"), 64, 16)
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(fmnist_tree, tmp_path_factory) -> dict[str, Path]:
+    """Two finished 1-epoch engine runs on ``fmnist_tree`` that differ in seed: "ema" keeps an EMA
+    of its weights (so the tools must pick the EMA weights, as the engine's final eval does),
+    "plain" does not. Shared by the tool tests (evaluate, Grad-CAM)."""
+    import subprocess
+    import sys
+
+    from tests.test_engine import engine_cmd
+
+    base = tmp_path_factory.mktemp("tiny_runs")
+    runs = {"ema": ("train.seed=0", "train.ema_decay=0.9"), "plain": ("train.seed=1",)}
+    out = {}
+    for name, extra in runs.items():
+        folder = base / name
+        proc = subprocess.run(engine_cmd(fmnist_tree, folder, "train.epochs=1", "augment.mixup_alpha=0.0",
+                                         "augment.cutmix_alpha=0.0", *extra),
+                              cwd=ROOT, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[name] = folder
+    return out

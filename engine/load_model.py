@@ -1,0 +1,97 @@
+"""A trained model back from a run's files, for the tools (evaluate, Grad-CAM).
+
+Two inputs are accepted:
+
+* a training checkpoint ``ckpt-*.pt`` (``engine.checkpoint.load``, ``weights_only=True``): the
+  resolved config is inside; the weights are the EMA weights when the run kept an EMA, since
+  those are what the engine evaluates and exports;
+* a ``*.safetensors`` export (``best`` / ``model``): weights only, plus string metadata that holds
+  the resolved config as JSON (exports written before that was added only name arch and
+  num_classes: then ``recipe`` must give the rest of the model section).
+
+The model comes back in eval mode, in channels_last memory when the run trained that way, so that
+evaluating it runs the very kernels the engine ran (that is what makes ``tools/evaluate.py``
+reproduce the engine's top-1 exactly).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine import checkpoint as ckpt
+from engine.config import Config, ConfigError, config_from_dict, load_config
+from models.factory import create_model
+
+
+class CheckpointError(ValueError):
+    """The file is missing or not a checkpoint/export of this project; one-line message."""
+
+
+def load_config_and_state(path: str | Path, recipe: str | None = None) -> tuple[Config, dict[str, torch.Tensor]]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found; pass a ckpt-*.pt or *.safetensors file from a run folder")
+    if path.suffix == ".safetensors":
+        return _from_safetensors(path, recipe)
+    try:
+        state = ckpt.load(path)
+    except Exception as e:  # truncated, not a torch file, pickled code refused by weights_only
+        raise CheckpointError(f"cannot read {path} as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise CheckpointError(f"{path} is not a checkpoint written by engine.run (no model/config inside)")
+    cfg = config_from_dict(state["config"]) if recipe is None else load_config(recipe)
+    weights = state["ema"] if state.get("ema") else state["model"]
+    return cfg, weights
+
+
+def _from_safetensors(path: Path, recipe: str | None) -> tuple[Config, dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        weights = load_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} as safetensors ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if recipe is not None:
+        cfg = load_config(recipe)
+    elif "config" in meta:
+        cfg = config_from_dict(json.loads(meta["config"]))
+    elif "arch" in meta:
+        cfg = Config()
+        cfg = replace(cfg, model=replace(cfg.model, arch=meta["arch"]),
+                      data=replace(cfg.data, num_classes=int(meta.get("num_classes", cfg.data.num_classes))),
+                      eval=replace(cfg.eval, res=int(meta.get("eval_res", cfg.eval.res)),
+                                   crop_pct=float(meta.get("crop_pct", cfg.eval.crop_pct))))
+    else:
+        raise CheckpointError(f"{path} carries no config metadata; pass --recipe RECIPE.toml for its model settings")
+    return cfg, weights
+
+
+def build_model(cfg: Config, weights: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    model = create_model(cfg.model, cfg.data.num_classes)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"weights do not fit model.arch={cfg.model.arch} with {cfg.data.num_classes} classes "
+                              f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. "
+                              f"{(missing or unexpected)[0]}); pass the recipe the run used with --recipe")
+    model = model.to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval()
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu",
+               recipe: str | None = None) -> tuple[nn.Module, Config]:
+    """(model in eval mode on ``device``, the run's resolved config). Raises CheckpointError or
+    ConfigError with a one-line message."""
+    cfg, weights = load_config_and_state(path, recipe)
+    return build_model(cfg, weights, torch.device(device)), cfg
+
+
+__all__ = ["CheckpointError", "ConfigError", "load_config_and_state", "build_model", "load_model"]

@@ -1,0 +1,100 @@
+"""tools/evaluate.py: reproduces the engine's own final val top-1 exactly (training checkpoint with
+EMA weights, and the safetensors export), flip TTA, ImageNet-V2 class-index folders, one-line errors."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def evaluate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "tools/evaluate.py", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+def last_eval(run: Path) -> dict:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_top1" in r][-1]
+
+
+def test_checkpoint_and_export_reproduce_the_engines_top1_exactly(tiny_runs, tmp_path):
+    run = tiny_runs["ema"]
+    engine = last_eval(run)
+    ckpt = sorted(run.glob("ckpt-*.pt"))[-1]
+    for weights in (ckpt, run / "model.safetensors"):
+        out = tmp_path / f"{weights.stem}.json"
+        proc = evaluate(weights, "--json", out)
+        assert proc.returncode == 0, proc.stderr
+        got = json.loads(out.read_text())
+        assert (got["val_top1"], got["val_top5"], got["val_images"]) == \
+            (engine["val_top1"], engine["val_top5"], engine["val_images"])
+        assert got["val_loss"] == pytest.approx(engine["val_loss"], rel=1e-6)
+        assert f"top-1 {engine['val_top1']:.2f}" in proc.stdout
+    # data that is not there: one line, exit 2
+    plain = evaluate(sorted(tiny_runs["plain"].glob("ckpt-*.pt"))[-1], "--data", tiny_runs["ema"] / "unused")
+    assert plain.returncode == 2 and "no class-folder tree" in plain.stderr
+
+
+def test_flip_tta_and_an_other_resolution_change_the_result(tiny_runs, tmp_path):
+    run = tiny_runs["plain"]
+    ckpt = sorted(run.glob("ckpt-*.pt"))[-1]
+    base, tta, big = (json.loads((tmp_path / f"{n}.json").read_text()) if evaluate(ckpt, *a, "--json",
+                      tmp_path / f"{n}.json").returncode == 0 else pytest.fail(n)
+                      for n, a in (("base", ()), ("tta", ("--flip-tta",)), ("big", ("--res", "48"))))
+    assert tta["flip_tta"] and base["val_images"] == tta["val_images"] == big["val_images"]
+    assert tta["val_loss"] != base["val_loss"] and big["val_loss"] != base["val_loss"]
+    assert big["res"] == 48
+
+
+def test_imagenet_v2_class_index_folders(tiny_runs, fmnist_tree, tmp_path):
+    """Folders named by class index (12 of them, so '10' and '11' sort before '2' as strings) map to
+    int(name); the same images as the named tree give the same top-1 as the named-folder eval."""
+    run = tiny_runs["plain"]
+    ckpt = sorted(run.glob("ckpt-*.pt"))[-1]
+    v2 = tmp_path / "v2"
+    for c in range(10):
+        shutil.copytree(fmnist_tree / "val" / f"c{c}", v2 / str(c))
+    (v2 / "11").mkdir()  # an empty class folder: indices stay int(name), not positions
+    named = evaluate(ckpt, "--json", tmp_path / "named.json")
+    byindex = evaluate(ckpt, "--data", v2, "--imagenet-v2", "--json", tmp_path / "v2.json")
+    assert named.returncode == 0 and byindex.returncode == 0, byindex.stderr
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("named.json", "v2.json"))
+    assert (a["val_top1"], a["val_top5"], a["val_images"]) == (b["val_top1"], b["val_top5"], b["val_images"])
+    # without the flag the tree is read as named class folders: the empty one is an error, one line
+    wrong = evaluate(ckpt, "--data", v2)
+    assert wrong.returncode == 2 and "classes 11" in wrong.stderr and wrong.stderr.count("\n") == 1
+
+
+def test_class_index_folders_label_by_number_not_by_sorted_name(fmnist_tree, tmp_path):
+    from pipelines.reference import ReferencePipeline
+
+    tree = tmp_path / "v2"
+    for k in range(12):
+        (tree / str(k)).mkdir(parents=True)
+        shutil.copy(next((fmnist_tree / "val" / "c0").iterdir()), tree / str(k) / f"img{k}.jpg")
+    by_index = ReferencePipeline(str(tmp_path), "val", batch_size=12, res=32, workers=0, split_dir=tree,
+                                 class_index_folders=True)
+    by_name = ReferencePipeline(str(tmp_path), "val", batch_size=12, res=32, workers=0, split_dir=tree)
+    folder_of = [int(Path(p).parent.name) for p, _ in by_index.dataset.samples]
+    assert [label for _, label in by_index.dataset.samples] == folder_of
+    assert [label for _, label in by_name.dataset.samples] != folder_of  # "10" sorts before "2"
+    assert by_index.num_classes == 12
+
+
+@pytest.mark.parametrize("args, message", [
+    (("missing.pt",), "not found"),
+    (("{bogus}",), "cannot read"),
+    (("{ckpt}", "--imagenet-v2", "--pipeline", "ffcv"), "--pipeline reference"),
+])
+def test_user_errors_are_one_line(tiny_runs, tmp_path, args, message):
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(b"not a checkpoint")
+    ckpt = sorted(tiny_runs["plain"].glob("ckpt-*.pt"))[-1]
+    proc = evaluate(*(a.format(bogus=bogus, ckpt=ckpt) for a in args))
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
