@@ -1,0 +1,570 @@
+"""Hyper-parameter sweeps over a recipe: read a sweep file, expand it into trials, run each trial as
+an ordinary ``python -m engine.run`` process, locally N at a time or on Slurm through submitit.
+
+Why it lives in the engine package and not in ``tools/sweep.py``: a Slurm job unpickles the function
+it runs by module path, so :func:`run_trial` must be importable on the compute node; ``tools/`` is a
+folder of scripts, not an importable package. The CLI stays a thin wrapper; the results tables and
+the plot are in :mod:`engine.sweep_report`.
+
+A sweep file (TOML)::
+
+    base = "../recipes/a3.toml"     # relative to the sweep file, else to the current folder
+    seeds = [0, 1]                  # every configuration runs once per seed (train.seed)
+    [budget]                        # a cheap version of the recipe
+    epochs = 4                      # train.epochs: the lr schedule is shortened to fit
+    max_steps = 200                 # --max-steps: the run is cut (the schedule is not shortened)
+    [budget.subset]                 # optional: a class/limit subset made once by the converter
+    src = "data/demo/src"           # a class-folder tree the converter reads
+    classes = ["0_tshirt", "8_bag"] # or "@file" with one name per line; sets data.num_classes
+    limit_per_class = 500
+    formats = ["dali"]              # the trials' data.pipeline must read one of them (not "reference")
+    [set]                           # fixed overrides, as --set
+    "model.arch" = "resnet_tiny"
+    [grid]                          # every combination; or [random] below, not both
+    "optim.lr" = [0.004, 0.008]
+    [random]
+    trials = 8                      # configurations drawn; each runs once per seed
+    seed = 0                        # the draw's seed: the same file gives the same trials
+    "optim.lr" = {low = 1e-3, high = 2e-2, log = true}
+    "optim.weight_decay" = [0.01, 0.02, 0.05]
+    [run]
+    parallel = 2                    # trials at a time (one GPU each where GPUs exist)
+    executor = "local"              # local | slurm | submitit-local
+    [run.slurm]                     # passed to submitit (partition, timeout_min, gpus_per_node, ...)
+    partition = "gpu"
+
+A trial is identified by its whole command (base, overrides, budget, seed): its folder name is a
+readable slug of the swept values plus a hash of that command, so a rerun finds finished trials and
+skips them, and a changed budget or fixed override starts new trials instead of mixing results.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+import math
+import os
+import queue
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from engine.config import ConfigError, load_config
+from engine.fileio import commit
+
+EXECUTORS = ("local", "slurm", "submitit-local")
+KEYS = {
+    "": ("base", "seeds", "budget", "set", "grid", "random", "run"),
+    "budget": ("epochs", "max_steps", "subset"),
+    "budget.subset": ("src", "classes", "limit_per_class", "formats", "workers"),
+    "run": ("parallel", "executor", "slurm"),
+}
+# submitit's generic parameters; any other [run.slurm] key is Slurm-specific and gets the slurm_ prefix
+SUBMITIT_GENERIC = ("timeout_min", "mem_gb", "tasks_per_node", "cpus_per_task", "nodes", "name", "gpus_per_node",
+                    "stderr_to_stdout")
+DEFAULT_TIMEOUT_MIN = 24 * 60  # submitit's own defaults (2-5 minutes) would kill real trials
+
+
+class SweepError(ValueError):
+    """A user-caused problem with a sweep (file, keys, values, executor); its message is one line."""
+
+
+# --------------------------------------------------------------------------- the sweep file
+@dataclass
+class Subset:
+    src: str
+    classes: list[str] = field(default_factory=list)
+    limit_per_class: int = 0
+    formats: list[str] = field(default_factory=lambda: ["dali"])
+    workers: int = 2
+
+
+@dataclass
+class Sweep:
+    path: Path
+    base: Path
+    seeds: list[int]
+    fixed: dict[str, Any]
+    grid: dict[str, list[Any]]
+    random_space: dict[str, Any]
+    random_trials: int
+    random_seed: int
+    epochs: int | None
+    max_steps: int | None
+    subset: Subset | None
+    parallel: int
+    executor: str
+    slurm: dict[str, Any]
+
+    @property
+    def swept_keys(self) -> list[str]:
+        return list(self.grid or self.random_space)
+
+
+def _check_keys(table: dict[str, Any], where: str, path: Path) -> None:
+    allowed = KEYS[where]
+    for key in table:
+        if key not in allowed:
+            guess = difflib.get_close_matches(key, allowed, n=1, cutoff=0.0)
+            section = f"[{where}] " if where else ""
+            raise SweepError(f"{path}: unknown key {section}{key}; did you mean {guess[0]}?")
+
+
+def _is_distribution(value: Any) -> bool:
+    return isinstance(value, dict) and "low" in value and "high" in value
+
+
+def _flatten(table: dict[str, Any], prefix: str = "", leaf: Callable[[Any], bool] = lambda v: False) -> dict[str, Any]:
+    """``{"optim": {"lr": x}}`` (TOML's dotted keys) and ``{"optim.lr": x}`` both become ``{"optim.lr": x}``."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict) and not leaf(value):
+            out.update(_flatten(value, f"{prefix}{key}.", leaf))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _int(value: Any, name: str, path: Path, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SweepError(f"{path}: {name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _resolve_base(base: Any, path: Path) -> Path:
+    if not isinstance(base, str):
+        raise SweepError(f'{path}: base must name a recipe file, e.g. base = "recipes/a3.toml"')
+    for candidate in (path.parent / base, Path(base)):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise SweepError(f"{path}: base recipe {base} not found next to the sweep file or in {Path.cwd()}")
+
+
+def read_sweep(path: str | Path) -> Sweep:
+    """Parse and check a sweep file (structure only; recipe keys are checked by :func:`plan`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"sweep file not found: {path} (e.g. sweeps/a3_lr_demo.toml)")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise SweepError(f"{path}: not valid TOML ({e})") from None
+    _check_keys(data, "", path)
+    if "base" not in data:
+        raise SweepError(f'{path}: missing base = "recipes/<recipe>.toml"')
+    base = _resolve_base(data["base"], path)
+
+    seeds = data.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise SweepError(f"{path}: seeds must be a non-empty list of integers, e.g. seeds = [0, 1]")
+    if len(set(seeds)) != len(seeds):
+        raise SweepError(f"{path}: seeds repeat a value: {seeds}")
+
+    budget = data.get("budget", {})
+    _check_keys(budget, "budget", path)
+    epochs = _int(budget["epochs"], "[budget] epochs", path, 1) if "epochs" in budget else None
+    max_steps = _int(budget["max_steps"], "[budget] max_steps", path, 1) if "max_steps" in budget else None
+    subset = _read_subset(budget["subset"], path) if "subset" in budget else None
+
+    fixed = _flatten(data.get("set", {}))
+    grid = _flatten(data.get("grid", {}))
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise SweepError(f"{path}: [grid] {key} must be a non-empty list of values, got {values!r}")
+    rand_table = dict(data.get("random", {}))
+    if grid and rand_table:
+        raise SweepError(f"{path}: use [grid] or [random], not both")
+    random_trials = _int(rand_table.pop("trials", 1), "[random] trials", path, 1)
+    random_seed = _int(rand_table.pop("seed", 0), "[random] seed", path, 0)
+    space = _flatten(rand_table, leaf=_is_distribution)
+    if data.get("random") is not None and not space:
+        raise SweepError(f"{path}: [random] names no key to draw, e.g. \"optim.lr\" = {{low = 1e-3, high = 1e-2}}")
+    for key, spec in space.items():
+        _check_distribution(key, spec, path)
+    for key in (*fixed, *grid, *space):
+        if key == "train.seed":
+            raise SweepError(f"{path}: train.seed is set by seeds = [...]; remove it from the tables")
+        if key in fixed and (key in grid or key in space):
+            raise SweepError(f"{path}: {key} is both fixed in [set] and swept")
+    if subset is not None and "data.root" in (*fixed, *grid, *space):
+        raise SweepError(f"{path}: [budget.subset] sets data.root; remove data.root from the other tables")
+
+    run = data.get("run", {})
+    _check_keys(run, "run", path)
+    parallel = _int(run.get("parallel", 1), "[run] parallel", path, 1)
+    executor = run.get("executor", "local")
+    if executor not in EXECUTORS:
+        raise SweepError(f"{path}: [run] executor = {executor!r} is not one of {', '.join(EXECUTORS)}")
+    slurm = run.get("slurm", {})
+    if not isinstance(slurm, dict):
+        raise SweepError(f"{path}: [run.slurm] must be a table of submitit options, e.g. partition = \"gpu\"")
+    return Sweep(path=path, base=base, seeds=seeds, fixed=fixed, grid=grid, random_space=space,
+                 random_trials=random_trials if space else 0, random_seed=random_seed, epochs=epochs,
+                 max_steps=max_steps, subset=subset, parallel=parallel, executor=executor, slurm=dict(slurm))
+
+
+def _read_subset(table: Any, path: Path) -> Subset:
+    if not isinstance(table, dict):
+        raise SweepError(f"{path}: [budget.subset] must be a table with src, classes and/or limit_per_class")
+    _check_keys(table, "budget.subset", path)
+    if not isinstance(table.get("src"), str):
+        raise SweepError(f'{path}: [budget.subset] needs src = "<class-folder tree the converter reads>"')
+    classes = table.get("classes", [])
+    if isinstance(classes, str):
+        if not classes.startswith("@"):
+            raise SweepError(f"{path}: [budget.subset] classes is a list of names or \"@file\", got {classes!r}")
+        classes_file = Path(classes[1:]) if Path(classes[1:]).is_absolute() else path.parent / classes[1:]
+        if not classes_file.is_file():
+            raise SweepError(f"{path}: [budget.subset] classes file {classes_file} not found")
+        classes = [ln.strip() for ln in classes_file.read_text().splitlines() if ln.strip()]
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise SweepError(f"{path}: [budget.subset] classes must be a list of class folder names")
+    formats = table.get("formats", ["dali"])
+    if not isinstance(formats, list) or not formats or not set(formats) <= {"ffcv", "dali"}:
+        raise SweepError(f"{path}: [budget.subset] formats is a list of ffcv and/or dali, got {formats!r}")
+    limit = _int(table.get("limit_per_class", 0), "[budget.subset] limit_per_class", path, 0)
+    if not classes and not limit:
+        raise SweepError(f"{path}: [budget.subset] names neither classes nor limit_per_class; remove it or set one")
+    return Subset(src=table["src"], classes=classes, limit_per_class=limit, formats=formats,
+                  workers=_int(table.get("workers", 2), "[budget.subset] workers", path, 1))
+
+
+def _check_distribution(key: str, spec: Any, path: Path) -> None:
+    if isinstance(spec, list):
+        if not spec:
+            raise SweepError(f"{path}: [random] {key} is an empty list")
+        return
+    if not _is_distribution(spec) or not set(spec) <= {"low", "high", "log"}:
+        raise SweepError(f"{path}: [random] {key} must be a list of choices or {{low = ..., high = ..., log = true}}")
+    low, high = spec["low"], spec["high"]
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in (low, high)) or not low < high:
+        raise SweepError(f"{path}: [random] {key} needs numbers low < high, got {low!r} and {high!r}")
+    if spec.get("log", False) and low <= 0:
+        raise SweepError(f"{path}: [random] {key} log = true needs low > 0, got {low!r}")
+
+
+# --------------------------------------------------------------------------- trials
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything one trial needs, picklable for submitit. ``overrides`` are ``key=value`` texts."""
+
+    name: str
+    folder: str
+    base: str
+    cwd: str
+    swept: dict[str, Any]
+    seed: int
+    overrides: tuple[str, ...]
+    max_steps: int | None
+
+    def command(self, resume: bool = False) -> list[str]:
+        cmd = [sys.executable, "-m", "engine.run", self.base, "--out", self.folder]
+        for text in self.overrides:
+            cmd += ["--set", text]
+        if self.max_steps is not None:
+            cmd += ["--max-steps", str(self.max_steps)]
+        return cmd + (["--resume", "auto"] if resume else [])
+
+
+def format_value(value: Any) -> str:
+    """A value as ``--set`` reads it: TOML for numbers, booleans and lists, bare text for strings."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(format_value(v) if not isinstance(v, str) else json.dumps(v) for v in value) + "]"
+    if isinstance(value, str):
+        return value
+    raise SweepError(f"cannot pass {value!r} as a --set value")
+
+
+def _draw(spec: Any, rng: random.Random) -> Any:
+    if isinstance(spec, list):
+        return rng.choice(spec)
+    low, high, log = spec["low"], spec["high"], spec.get("log", False)
+    integer = isinstance(low, int) and isinstance(high, int)
+    if log:
+        x = math.exp(rng.uniform(math.log(low), math.log(high)))
+        return round(x) if integer else float(f"{x:.3g}")  # 3 digits: readable names, no false precision
+    return rng.randint(low, high) if integer else float(f"{rng.uniform(low, high):.3g}")
+
+
+def configurations(sweep: Sweep) -> list[dict[str, Any]]:
+    """The swept values of each configuration: the grid's product in file order, or the random draws."""
+    if sweep.grid:
+        keys = list(sweep.grid)
+        return [dict(zip(keys, combo)) for combo in itertools.product(*(sweep.grid[k] for k in keys))]
+    if sweep.random_space:
+        rng = random.Random(sweep.random_seed)
+        return [{k: _draw(s, rng) for k, s in sweep.random_space.items()} for _ in range(sweep.random_trials)]
+    return [{}]
+
+
+def slug(swept: dict[str, Any], seed: int) -> str:
+    """Readable part of a trial folder name: the last part of each swept key with its value."""
+    short = [k.rsplit(".", 1)[-1] for k in swept]
+    names = short if len(set(short)) == len(short) else list(swept)
+    parts = [f"{n}={format_value(v)}" for n, v in zip(names, swept.values())] + [f"seed={seed}"]
+    return re.sub(r"[^A-Za-z0-9.=+_-]+", "-", "_".join(parts))[:80]
+
+
+def plan(sweep: Sweep, out: Path, subset_root: Path | None = None) -> list[TrialSpec]:
+    """Expand the sweep into trials and check every trial's recipe with the engine's own validation,
+    so a bad key or value stops the sweep before anything is launched."""
+    cwd = Path.cwd()
+    budget: dict[str, Any] = {}
+    if sweep.epochs is not None:
+        budget["train.epochs"] = sweep.epochs
+    if subset_root is not None:
+        budget["data.root"] = str(subset_root)
+        if sweep.subset and sweep.subset.classes:
+            n = len(sweep.subset.classes)
+            if sweep.fixed.get("data.num_classes", n) != n:
+                raise SweepError(f"{sweep.path}: [budget.subset] keeps {n} classes but [set] says data.num_classes = "
+                                 f"{sweep.fixed['data.num_classes']}; remove it (the subset sets it)")
+            budget["data.num_classes"] = n
+    trials = []
+    for swept in configurations(sweep):
+        for seed in sweep.seeds:
+            values = {**sweep.fixed, **budget, **swept, "train.seed": seed}
+            overrides = tuple(f"{k}={format_value(v)}" for k, v in values.items())
+            try:
+                cfg = load_config(sweep.base, overrides)
+            except ConfigError as e:
+                raise SweepError(f"{sweep.path}: {e}") from None
+            if subset_root is not None and cfg.data.pipeline == "reference":
+                raise SweepError(f"{sweep.path}: [budget.subset] needs data.pipeline = ffcv or dali (the reference "
+                                 f"pipeline reads the converter's source tree, all of it); set it in [set]")
+            identity = json.dumps([os.path.relpath(sweep.base, cwd), overrides, sweep.max_steps])
+            name = f"{slug(swept, seed)}-{hashlib.sha1(identity.encode()).hexdigest()[:8]}"
+            trials.append(TrialSpec(name=name, folder=str((out / "trials" / name).resolve()), base=str(sweep.base),
+                                    cwd=str(cwd), swept=dict(swept), seed=seed, overrides=overrides,
+                                    max_steps=sweep.max_steps))
+    return trials
+
+
+def check_data(trial: TrialSpec) -> None:
+    """The engine's own data-root check, once before launching: a missing dataset is one error, not N."""
+    from engine.data import DataError, check_data_root  # imports torch: only when about to launch
+
+    cfg = load_config(trial.base, trial.overrides)
+    if cfg.data.pipeline == "synthetic":
+        return
+    try:
+        check_data_root(cfg.data)
+    except DataError as e:
+        raise SweepError(str(e)) from None
+
+
+def subset_folder(subset: Subset, out: Path, sweep_path: Path) -> tuple[Path, Path]:
+    """(source tree, ``OUT/subset-<hash of the converter settings>``): known without converting, so
+    --dry-run and --report-only name the same trials as the run that made the subset."""
+    src = Path(subset.src)
+    if not src.is_absolute() and not src.is_dir():
+        src = sweep_path.parent / subset.src
+    if not src.is_dir():
+        raise SweepError(f"[budget.subset] src {subset.src} is not a folder (give the class-folder tree to convert)")
+    settings = json.dumps([str(src.resolve()), subset.classes, subset.limit_per_class, sorted(subset.formats)])
+    return src, (out / f"subset-{hashlib.sha1(settings.encode()).hexdigest()[:8]}").resolve()
+
+
+def prepare_subset(subset: Subset, out: Path, sweep_path: Path) -> Path:
+    """Run the converter once into :func:`subset_folder`; reruns reuse a finished one."""
+    src, dest = subset_folder(subset, out, sweep_path)
+    if (dest / "manifest.json").is_file():
+        return dest
+    converter = Path(__file__).resolve().parents[1] / "tools" / "convert_imagenet.py"
+    cmd = [sys.executable, str(converter), str(src), str(dest), "--formats", ",".join(subset.formats),
+           "--workers", str(subset.workers), "--quiet"]
+    if subset.classes:
+        cmd += ["--classes", ",".join(subset.classes)]
+    if subset.limit_per_class:
+        cmd += ["--limit-per-class", str(subset.limit_per_class)]
+    print("sweep: making the data subset: " + " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+        raise SweepError(f"[budget.subset] the converter failed: {lines[-1] if lines else proc.returncode}")
+    return dest
+
+
+# --------------------------------------------------------------------------- one trial
+def read_trial(folder: str | Path) -> dict[str, Any] | None:
+    path = Path(folder) / "trial.json"
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _write_trial(folder: Path, record: dict[str, Any]) -> None:
+    tmp = folder / "trial.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    commit(tmp, folder / "trial.json")
+
+
+def final_eval(metrics_path: Path) -> dict[str, Any] | None:
+    """The run's final evaluation: the last record of metrics.jsonl when it is an eval record (the engine
+    logs the final eval last; a run that died after an intermediate eval ends with train records)."""
+    try:
+        lines = [ln for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    except FileNotFoundError:
+        return None
+    try:
+        last = json.loads(lines[-1]) if lines else {}
+    except json.JSONDecodeError:  # a line cut by a kill
+        return None
+    return last if "val_top1" in last else None
+
+
+def run_trial(spec: TrialSpec, gpu: str | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one trial to the end (resuming its own checkpoints) and write ``trial.json``.
+
+    Top-level and free of closures so submitit can pickle it. Done means: the engine exited 0 and
+    metrics.jsonl ends with the final eval record. A done trial is returned as is (a requeued Slurm job
+    does not train it twice)."""
+    folder = Path(spec.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    prev = read_trial(folder) or {}
+    if prev.get("status") == "done":
+        return prev
+    resume = any(folder.glob("ckpt-*.pt"))
+    metrics = folder / "metrics.jsonl"
+    if not resume and metrics.exists():  # a restart from scratch: keep the old records out of the results
+        metrics.rename(folder / f"metrics.attempt{prev.get('launches', 0)}.jsonl")
+    cmd = spec.command(resume=resume)
+    record = {"name": spec.name, "swept": spec.swept, "seed": spec.seed, "overrides": list(spec.overrides),
+              "max_steps": spec.max_steps, "command": cmd, "cwd": spec.cwd, "status": "running",
+              "launches": prev.get("launches", 0) + 1, "wall_s": prev.get("wall_s", 0.0), "metrics": None,
+              "returncode": None, "error": None}
+    _write_trial(folder, record)
+    child_env = {**os.environ, **(env or {})}
+    if gpu is not None:
+        child_env["CUDA_VISIBLE_DEVICES"] = gpu
+    log_path = folder / "log.txt"
+    start = log_path.stat().st_size if log_path.exists() else 0
+    t0 = time.monotonic()
+    with log_path.open("a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        rc = subprocess.call(cmd, cwd=spec.cwd, stdout=log, stderr=subprocess.STDOUT, env=child_env)
+    final = final_eval(metrics)
+    done = rc == 0 and final is not None
+    errors = [ln for ln in log_path.read_text(errors="replace")[start:].splitlines() if ln.startswith("error:")]
+    record.update(status="done" if done else "interrupted" if rc == 130 else "failed", returncode=rc,
+                  metrics=final if done else None, wall_s=round(record["wall_s"] + time.monotonic() - t0, 2),
+                  error=None if done else (errors[-1] if errors else f"exit status {rc}; see {log_path}"))
+    _write_trial(folder, record)
+    return record
+
+
+# --------------------------------------------------------------------------- executors
+def visible_gpus() -> list[str]:
+    """GPU ids a local slot can be pinned to (CUDA_VISIBLE_DEVICES entries, else 0..n-1); [] on CPU."""
+    import torch
+
+    n = torch.cuda.device_count()
+    listed = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    return listed[:n] if listed else [str(i) for i in range(n)]
+
+
+def run_local(trials: list[TrialSpec], parallel: int, on_done: Callable[[dict], None]) -> list[dict[str, Any]]:
+    """N trials at a time as subprocesses; slot i owns GPU i (one GPU per trial), on CPU each of the N
+    processes gets an equal share of the cores."""
+    gpus = visible_gpus()
+    if gpus and parallel > len(gpus):
+        raise SweepError(f"[run] parallel = {parallel} but {len(gpus)} GPU(s) are visible; one trial per GPU, "
+                         f"so set parallel <= {len(gpus)}")
+    env = {}
+    if not gpus and parallel > 1 and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+    slots: queue.Queue[int] = queue.Queue()
+    for i in range(parallel):
+        slots.put(i)
+
+    def work(trial: TrialSpec) -> dict[str, Any]:
+        slot = slots.get()
+        try:
+            record = run_trial(trial, gpu=gpus[slot] if gpus else None, env=env)
+        finally:
+            slots.put(slot)
+        on_done(record)
+        return record
+
+    pool = ThreadPoolExecutor(max_workers=parallel)
+    try:
+        futures = [pool.submit(work, t) for t in trials]
+        return [f.result() for f in futures]
+    except KeyboardInterrupt:  # Ctrl-C reached the running engines too: they checkpoint and stop
+        pool.shutdown(wait=True, cancel_futures=True)  # and no queued trial starts
+        raise
+    finally:
+        pool.shutdown(wait=True)
+
+
+def submitit_parameters(options: dict[str, Any], parallel: int, cluster: str) -> dict[str, Any]:
+    """[run.slurm] as submitit.AutoExecutor parameters: generic names as they are, others prefixed
+    ``slurm_`` (partition -> slurm_partition); defaults: one GPU per trial on Slurm, a day's time limit."""
+    params: dict[str, Any] = {"timeout_min": DEFAULT_TIMEOUT_MIN, "name": "sweep", "slurm_array_parallelism": parallel}
+    if cluster == "slurm":
+        params["gpus_per_node"] = 1
+    for key, value in options.items():
+        params[key if key in SUBMITIT_GENERIC or key.startswith("slurm_") else f"slurm_{key}"] = value
+    return params
+
+
+def run_submitit(trials: list[TrialSpec], cluster: str, folder: Path, parallel: int, options: dict[str, Any],
+                 on_done: Callable[[dict], None]) -> list[dict[str, Any]]:
+    """Submit one job per trial through submitit and wait: ``cluster="slurm"`` on a Slurm cluster,
+    ``"local"`` for submitit's LocalExecutor (the same submission path on this machine, all at once)."""
+    try:
+        import submitit
+    except ImportError:
+        raise SweepError("submitit is not installed: pip install 'submitit>=1.5' (or the dev extra)") from None
+    if cluster == "slurm" and shutil.which("sbatch") is None:
+        raise SweepError("executor slurm: sbatch is not on PATH; run the sweep on a Slurm login node, or use "
+                         "--executor local (or submitit-local to try the submission path here)")
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    try:
+        executor.update_parameters(**submitit_parameters(options, parallel, cluster))
+    except (NameError, ValueError, TypeError) as e:
+        raise SweepError(f"[run.slurm]: submitit rejects the options: {str(e).splitlines()[0]}") from None
+    jobs = executor.map_array(run_trial, trials)
+    print(f"sweep: submitted {len(jobs)} job(s) ({cluster}): {', '.join(j.job_id for j in jobs)}; "
+          f"logs in {folder}", flush=True)
+    results = []
+    for job, trial in zip(jobs, trials):
+        try:
+            record = job.result()
+        except Exception as e:  # the job died outside the engine (node failure, timeout, cancel)
+            record = read_trial(trial.folder) or {"name": trial.name, "seed": trial.seed, "swept": trial.swept}
+            first = str(e).strip().splitlines()
+            record.update(status="failed", error=f"job {job.job_id}: {first[-1] if first else type(e).__name__}")
+        on_done(record)
+        results.append(record)
+    return results
+
+
+def pending(trials: list[TrialSpec]) -> list[TrialSpec]:
+    """Trials not yet done (never run, failed, interrupted, or cut short)."""
+    return [t for t in trials if (read_trial(t.folder) or {}).get("status") != "done"]
+
+
+def trial_summary(record: dict[str, Any]) -> str:
+    swept = ", ".join(f"{k}={format_value(v)}" for k, v in record.get("swept", {}).items()) or "base"
+    head = f"{swept} seed {record.get('seed')}"
+    if record.get("status") == "done":
+        m = record["metrics"]
+        return f"{head}: val top-1 {m['val_top1']:.2f} (step {m['step']}, {record['wall_s']:.0f} s)"
+    return f"{head}: {record.get('status')} - {record.get('error')}"
+

@@ -1,0 +1,114 @@
+"""Run a hyper-parameter sweep over a recipe (fast A3 exploration) and tabulate it.
+
+    python tools/sweep.py sweeps/a3_lr_demo.toml                  # -> runs/sweeps/a3_lr_demo/
+    python tools/sweep.py SWEEP.toml --executor slurm             # one Slurm job per trial (submitit)
+    python tools/sweep.py SWEEP.toml --report-only                # tables and plot from what is done
+
+The sweep file format is documented in engine/sweep.py. Each trial is a plain
+``python -m engine.run BASE --out OUT/trials/<name> --set ... [--max-steps N]``; finished trials are
+skipped on a rerun, unfinished ones continue from their checkpoints. Writes OUT/results.csv,
+OUT/results.md (sorted by val top-1, plus mean and std over seeds) and OUT/sweep.png.
+Exit status: 0 all trials done, 1 some failed (tables still written), 2 a user error, 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.config import ConfigError  # noqa: E402
+from engine.sweep import (EXECUTORS, SweepError, check_data, pending, plan, prepare_subset, read_sweep,  # noqa: E402
+                          run_local, run_submitit, subset_folder, trial_summary)
+from engine.sweep_report import write_report  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tools/sweep.py", description=__doc__.splitlines()[0])
+    p.add_argument("sweep", help="sweep file (TOML), e.g. sweeps/a3_lr_demo.toml")
+    p.add_argument("--out", default=None, help="sweep folder (default runs/sweeps/<sweep file name>)")
+    p.add_argument("--executor", choices=EXECUTORS, default=None,
+                   help="local: subprocesses here; slurm: submitit on Slurm; submitit-local: submitit's "
+                        "LocalExecutor (the Slurm code path on this machine). Default: [run] executor")
+    p.add_argument("--parallel", type=int, default=None, help="trials at a time (default: [run] parallel)")
+    p.add_argument("--report-only", action="store_true", help="launch nothing; write the tables and plot")
+    p.add_argument("--dry-run", action="store_true", help="print the trial commands and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except (SweepError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
+    sweep = read_sweep(args.sweep)
+    out = Path(args.out) if args.out else Path("runs") / "sweeps" / Path(args.sweep).stem
+    executor = args.executor or sweep.executor
+    parallel = args.parallel if args.parallel is not None else sweep.parallel
+    if parallel < 1:
+        raise SweepError(f"--parallel must be >= 1, got {parallel}")
+    subset_root = None
+    if sweep.subset is not None and not args.dry_run and not args.report_only:
+        out.mkdir(parents=True, exist_ok=True)
+        subset_root = prepare_subset(sweep.subset, out, sweep.path)
+    elif sweep.subset is not None:
+        subset_root = subset_folder(sweep.subset, out, sweep.path)[1]
+    trials = plan(sweep, out, subset_root)
+    title = f"{sweep.path.stem}: {len(trials)} trials"
+    if args.dry_run:
+        for t in trials:
+            print(" ".join(t.command()))
+        return 0
+    todo = pending(trials)
+    if not args.report_only and todo:
+        check_data(todo[0])
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sweep.path, out / "sweep.toml")  # what produced these results
+        print(f"sweep: {len(trials)} trials, {len(trials) - len(todo)} done, running {len(todo)} "
+              f"({executor}, {parallel} at a time) -> {out}", flush=True)
+        count = {"n": 0}
+
+        def on_done(record: dict) -> None:
+            count["n"] += 1
+            print(f"[{count['n']}/{len(todo)}] {trial_summary(record)}", flush=True)
+
+        try:
+            if executor == "local":
+                run_local(todo, parallel, on_done)
+            else:
+                run_submitit(todo, "slurm" if executor == "slurm" else "local", out / "submitit", parallel,
+                             sweep.slurm, on_done)
+        except KeyboardInterrupt:
+            write_report(trials, sweep.swept_keys, out, title)
+            if executor == "local":
+                print("sweep: interrupted; run the same command again to continue", file=sys.stderr)
+            else:
+                print("sweep: stopped waiting; the submitted jobs keep running: collect them with --report-only "
+                      "(rerunning now would start unfinished trials twice)", file=sys.stderr)
+            return 130
+    elif not todo:
+        print(f"sweep: all {len(trials)} trials are done; writing the tables", flush=True)
+    if not out.is_dir():
+        raise SweepError(f"{out} does not exist: nothing has run yet (drop --report-only)")
+    rows = write_report(trials, sweep.swept_keys, out, title)
+    failed = [r for r in rows if r["status"] != "done"]
+    best = rows[0] if rows and rows[0]["val_top1"] is not None else None
+    if best:
+        print(f"sweep: best val top-1 {best['val_top1']:.2f} ({best['overrides'] or 'base'}, seed {best['seed']}); "
+              f"tables in {out / 'results.md'}", flush=True)
+    if failed and not args.report_only:
+        print(f"error: {len(failed)} of {len(rows)} trials not done (e.g. {failed[0]['folder']}/log.txt); "
+              f"rerun the same command to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
