@@ -61,7 +61,7 @@ def _main(args: argparse.Namespace) -> int:
     elif sweep.subset is not None:
         subset_root = subset_folder(sweep.subset, out, sweep.path)[1]
     trials = plan(sweep, out, subset_root)
-    title = f"{sweep.path.stem}: {len(trials)} trials"
+    title = f"{sweep.path.stem}: {len(trials)} trials ({_budget_text(sweep)})"
     if args.dry_run:
         for t in trials:
             print(" ".join(t.command()))
@@ -108,6 +108,19 @@ def _main(args: argparse.Namespace) -> int:
               f"rerun the same command to retry them", file=sys.stderr)
         return 1
     return 0
+
+
+def _budget_text(sweep) -> str:
+    parts = [f"{len(sweep.seeds)} seed{'s' if len(sweep.seeds) > 1 else ''}"]
+    if sweep.epochs is not None:
+        parts.append(f"{sweep.epochs} epoch{'s' if sweep.epochs > 1 else ''}")
+    if sweep.max_steps is not None:
+        parts.append(f"max {sweep.max_steps} steps")
+    if sweep.subset is not None:
+        parts.append(" x ".join(filter(None, [f"{len(sweep.subset.classes)} classes" if sweep.subset.classes else "",
+                                              f"<= {sweep.subset.limit_per_class}/class"
+                                              if sweep.subset.limit_per_class else ""])))
+    return ", ".join(parts)
 
 
 if __name__ == "__main__":
