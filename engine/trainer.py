@@ -190,8 +190,8 @@ def evaluate(model: nn.Module, pipeline, stage2, *, device: torch.device, precis
              flip_tta: bool = False) -> dict[str, float]:
     """Top-1/top-5 and CE loss over the whole val set, summed across ranks.
 
-    ``flip_tta``: average the softmax of each image and its horizontal mirror (test-time
-    augmentation as in timm's validate.py ``--tta``-style flip); the loss is then the NLL of that
+    ``flip_tta``: average the softmax of each image and its horizontal mirror (flip test-time
+    augmentation; probabilities, not logits, are averaged); the loss is then the NLL of that
     average. Off in training, so the engine's figures are single-view.
     """
     model.eval()

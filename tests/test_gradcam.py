@@ -86,7 +86,8 @@ def test_grid_png_and_wandb_table(tiny_runs, tmp_path):
     proc = gradcam(final_ckpt(tiny_runs["ema"]), tiny_runs["plain"] / "model.safetensors", "--labels", "ema,plain",
                    "--num-images", "3", "--res", RES, "--crop-pct", "1.0", "--cell-px", "50", "--out", png,
                    "--wandb", "offline", "--wandb-dir", tmp_path / "wb",
-                   env={"WANDB_DATA_DIR": str(tmp_path / "wandb-data"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")})
+                   env={"WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
+                        "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")})
     assert proc.returncode == 0, proc.stderr
     assert "ema: " in proc.stdout and "predictions right" in proc.stdout
     with Image.open(png) as im:

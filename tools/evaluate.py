@@ -85,10 +85,11 @@ def run(args: argparse.Namespace) -> dict:
                   eval=replace(cfg.eval, res=args.res or cfg.eval.res, crop_pct=args.crop_pct or cfg.eval.crop_pct,
                                batch_size=args.batch_size or cfg.eval.batch_size))
     precision = args.precision or cfg.train.precision
-    if precision != "fp32" and device.type == "cpu" and precision == "fp16":
+    if precision == "fp16" and device.type == "cpu":
         raise ConfigError("fp16 autocast is for CUDA; use --precision fp32 or bf16 on CPU")
     pipe = _val_pipeline(cfg, args, device)
-    check_num_classes(cfg.data, pipe) if not args.imagenet_v2 else None
+    if not args.imagenet_v2:  # V2 trees may lack classes; labels are folder numbers anyway
+        check_num_classes(cfg.data, pipe)
     stage2 = Stage2(cfg.augment, cfg.data.num_classes, 0.0, train=False, channels_last=cfg.train.channels_last)
     t0 = time.perf_counter()
     metrics = evaluate(model, pipe, stage2, device=device, precision=precision, flip_tta=args.flip_tta)

@@ -134,7 +134,9 @@ def log_wandb(result: dict, args) -> str:
     import wandb
 
     samples, columns = result["samples"], result["columns"]
-    headers = ["image", "true class"] + [h for label, _ in columns for h in (f"{label} Grad-CAM", f"{label} prediction")]
+    headers = ["image", "true class"]
+    for label, _ in columns:
+        headers += [f"{label} Grad-CAM", f"{label} prediction"]
     table = wandb.Table(columns=headers)
     pictures = samples.images.permute(0, 2, 3, 1).numpy()
     for r in range(len(samples.labels)):
