@@ -8,8 +8,11 @@ Tolerances, and why:
   interpolates in double precision and truncates, so an exact value such as 11.0 computed as
   10.999999999999996 becomes 10; we sample with float32 ``grid_sample`` and add a 0.005 bias
   before truncating, so values within rounding error of an integer can land on the other side.
-* geometric ops with bicubic resampling: PIL's affine bicubic uses a different cubic
-  convolution kernel from torch's (A = -0.75), so edges differ by up to ~15 levels; we require a
+* translate and shear with bicubic resampling: the same bound as bilinear. They are resampled
+  along one axis with PIL's own bicubic weights (cubic convolution with a = -1), so only float
+  rounding differs.
+* Rotate with bicubic resampling: it goes through ``grid_sample``, whose cubic convolution
+  kernel (a = -0.75) differs from PIL's, so edges differ by up to ~15 levels; we require a
   mean absolute difference under 1 level and under 10 % of pixels off by more than 2.
 """
 from __future__ import annotations
@@ -81,7 +84,7 @@ def test_each_op_matches_timm_pixels(name, m, photos, monkeypatch):
             diff = (out.int() - ref.int()).abs()
             if name not in GEOMETRIC:
                 assert int(diff.max()) == 0, f"{name} m={m} sign={sign}: max diff {int(diff.max())}"
-            elif interp == "bilinear":
+            elif interp == "bilinear" or name != "Rotate":
                 assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 0.05, (name, m, sign)
             else:
                 assert float(diff.float().mean()) < 1.0 and float((diff > 2).float().mean()) < 0.10, (name, m, sign)

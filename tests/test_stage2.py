@@ -33,6 +33,22 @@ def test_normalize_matches_torchvision(batch):
     torch.testing.assert_close(bf.float(), ref, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_normalize_layouts_non_square(layout, channels_last):
+    """normalize views the NHWC output as rows of W * 3 values: a non-square image and both input
+    layouts (loaders give NHWC, RandAugment returns NCHW) catch a wrong row shape or stride."""
+    import torchvision.transforms.functional as F
+    imgs = photo_crops(4, (48, 40), seed=5)  # w 48, h 40
+    x = torch.from_numpy(np.stack([np.array(i) for i in imgs])).permute(0, 3, 1, 2)
+    x = x.contiguous() if layout == "nchw" else x
+    ref = F.normalize(x.float() / 255, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    out = normalize(x, channels_last=channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.shape == (4, 3, 40, 48) and out.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_train_output_contract(batch, dtype):
     s = Stage2(A3, 5, 0.1, train=True, out_dtype=dtype)

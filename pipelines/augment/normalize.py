@@ -1,10 +1,16 @@
 """uint8 -> normalized float (or bf16), channels_last, converted and scaled in one go.
 
-``(x / 255 - mean) / std`` is written as ``x * (1 / (255 std)) + (-mean / std)``: a conversion
-pass into the output (allocated in the wanted dtype and memory format) and one fused in-place
-``mul``/``add`` per channel. On CUDA these are bandwidth-bound elementwise kernels; on CPU
-this beat a single type-promoting ``addcmul`` (ImageNet statistics as timm's
-``IMAGENET_DEFAULT_MEAN/STD``).
+``(x / 255 - mean) / std`` is written as ``x * (1 / (255 std)) + (-mean / std)``: one
+conversion copy into the output (allocated in the wanted dtype and memory format), then one
+in-place ``addcmul``. On CPU the layout decides the cost, not the arithmetic (measured for
+``benchmarks/results/augment_cpu.md``): a per-channel ``[1, 3, 1, 1]`` constant on a
+channels_last tensor broadcasts over an innermost dimension of 3, which does not vectorise
+(the former ``mul_``/``add_`` pair cost ~5x a plain pass), so the NHWC output is viewed as
+rows of ``W * 3`` values with the constants repeated along a row. What remains is the copy
+itself, and for a fresh 38 MB float32 batch mostly the kernel's page faults on first touch.
+
+On CUDA the same code is a few bandwidth-bound elementwise kernels. ImageNet statistics as
+timm's ``IMAGENET_DEFAULT_MEAN/STD``.
 """
 from __future__ import annotations
 
@@ -16,14 +22,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype: torch.dtype = torch.float32,
               channels_last: bool = True) -> torch.Tensor:
-    """Normalize a uint8 batch [N, 3, H, W]; ``mean``/``std`` on the 0..1 scale."""
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=fmt)
-    if dtype == torch.float32:
-        out.copy_(x)
-    if dtype == torch.float32:
-        return out.mul_(1.0 / (255.0 * s)).add_(-m / s)
-    # bf16/fp16: do the arithmetic in float32 and round once, not after each step.
-    return out.copy_(torch.addcmul(-m / s, x, 1.0 / (255.0 * s)))
+    """Normalize a uint8 batch [N, C, H, W]; ``mean``/``std`` on the 0..1 scale."""
+    n, c, h, w = x.shape
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device)
+    scale, shift = 1.0 / (255.0 * s), -m / s
+    if dtype != torch.float32:
+        # bf16/fp16: do the arithmetic in float32 and round once, not after each step (a
+        # type-promoting addcmul straight into bf16 measured slower than this on CPU).
+        return normalize(x, mean, std, torch.float32, channels_last).to(dtype)
+    if not channels_last:
+        out = x.contiguous().float()
+        return out.mul_(scale.view(1, c, 1, 1)).add_(shift.view(1, c, 1, 1))
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=torch.channels_last)
+    out.copy_(x)  # from NCHW uint8 as fast as transposing the uint8 batch first (measured)
+    rows = out.permute(0, 2, 3, 1).view(n * h, w * c)  # the NHWC memory, one image row per row
+    torch.addcmul(shift.repeat(w), rows, scale.repeat(w), out=rows)  # one pass, in place
+    return out

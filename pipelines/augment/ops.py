@@ -8,7 +8,9 @@ the same image:
   ``d + f * (x - d)`` after clipping to 0..255;
 * grey is PIL's ``convert('L')``: ``(19595 R + 38470 G + 7471 B + 2^15) >> 16``;
 * affine ops sample at pixel centres, fill where the source point falls outside the image,
-  and clamp neighbours at the border (PIL ``Geometry.c``); the result is rounded to uint8.
+  and clamp neighbours at the border (PIL ``Geometry.c``); the result is truncated to uint8.
+  Translate/shear use PIL's own bilinear and bicubic (a = -1) weights; Rotate uses
+  ``grid_sample``, whose bicubic kernel (a = -0.75) differs from PIL's.
 
 Ops return uint8 so rounding happens after every op, as between PIL ops.
 Where the per-sample arguments come from is ``randaugment.py``'s business.
@@ -19,10 +21,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-# PIL's ImageFilter.SMOOTH kernel (the "degenerate" image of ImageEnhance.Sharpness).
-_SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
-
 
 def _col(v: torch.Tensor, x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """Per-sample values as a [k, 1, 1, 1] tensor on x's device."""
@@ -47,7 +45,7 @@ def _histogram(x: torch.Tensor) -> torch.Tensor:
     """Per (sample, channel) 256-bin histograms, [k, 3, 256] int64."""
     k, c = x.shape[:2]
     offset = (torch.arange(k * c, device=x.device) * 256).view(k, c, 1, 1)
-    counts = torch.bincount((x.long() + offset).flatten(), minlength=k * c * 256)
+    counts = torch.bincount(x.long().add_(offset).flatten(), minlength=k * c * 256)
     return counts.view(k, c, 256)
 
 
@@ -55,7 +53,7 @@ def _apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     """Look up each (sample, channel) in its own 256-entry table; lut is [k, 3, 256] uint8."""
     k, c = x.shape[:2]
     offset = (torch.arange(k * c, device=x.device) * 256).view(k, c, 1, 1)
-    return lut.reshape(-1)[x.long() + offset]
+    return lut.reshape(-1)[x.long().add_(offset)]
 
 
 # --------------------------------------------------------------------------- colour / LUT ops
@@ -127,12 +125,18 @@ def brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """ImageEnhance.Sharpness: blend with PIL's SMOOTH-filtered image (border pixels unfiltered)."""
-    xf = x.float()
-    k = _SMOOTH.to(x.device).expand(3, 1, 3, 3)
-    inner = F.conv2d(xf, k, groups=3)
-    degenerate = xf.clone()
-    degenerate[:, :, 1:-1, 1:-1] = inner.round_()  # PIL rounds the filtered uint8 image
+    """ImageEnhance.Sharpness: blend with PIL's SMOOTH-filtered image (border pixels unfiltered).
+
+    The SMOOTH sum (3x3 box + 4 x centre) is computed exactly in int16 as a separable box sum
+    (a few shifted adds instead of a float ``conv2d``, which was the slowest colour op on CPU);
+    PIL then rounds sum / 13, which is never exactly half-way (13 is odd), so the rounding is
+    unambiguous."""
+    xi = x.to(torch.int16)
+    rows = xi[:, :, :, :-2] + xi[:, :, :, 1:-1] + xi[:, :, :, 2:]  # horizontal 3-sums
+    box = rows[:, :, :-2] + rows[:, :, 1:-1] + rows[:, :, 2:]
+    total = box.add_(xi[:, :, 1:-1, 1:-1], alpha=4)  # <= 13 * 255: fits int16
+    degenerate = x.float()
+    degenerate[:, :, 1:-1, 1:-1] = total.float().div_(13.0).round_()
     return _blend(degenerate, x, factor)
 
 
@@ -156,6 +160,77 @@ def affine(x: torch.Tensor, matrix: torch.Tensor, fill: tuple[int, int, int], mo
     out = out.add_(0.005).clamp_(0, 255).to(torch.uint8)
     fill_t = torch.tensor(fill, dtype=torch.uint8, device=dev).view(1, 3, 1, 1)
     return torch.where(inside.unsqueeze(1), out, fill_t)
+
+
+def _cubic_weights(t: torch.Tensor) -> list[torch.Tensor]:
+    """PIL's affine bicubic (``Geometry.c``: cubic convolution with a = -1) weights of the
+    taps at offsets -1, 0, 1, 2 for fractional positions ``t`` in [0, 1)."""
+    t2, t3 = t * t, t * t * t
+    return [-t + 2 * t2 - t3, 1 - 2 * t2 + t3, t + t2 - t3, -t2 + t3]
+
+
+def shift_resample(x: torch.Tensor, shift: torch.Tensor, fill: tuple[int, int, int], mode: str) -> torch.Tensor:
+    """PIL ``Image.transform(AFFINE)`` for maps that move pixels along rows only: output pixel
+    (y, j) samples source column j + shift[k, y] of the same row (pixel-index coordinates).
+
+    TranslateX (one shift per image) and ShearX (one per row) have this form; their Y versions
+    are the same on the transposed image. A row shifted by a constant has one fractional part,
+    so resampling is 2 (bilinear) or 4 (bicubic) gathered taps with per-row weights instead of
+    ``grid_sample``'s per-pixel 2-D work; the taps and weights are PIL's (bicubic a = -1,
+    neighbour indices clamped at the border, fill where the source point is outside the row).
+    ``shift`` is float64 [k, H]; ``x`` uint8 [k, 3, H, W]."""
+    k, c, h, w = x.shape
+    dev = x.device
+    shift = shift.to(device=dev, dtype=torch.float64)
+    whole = torch.floor(shift)
+    frac = (shift - whole).to(torch.float32).view(k, 1, h, 1)
+    if mode == "bilinear":
+        taps, weights = (0, 1), [1.0 - frac, frac]
+    elif mode == "bicubic":
+        taps, weights = (-1, 0, 1, 2), _cubic_weights(frac)
+    else:
+        raise ValueError(f"mode must be bilinear or bicubic, got {mode!r}")
+    # One gather of the row segment every tap reads (columns taps[0] .. w - 1 + taps[-1]
+    # around the integer shift, clamped at the border); each tap is then a slice of it.
+    lo, span = taps[0], w + taps[-1] - taps[0]
+    cols = torch.arange(lo, lo + span, device=dev)
+    idx = (whole.to(torch.int64).unsqueeze(-1) + cols).clamp_(0, w - 1)  # [k, H, span]
+    seg = torch.gather(x, 3, idx.unsqueeze(1).expand(k, c, h, span)).float()
+    out = seg[..., 0:w] * weights[0]
+    for i in range(1, len(taps)):
+        out.addcmul_(seg[..., i:i + w], weights[i])
+    # PIL truncates; the small bias absorbs float32 error on exact values, as in ``affine``.
+    out = out.add_(0.005).clamp_(0, 255).to(torch.uint8)
+    # PIL fills where the source pixel centre is outside the row: j + shift not in [-0.5, w - 0.5).
+    j = torch.arange(w, device=dev)
+    first = torch.ceil(-0.5 - shift).unsqueeze(-1)
+    stop = torch.ceil(w - 0.5 - shift).unsqueeze(-1)
+    inside = (j >= first) & (j < stop)
+    fill_t = torch.tensor(fill, dtype=torch.uint8, device=dev).view(1, 3, 1, 1)
+    return torch.where(inside.unsqueeze(1), out, fill_t)
+
+
+def shift_along(x: torch.Tensor, shift: torch.Tensor, axis: str, fill: tuple[int, int, int],
+                mode: str) -> torch.Tensor:
+    """``shift_resample`` along rows (``axis='x'``, shift [k, H]) or columns (``'y'``, [k, W])."""
+    if axis == "x":
+        return shift_resample(x, shift, fill, mode)
+    return shift_resample(x.transpose(2, 3), shift, fill, mode).transpose(2, 3)
+
+
+def row_shifts(matrix: torch.Tensor, h: int, w: int) -> tuple[str, torch.Tensor] | None:
+    """For a PIL affine matrix [k, 2, 3] that is a translation or shear along one axis, the axis
+    and per-row (or per-column) shifts ``shift_along`` takes; None for any other map."""
+    m = matrix.double()
+    if not (torch.all(m[:, 0, 0] == 1) and torch.all(m[:, 1, 1] == 1)):
+        return None
+    if torch.all(m[:, 1, 0] == 0) and torch.all(m[:, 1, 2] == 0):  # src_x = x + b y + c
+        ys = torch.arange(h, dtype=torch.float64) + 0.5
+        return "x", m[:, 0, 1, None] * ys + m[:, 0, 2, None]
+    if torch.all(m[:, 0, 1] == 0) and torch.all(m[:, 0, 2] == 0):  # src_y = y + a x + c
+        xs = torch.arange(w, dtype=torch.float64) + 0.5
+        return "y", m[:, 1, 0, None] * xs + m[:, 1, 2, None]
+    return None
 
 
 def rotate_matrix(degrees: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -197,3 +272,4 @@ POINT_OPS = {
     "Sharpness": sharpness, "SharpnessIncreasing": sharpness,
 }
 GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+SHIFT_OPS = ("ShearX", "ShearY", "TranslateXRel", "TranslateYRel")  # resampled by ``shift_along``

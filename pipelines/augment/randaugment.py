@@ -8,9 +8,11 @@ shear, translate, the "increasing" enhancements) flip sign with probability 1/2.
 
 Batched: the per-sample choices are drawn first (``sample_params``), on a CPU generator, as
 small [layers, N] tensors. The pixel work then loops over *ops*, never images: each op runs
-once on the subset of samples that drew it, and the five geometric ops share one
-``grid_sample`` per interpolation mode. Because the choices live on the host, the subset sizes
-are known without a device sync, and a given seed gives the same choices on CPU and CUDA.
+once on the subset of samples that drew it. Translate and shear move pixels along one axis
+only, so they are resampled as rows (``ops.shift_resample``: a few gathered taps with PIL's
+bilinear/bicubic weights); Rotate uses one ``grid_sample`` per interpolation mode. Because
+the choices live on the host, the subset sizes are known without a device sync, and a given
+seed gives the same choices on CPU and CUDA.
 """
 from __future__ import annotations
 
@@ -86,11 +88,10 @@ def apply_params(x: torch.Tensor, params: RandAugmentParams, policy: RandAugment
     """Apply drawn choices to uint8 ``x`` [N, 3, H, W]; returns a new, contiguous (NCHW) tensor.
 
     Contiguous because gathering and scattering whole images is then a memcpy per image
-    (``index_put`` into channels_last memory was the slowest step on CPU); ``normalize`` writes
-    channels_last anyway, so the layout change costs no extra pass."""
+    (``index_put`` into channels_last memory was the slowest step on CPU); ``normalize`` makes
+    the channels_last output from it."""
     out = x.contiguous() if not x.is_contiguous() else x.clone()
     h, w = x.shape[-2:]
-    dev = x.device
     for layer in range(params.op.shape[0]):
         chosen = torch.where(params.apply[layer], params.op[layer], -1)
         geo_idx, geo_mat, geo_cubic = [], [], []
@@ -99,20 +100,41 @@ def apply_params(x: torch.Tensor, params: RandAugmentParams, policy: RandAugment
             if sel.numel() == 0:
                 continue
             arg = op_argument(name, params.magnitude[layer, sel], params.sign[layer, sel], h, w, policy)
+            if name in O.SHIFT_OPS:  # translate / shear: 1-D resampling, PIL's own kernels
+                axis, shift = O.row_shifts(arg, h, w)
+                cubic = params.bicubic[layer, sel]
+                for mode, pick in (("bilinear", ~cubic), ("bicubic", cubic)):
+                    if pick.any():
+                        _apply_to(out, sel[pick], lambda s, sh=shift[pick], m=mode: O.shift_along(
+                            s, sh, axis, policy.fill, m))
+                continue
             if name in O.GEOMETRIC_OPS:
                 geo_idx.append(sel)
                 geo_mat.append(arg)
                 geo_cubic.append(params.bicubic[layer, sel])
                 continue
-            sel_d = sel.to(dev, non_blocking=True)
-            out.index_copy_(0, sel_d, O.POINT_OPS[name](out.index_select(0, sel_d), arg))
+            _apply_to(out, sel, lambda s, fn=O.POINT_OPS[name], a=arg: fn(s, a))
         if geo_idx:
             idx, mat, cubic = torch.cat(geo_idx), torch.cat(geo_mat), torch.cat(geo_cubic)
             for mode, pick in (("bilinear", ~cubic), ("bicubic", cubic)):
                 if pick.any():
-                    sel_d = idx[pick].to(dev, non_blocking=True)
-                    out.index_copy_(0, sel_d, O.affine(out.index_select(0, sel_d), mat[pick], policy.fill, mode))
+                    _apply_to(out, idx[pick], lambda s, mt=mat[pick], m=mode: O.affine(s, mt, policy.fill, m))
     return out
+
+
+def _apply_to(out: torch.Tensor, sel: torch.Tensor, op) -> None:
+    """``out[sel] = op(out[sel])`` for the samples ``sel`` (a CPU index tensor).
+
+    On CPU the results are written back one image at a time: each is one contiguous block,
+    and a plain copy per image was ~9x faster than ``index_copy_`` (measured, 4 of 64 images
+    at 224 px). On CUDA one ``index_copy_`` kernel beats several launches."""
+    sel_d = sel.to(out.device, non_blocking=True)
+    result = op(out.index_select(0, sel_d))
+    if out.device.type == "cpu":
+        for j, i in enumerate(sel.tolist()):
+            out[i].copy_(result[j])
+    else:
+        out.index_copy_(0, sel_d, result)
 
 
 def rand_augment_batch(x: torch.Tensor, policy: RandAugmentPolicy, generator: torch.Generator) -> torch.Tensor:
