@@ -1,0 +1,510 @@
+"""Throughput measurements behind ``tools/profile_throughput.py``, and the rule that reads them.
+
+Three measurements, each for one (per-device batch, resolution) point:
+
+* ``data``: the recipe's stage 1 alone (the producer, run by ``data.workers`` processes or threads),
+  then stage 1 + stage 2 consumed in this thread, and the synthetic backend through stage 2 as the
+  ceiling (no decoding at all).
+* ``model``: the synthetic backend through the engine's own training step (``engine.trainer.
+  train_one_epoch``: stage 2, forward, backward, optimizer, EMA as the recipe says). This is the
+  consumer side of the training loop; stage 2 is part of it because the engine runs stage 2 in the
+  training thread, between ``next(batch)`` and the forward pass.
+* ``e2e``: the same step fed by the recipe's real pipeline, with the fraction of the time blocked in
+  ``next(batch)`` (what the engine logs as ``data_wait_frac``).
+
+Timing: ``warmup`` steps first (DataLoader start-up, cuDNN autotuning, ``torch.compile``), then a
+window of ``steps`` steps. On CUDA the device is synchronised once at each end of the window, never
+per step (DESIGN.md hot-path rule), so queued kernels are counted and overlap is kept.
+
+Each point is measured for one process without gradient accumulation: the per-device batch is the
+batch size swept, which is what ``train.per_device_batch_size`` sets in a real run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import time
+from typing import Any, Iterator
+
+import torch
+
+from engine.config import Config
+from engine.data import build_train_pipeline, check_num_classes
+from engine.losses import build_loss
+from engine.optim import build_optimizer
+from engine.schedule import build_schedule
+from engine.trainer import EpochProgress, StepContext, train_one_epoch
+from models.factory import create_model
+from pipelines.augment import Stage2
+from pipelines.base import DataError
+
+MODES = ("data", "model", "e2e")
+
+
+class ProfileError(ValueError):
+    """A user-caused problem with the profiler's own options; the message is one line."""
+
+# Rule thresholds (see diagnose): named so the table's reader and the tests see the same numbers.
+DATA_WAIT_LIMIT = 0.20  # e2e blocked on next(batch) more than this: data-bound
+BATCH_GAIN = 1.10  # images/s still rising >10% from one batch size to the next: the batch is too small
+FAR_BELOW_CEILING = 0.80  # e2e below 80% of the synthetic model step at the same point
+
+
+# --------------------------------------------------------------------------- settings
+def apply_toggles(cfg: Config, *, amp: bool | None, channels_last: bool | None, compile: bool | None,
+                  device: torch.device) -> Config:
+    """The recipe with the profiler's toggles applied. ``amp=None`` keeps the recipe's precision;
+    ``True`` keeps it if it is already bf16/fp16, else bf16; ``False`` is fp32. ``compile=None`` is
+    the recipe's ``train.compile`` on CUDA and off on CPU (compiling takes minutes on a small CPU)."""
+    t = cfg.train
+    precision = t.precision
+    if amp is True and precision == "fp32":
+        precision = "bf16"
+    elif amp is False:
+        precision = "fp32"
+    if compile is None:
+        compile = t.compile and device.type == "cuda"
+    cl = t.channels_last if channels_last is None else channels_last
+    train = dataclasses.replace(t, precision=precision, channels_last=cl, compile=compile)
+    return dataclasses.replace(cfg, train=train)
+
+
+def _at_point(cfg: Config, batch: int, res: int) -> Config:
+    """One process, per-device batch ``batch`` without accumulation, fixed resolution ``res``."""
+    prog = dataclasses.replace(cfg.train.progressive, kind="none")
+    train = dataclasses.replace(cfg.train, global_batch_size=batch, per_device_batch_size=batch, train_res=res,
+                                progressive=prog)
+    return dataclasses.replace(cfg, train=train)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _pipeline(cfg: Config, device: torch.device, *, synthetic: bool = False):
+    data = dataclasses.replace(cfg.data, pipeline="synthetic") if synthetic else cfg.data
+    pipe = build_train_pipeline(data, cfg.augment, res=cfg.train.train_res, batch_size=cfg.train.global_batch_size,
+                                rank=0, world_size=1, device=device, seed=cfg.train.seed,
+                                channels_last=cfg.train.channels_last)
+    if not synthetic:
+        check_num_classes(cfg.data, pipe)
+    if len(pipe) == 0:
+        n = getattr(pipe, "num_samples", "too few")
+        raise DataError(f"batch {cfg.train.global_batch_size} is larger than the train set at {cfg.data.root} "
+                        f"({n} images); give smaller --batch-sizes")
+    return pipe
+
+
+def _endless(pipe, res: int) -> Iterator[Any]:
+    """Batches across epoch boundaries (a new epoch costs what it costs in training, e.g. worker start)."""
+    epoch = 0
+    while True:
+        pipe.set_epoch(epoch, res)
+        n = 0
+        for batch in pipe:
+            n += 1
+            yield batch
+        if n == 0:
+            raise DataError("the train pipeline yielded no batch in an epoch; give smaller --batch-sizes")
+        epoch += 1
+
+
+def _stage2(cfg: Config, *, seed: int = 0) -> Stage2:
+    return Stage2(cfg.augment, cfg.data.num_classes, cfg.loss.label_smoothing, train=True,
+                  channels_last=cfg.train.channels_last, out_dtype=torch.float32, seed=seed)
+
+
+# --------------------------------------------------------------------------- data mode
+def _time_batches(batches: Iterator[Any], stage2: Stage2 | None, *, warmup: int, steps: int,
+                  device: torch.device) -> tuple[float, int]:
+    """(seconds, images) for ``steps`` batches after ``warmup``; stage 2 applied when given."""
+    images = 0
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync(device)
+            start = time.perf_counter()
+        batch = next(batches)
+        if stage2 is not None:
+            stage2(batch)
+        if i >= warmup:
+            images += batch.images.shape[0]
+    _sync(device)
+    return time.perf_counter() - start, images
+
+
+def measure_data(cfg: Config, batch: int, res: int, *, steps: int, warmup: int,
+                 device: torch.device) -> list[dict[str, Any]]:
+    """Stage 1 alone, stage 1 + stage 2 (the recipe's backend), and synthetic + stage 2 (ceiling)."""
+    cfg = _at_point(cfg, batch, res)
+    workers = cfg.data.workers
+    rows = []
+    for what, synthetic, with_stage2 in (("stage1", False, False), ("stage1+stage2", False, True),
+                                         ("synthetic+stage2", True, True)):
+        pipe = _pipeline(cfg, device, synthetic=synthetic)
+        batches = _endless(pipe, res)
+        try:
+            seconds, images = _time_batches(batches, _stage2(cfg) if with_stage2 else None, warmup=warmup,
+                                            steps=steps, device=device)
+        finally:
+            batches.close()  # ends the DataLoader workers now, not at garbage collection
+        ips = images / max(seconds, 1e-9)
+        backend = "synthetic" if synthetic else cfg.data.pipeline
+        rows.append(_row("data", what, backend, cfg, batch, res, ips, images, seconds,
+                         per_worker=None if synthetic else ips / max(workers, 1)))
+    return rows
+
+
+# --------------------------------------------------------------------------- model and e2e modes
+class _WaitTimer:
+    """Wraps a pipeline and adds up the time spent inside ``next(batch)`` (the data wait)."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.wait = 0.0
+
+    def __len__(self) -> int:
+        return len(self.pipe)
+
+    def set_epoch(self, epoch: int, res: int | None = None) -> None:
+        self.pipe.set_epoch(epoch, res)
+
+    def __iter__(self):
+        it = iter(self.pipe)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            finally:
+                self.wait += time.perf_counter() - t0
+            yield batch
+
+
+def measure_step(cfg: Config, batch: int, res: int, *, steps: int, warmup: int, device: torch.device,
+                 synthetic: bool) -> dict[str, Any]:
+    """The engine's training step for ``warmup + steps`` optimizer steps; the last ``steps`` are timed.
+
+    ``synthetic``: fixed batches already on the device (mode ``model``), else the recipe's pipeline
+    (mode ``e2e``). Runs ``engine.trainer.train_one_epoch`` unchanged, assembled as ``engine.
+    train_main`` assembles it for one process (no DDP, no accumulation, no checkpoints or logs).
+    """
+    from engine.train_main import EMA, seed_everything
+
+    cfg = _at_point(cfg, batch, res)
+    t = cfg.train
+    seed_everything(t.seed)
+    pipe = _WaitTimer(_pipeline(cfg, device, synthetic=synthetic))
+    nc = cfg.data.num_classes
+    model = create_model(cfg.model, nc).to(device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.optim)
+    steps_per_epoch = len(pipe)
+    call_model = torch.compile(model) if t.compile else model
+    ctx = StepContext(model=call_model, raw_model=model, optimizer=optimizer,
+                      loss_fn=build_loss(cfg.loss, nc).to(device),
+                      lr_at=build_schedule(cfg.optim, t.epochs, steps_per_epoch),
+                      scaler=torch.amp.GradScaler(device.type, enabled=t.precision == "fp16"),
+                      precision=t.precision, device=device, accum_steps=1, grad_clip=t.grad_clip,
+                      ema=EMA(model, t.ema_decay) if t.ema_decay > 0 else None)
+    stage2 = _stage2(cfg, seed=t.seed * 1000)
+    window: dict[str, float] = {}
+
+    def after_step(p: EpochProgress) -> bool:
+        if p.step == warmup:
+            _sync(device)
+            window.update(start=time.perf_counter(), wait0=pipe.wait)
+        if p.step == warmup + steps:
+            _sync(device)
+            window.update(end=time.perf_counter(), wait1=pipe.wait)
+            return False
+        return True
+
+    prog = EpochProgress()
+    if warmup == 0:
+        after_step(prog)
+    while "end" not in window:
+        pipe.set_epoch(prog.epoch, res)
+        train_one_epoch(ctx, pipe, stage2, prog, steps_per_epoch=steps_per_epoch, log_every=10**9,
+                        on_log=lambda rec: None, after_step=after_step)
+        if "end" not in window:
+            prog.epoch, prog.batch = prog.epoch + 1, 0
+    seconds = window["end"] - window["start"]
+    images = steps * batch
+    ips = images / max(seconds, 1e-9)
+    mode = "model" if synthetic else "e2e"
+    what = "synthetic step" if synthetic else "recipe step"
+    backend = "synthetic" if synthetic else cfg.data.pipeline
+    wait = min(1.0, (window["wait1"] - window["wait0"]) / max(seconds, 1e-9))
+    return _row(mode, what, backend, cfg, batch, res, ips, images, seconds, data_wait_frac=wait)
+
+
+def _row(mode: str, what: str, backend: str, cfg: Config, batch: int, res: int, ips: float, images: int,
+         seconds: float, *, per_worker: float | None = None, data_wait_frac: float | None = None) -> dict[str, Any]:
+    t = cfg.train
+    return {"mode": mode, "what": what, "pipeline": backend, "batch": batch, "res": res,
+            "images_per_s": ips, "images_per_s_per_worker": per_worker, "data_wait_frac": data_wait_frac,
+            "images": images, "seconds": seconds, "workers": cfg.data.workers, "precision": t.precision,
+            "channels_last": t.channels_last, "compile": t.compile}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device, cfg: Config) -> dict[str, Any]:
+    """What the figures depend on besides the recipe."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = _cpu_name()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {"device": str(device), "device_name": name, "torch": torch.__version__, "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "cpus_usable": usable, "torch_threads": torch.get_num_threads(),
+            "workers": cfg.data.workers, "pipeline": cfg.data.pipeline,
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+# --------------------------------------------------------------------------- the verdict
+def _by_point(rows: list[dict[str, Any]], mode: str, what: str | None = None) -> dict[tuple[int, int], dict]:
+    return {(r["batch"], r["res"]): r for r in rows if r["mode"] == mode and (what is None or r["what"] == what)}
+
+
+def _still_rising(points: dict[tuple[int, int], dict]) -> tuple[int, int, float] | None:
+    """(best smaller batch, largest batch, gain between them) when images/s still grows with batch size at
+    some resolution; None when the curve is flat or there is only one batch size."""
+    found = None
+    for res in sorted({r for _, r in points}):
+        curve = sorted((b, points[(b, r)]["images_per_s"]) for b, r in points if r == res)
+        if len(curve) < 2:
+            continue
+        b1, v1 = curve[-1]
+        b0, v0 = max(curve[:-1], key=lambda bv: bv[1])  # the best smaller batch, so one slow point is not a trend
+        gain = v1 / max(v0, 1e-9)
+        if gain > BATCH_GAIN and (found is None or gain > found[2]):
+            found = (b0, b1, gain)
+    return found
+
+
+def diagnose(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
+    """One line: where the bottleneck is and what to change, derived only from ``rows``.
+
+    Data-bound when the e2e step waits for data more than ``DATA_WAIT_LIMIT`` of its time, or when
+    stage 1 alone delivers fewer images/s than the synthetic step consumes at the same point (then
+    the loop cannot keep up whatever the overlap). Otherwise compute-bound, with the knobs the
+    numbers point at: fp32 or channels-first on CUDA, a batch size whose throughput is still rising.
+    """
+    workers = env.get("workers")
+    pipeline = env.get("pipeline")
+    model = _by_point(rows, "model")
+    e2e = _by_point(rows, "e2e")
+    stage1 = _by_point(rows, "data", "stage1")
+    tips: list[str] = []
+
+    def fmt(v: float) -> str:
+        return f"{v:.0f}" if v >= 10 else f"{v:.1f}"
+
+    # data-bound?
+    reasons = []
+    waits = [r for r in e2e.values() if r["data_wait_frac"] is not None and r["data_wait_frac"] > DATA_WAIT_LIMIT]
+    if waits:
+        worst = max(waits, key=lambda r: r["data_wait_frac"])
+        reasons.append(f"e2e waits for data {100 * worst['data_wait_frac']:.0f}% of the time at batch "
+                       f"{worst['batch']} res {worst['res']}")
+    slow = [(p, stage1[p], model[p]) for p in stage1
+            if p in model and stage1[p]["images_per_s"] < model[p]["images_per_s"]]
+    if slow:
+        p, s, m = min(slow, key=lambda x: x[1]["images_per_s"] / x[2]["images_per_s"])
+        reasons.append(f"stage 1 gives {fmt(s['images_per_s'])} img/s, the model step takes {fmt(m['images_per_s'])} "
+                       f"at batch {p[0]} res {p[1]}")
+    if reasons:
+        cpus = env.get("cpus_usable") or env.get("cpu_count") or 0
+        if workers is not None and cpus and workers >= cpus:
+            more = f"data.workers is already {workers} on {cpus} usable CPUs: more CPUs per GPU"
+        else:
+            more = f"raise data.workers (now {workers})"
+        switch = " or switch data.pipeline to ffcv/dali" if pipeline not in ("ffcv", "dali") else ""
+        if pipeline == "dali" and env.get("device", "").startswith("cuda"):
+            switch = " (DALI decodes on the GPU already: lower train_res or fewer CPU-side transforms)"
+        return f"data-bound ({'; '.join(reasons)}): {more}{switch}"
+
+    if not model and not e2e:
+        if stage1:
+            best = max(stage1.values(), key=lambda r: r["images_per_s"])
+            return (f"data only: stage 1 ({pipeline}) gives {fmt(best['images_per_s'])} img/s "
+                    f"({fmt(best['images_per_s_per_worker'])} per worker, {workers} workers) at batch {best['batch']} "
+                    f"res {best['res']}; run mode model or e2e to compare with the training step")
+        return "nothing measured"
+
+    # compute-bound: which knob
+    step_rows = list(model.values()) or list(e2e.values())
+    cuda = env.get("device", "").startswith("cuda")
+    if cuda and any(r["precision"] == "fp32" for r in step_rows):
+        tips.append("AMP is off: set train.precision=bf16")
+    if cuda and any(not r["channels_last"] for r in step_rows):
+        tips.append("channels_last is off: set train.channels_last=true")
+    rising = _still_rising(model or e2e)
+    if rising:
+        tips.append(f"images/s still rises {100 * (rising[2] - 1):.0f}% from batch {rising[0]} to {rising[1]}: "
+                    f"raise train.per_device_batch_size")
+    below = [(p, e2e[p], model[p]) for p in e2e if p in model
+             and e2e[p]["images_per_s"] < FAR_BELOW_CEILING * model[p]["images_per_s"]]
+    if below:
+        p, e, m = below[0]
+        why = ("the CPU-side work (decode workers, copies) delays the GPU's work" if cuda
+               else "the decode workers compete with the step for the CPU cores")
+        tips.append(f"e2e reaches {100 * e['images_per_s'] / m['images_per_s']:.0f}% of the synthetic step at batch "
+                    f"{p[0]} res {p[1]} while waiting <= {100 * DATA_WAIT_LIMIT:.0f}%: {why}")
+    resolutions = sorted({r for _, r in (model or e2e)})
+    if len(resolutions) >= 2 and not tips:
+        pts = model or e2e
+        b = max(b for b, _ in pts)
+        lo, hi = pts.get((b, resolutions[0])), pts.get((b, resolutions[-1]))
+        if lo and hi:
+            tips.append(f"res {resolutions[-1]} costs {lo['images_per_s'] / hi['images_per_s']:.1f}x res "
+                        f"{resolutions[0]} per image: low-res early epochs (train.progressive) save that")
+    best = max(step_rows, key=lambda r: r["images_per_s"])
+    head = (f"compute-bound (the training step at {fmt(best['images_per_s'])} img/s, batch {best['batch']} "
+            f"res {best['res']}, is the limit; data keeps up)")
+    return head + (": " + "; ".join(tips) if tips else ": nothing cheap to change at these settings")
+
+
+def merge_repeats(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (mode, what, batch, res): the median images/s (and data wait) of its repeats, in
+    first-seen order; ``images_per_s_repeats`` keeps every window. On a shared machine a neighbour's
+    job can slow one window many times over; interleaved repeats and the median absorb that."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["mode"], r["what"], r["batch"], r["res"]), []).append(r)
+    merged = []
+    for group in groups.values():
+        ips = sorted(r["images_per_s"] for r in group)
+        mid = statistics.median(ips)
+        row = dict(min(group, key=lambda r: abs(r["images_per_s"] - mid)))
+        row["images_per_s"] = mid
+        if row["images_per_s_per_worker"] is not None:
+            row["images_per_s_per_worker"] = mid / max(row["workers"], 1)
+        waits = [r["data_wait_frac"] for r in group if r["data_wait_frac"] is not None]
+        row["data_wait_frac"] = statistics.median(waits) if waits else None
+        row["images"] = sum(r["images"] for r in group)
+        row["seconds"] = sum(r["seconds"] for r in group)
+        row["images_per_s_repeats"] = [r["images_per_s"] for r in group]
+        merged.append(row)
+    return merged
+
+
+def add_ceiling_ratios(rows: list[dict[str, Any]]) -> None:
+    """``vs_ceiling``: e2e images/s over the synthetic model step at the same point, and stage 1 +
+    stage 2 over synthetic + stage 2 (data mode); None where the ceiling was not measured."""
+    model = _by_point(rows, "model")
+    ceiling = _by_point(rows, "data", "synthetic+stage2")
+    for r in rows:
+        ref = {"e2e": model}.get(r["mode"]) or (ceiling if r["what"] == "stage1+stage2" else {})
+        c = ref.get((r["batch"], r["res"]))
+        r["vs_ceiling"] = r["images_per_s"] / c["images_per_s"] if c else None
+
+
+def spread_note(rows: list[dict[str, Any]], limit: float = 2.0) -> str | None:
+    """A warning when repeats of the same training-step point differ more than ``limit`` times: the
+    machine is shared or throttled, and single figures (and the verdict) are less sure than they look."""
+    steps = [r for r in rows if r["mode"] != "data" and len(r.get("images_per_s_repeats", [])) > 1]
+    spreads = [max(r["images_per_s_repeats"]) / max(min(r["images_per_s_repeats"]), 1e-9) for r in steps]
+    wide = [s for s in spreads if s > limit]
+    if not wide:
+        return None
+    return (f"note: repeats of {len(wide)} of {len(steps)} model/e2e points differ more than {limit:.0f}x "
+            f"(up to {max(wide):.1f}x): other jobs share this machine; the table shows medians, --threads 1 "
+            f"or a quiet machine steadies them")
+
+
+# --------------------------------------------------------------------------- table
+COLUMNS = (("mode", 6), ("what", 17), ("pipeline", 10), ("batch", 6), ("res", 5), ("img/s", 10),
+           ("img/s/wkr", 10), ("vs ceil", 8), ("wait", 6), ("prec", 5), ("ch_last", 8), ("compile", 8))
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Fixed-width table, one line per measurement."""
+    def cell(r: dict[str, Any], name: str) -> str:
+        v = {"mode": r["mode"], "what": r["what"], "pipeline": r["pipeline"], "batch": r["batch"], "res": r["res"],
+             "img/s": r["images_per_s"], "img/s/wkr": r["images_per_s_per_worker"],
+             "vs ceil": None if r.get("vs_ceiling") is None else f"{r['vs_ceiling']:.2f}",
+             "wait": None if r["data_wait_frac"] is None else f"{100 * r['data_wait_frac']:.0f}%",
+             "prec": r["precision"] if r["mode"] != "data" else None,
+             "ch_last": ("on" if r["channels_last"] else "off") if r["mode"] != "data" else None,
+             "compile": ("on" if r["compile"] else "off") if r["mode"] != "data" else None}[name]
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.1f}" if v < 1000 else f"{v:.0f}"
+        return str(v)
+
+    head = " ".join(name.ljust(w) if i < 3 else name.rjust(w) for i, (name, w) in enumerate(COLUMNS))
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(" ".join(cell(r, name).ljust(w) if i < 3 else cell(r, name).rjust(w)
+                              for i, (name, w) in enumerate(COLUMNS)))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- plot
+def plot(rows: list[dict[str, Any]], path, title: str = "") -> None:
+    """images/s vs per-device batch size: one panel per mode, one line per (what, resolution)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.6 * len(modes), 3.8), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        series: dict[tuple[str, int], list[tuple[int, float]]] = {}
+        for r in rows:
+            if r["mode"] == mode:
+                series.setdefault((r["what"], r["res"]), []).append((r["batch"], r["images_per_s"]))
+        for (what, res), pts in sorted(series.items()):
+            pts.sort()
+            style = "--" if what.startswith("synthetic") and mode == "data" else "-"
+            ax.plot([b for b, _ in pts], [v for _, v in pts], style, marker="o", label=f"{what} @{res}px")
+        batches = sorted({r["batch"] for r in rows if r["mode"] == mode})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.minorticks_off()
+        ax.set_xlabel("per-device batch size")
+        ax.set_ylabel("images/s")
+        ax.set_title(mode)
+        values = [r["images_per_s"] for r in rows if r["mode"] == mode]
+        if max(values) > 20 * min(values):  # e.g. the synthetic ceiling far above real decoding
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_int_list(text: str, name: str) -> list[int]:
+    """``"64,128"`` -> [64, 128]; ProfileError with a one-line message for anything else."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ProfileError(f"{name} takes comma-separated positive integers, e.g. 64,128; got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise ProfileError(f"{name} takes comma-separated positive integers, e.g. 64,128; got {text!r}")
+    return values

@@ -1,0 +1,264 @@
+"""tools/profile_throughput.py: the three modes end to end on CPU (table, JSON, PNG), the timing
+window (warm-up excluded, data wait counted), one-line user errors, and the bottleneck rules."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from engine import profiling
+from engine.config import load_config
+from pipelines.synthetic import SyntheticPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "profile_throughput.py"
+TINY = ["model.arch=resnet_tiny", "data.pipeline=reference", "data.num_classes=10", "train.precision=fp32",
+        "augment.rand_augment=rand-m7-mstd0.5-inc1", "augment.mixup_alpha=0.2", "augment.cutmix_alpha=1.0"]
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("profile_throughput", TOOL)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TOOL), *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def sets(*items: str) -> list[str]:
+    return [a for s in items for a in ("--set", s)]
+
+
+# --------------------------------------------------------------------------- the CLI, each mode
+EXPECTED = {  # mode -> the (mode, what) rows its table must hold
+    "data": {("data", "stage1"), ("data", "stage1+stage2"), ("data", "synthetic+stage2")},
+    "model": {("model", "synthetic step")},
+    "e2e": {("model", "synthetic step"), ("e2e", "recipe step")},  # e2e is compared with the model step
+}
+
+
+@pytest.mark.parametrize("mode", ["data", "model", "e2e"])
+def test_mode_writes_table_json_and_png(mode, fmnist_tree, tmp_path):
+    out = tmp_path / mode
+    resolutions = "24,32" if mode == "data" else "32"
+    proc = run_tool(mode, "recipes/a3.toml", *sets(f"data.root={fmnist_tree}", "data.workers=2", *TINY),
+                    "--batch-sizes", "32", "--resolutions", resolutions, "--steps", "2", "--warmup", "1",
+                    "--device", "cpu", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("mode "))
+    assert lines[header].split()[:6] == ["mode", "what", "pipeline", "batch", "res", "img/s"]
+    assert set(lines[header + 1]) == {"-"}
+    table = [line.split() for line in lines[header + 2:]
+             if line.split() and line.split()[0] in ("data", "model", "e2e")]
+    n_res = len(resolutions.split(","))
+    assert len(table) == len(EXPECTED[mode]) * n_res
+    verdicts = [line for line in lines if line.startswith("bottleneck: ")]
+    assert len(verdicts) == 1 and len(verdicts[0]) > len("bottleneck: ") + 10
+
+    report = json.loads((out / "profile.json").read_text())
+    assert set(report) >= {"recipe", "settings", "environment", "measurements", "bottleneck", "config"}
+    assert report["bottleneck"] in verdicts[0]
+    env = report["environment"]
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__ and env["workers"] == 2
+    assert env["cpu_count"] >= 1 and env["device_name"]
+    rows = report["measurements"]
+    assert {(r["mode"], r["what"]) for r in rows} == EXPECTED[mode]
+    assert sorted({r["res"] for r in rows}) == [int(r) for r in resolutions.split(",")]
+    for r, cells in zip(rows, table):
+        assert cells[:5] == [r["mode"], *r["what"].split(), r["pipeline"], str(r["batch"]), str(r["res"])][:5]
+        assert r["batch"] == 32 and r["images"] == 2 * 32  # --steps batches of --batch-sizes images, warm-up excluded
+        assert r["seconds"] > 0 and r["images_per_s"] > 0
+        assert r["images_per_s"] == pytest.approx(r["images"] / r["seconds"])
+        if r["what"].startswith("stage1"):
+            assert r["images_per_s_per_worker"] == pytest.approx(r["images_per_s"] / 2)  # data.workers=2
+        if r["mode"] in ("model", "e2e"):
+            assert 0 <= r["data_wait_frac"] <= 1 and r["precision"] == "fp32" and r["compile"] is False
+        if r["mode"] == "e2e":
+            model = next(m for m in rows if m["mode"] == "model" and m["res"] == r["res"])
+            assert r["vs_ceiling"] == pytest.approx(r["images_per_s"] / model["images_per_s"])
+
+    with Image.open(out / "profile.png") as img:
+        img.verify()
+    with Image.open(out / "profile.png") as img:
+        panels = len({m for m, _ in EXPECTED[mode]})
+        assert img.format == "PNG" and img.width >= 400 * panels and img.height >= 300
+
+
+# --------------------------------------------------------------------------- the timing window
+class SlowStart(SyntheticPipeline):
+    """Sleeps ``first`` seconds before each of the first ``slow`` batches of the run, ``every``
+    seconds before each batch after them: a pipeline whose data wait is known in advance."""
+
+    def __init__(self, *, slow: int, first: float, every: float, **kw):
+        super().__init__(**kw)
+        self.slow, self.first, self.every, self.served = slow, first, every, 0
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            time.sleep(self.first if self.served < self.slow else self.every)
+            self.served += 1
+            yield batch
+
+
+def _tiny_cfg(tree):
+    return load_config(ROOT / "recipes" / "a3.toml", [f"data.root={tree}", *TINY, "augment.rand_augment=",
+                                                      "augment.mixup_alpha=0", "augment.cutmix_alpha=0"])
+
+
+def test_warmup_is_outside_the_window_and_waiting_is_counted(fmnist_tree, monkeypatch):
+    cfg = _tiny_cfg(fmnist_tree)
+    made = []
+
+    def fake_pipeline(cfg, device, *, synthetic=False):
+        made.append(SlowStart(slow=2, first=1.0, every=0.4, batch_size=8, res=32, num_classes=10,
+                              num_samples=8 * 4, device=device))
+        return made[-1]
+
+    monkeypatch.setattr(profiling, "_pipeline", fake_pipeline)
+    row = profiling.measure_step(cfg, 8, 32, steps=3, warmup=2, device=torch.device("cpu"), synthetic=False)
+    assert made[0].served == 5  # 2 warm-up + 3 timed; 4 per epoch, so the window crosses an epoch boundary
+    assert row["images"] == 3 * 8
+    # the two 1 s warm-up sleeps are not in the window, the three 0.4 s sleeps are, as data wait
+    assert row["seconds"] >= 1.2
+    waited = row["data_wait_frac"] * row["seconds"]
+    assert 1.2 <= waited < 2.1  # a 1 s warm-up sleep counted in the window would break the upper bound
+    assert profiling.diagnose([row], {"workers": 2, "pipeline": "reference", "device": "cpu"}).startswith("data-bound")
+
+
+# --------------------------------------------------------------------------- user errors
+@pytest.mark.parametrize("args, message", [
+    (["speed", "recipes/demo.toml"], "unknown mode 'speed'; choose one of data, model, e2e, all"),
+    (["model", "recipes/demo.toml", "--set", "train.epoch=1"], "unknown key train.epoch; did you mean train.epochs?"),
+    (["data", "recipes/demo.toml", "--set", "data.root=/nonexistent/imagenet"],
+     "data.root /nonexistent/imagenet does not exist"),
+    (["model", "recipes/nope.toml"], "recipe not found: recipes/nope.toml"),
+    (["model", "recipes/demo.toml", "--batch-sizes", "64,x"], "--batch-sizes takes comma-separated positive integers"),
+    (["model", "recipes/demo.toml", "--steps", "0"], "--steps and --repeats must be >= 1"),
+    (["model", "recipes/demo.toml", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_user_errors_are_one_line(args, message, capsys):
+    try:
+        code = _tool().main(args)
+    except SystemExit as e:  # argparse's own errors, printed as one line by the tool's parser
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_cuda_asked_but_absent(capsys):
+    assert _tool().main(["model", "recipes/demo.toml", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --device cuda but this torch sees no CUDA GPU; use --device cpu"]
+
+
+# --------------------------------------------------------------------------- the rules (made-up numbers)
+def row(mode, what, batch, res, ips, *, wait=None, workers=4, precision="bf16", channels_last=True,
+        pipeline="reference"):
+    return {"mode": mode, "what": what, "pipeline": pipeline, "batch": batch, "res": res, "images_per_s": ips,
+            "images_per_s_per_worker": ips / workers if mode == "data" else None, "data_wait_frac": wait,
+            "images": 100, "seconds": 100 / ips, "workers": workers, "precision": precision,
+            "channels_last": channels_last, "compile": False}
+
+
+ENV = {"workers": 4, "pipeline": "reference", "device": "cuda", "cpus_usable": 16, "cpu_count": 16}
+
+
+def test_rule_data_wait_over_limit_is_data_bound():
+    rows = [row("model", "synthetic step", 256, 224, 3000.0), row("e2e", "recipe step", 256, 224, 1200.0, wait=0.55)]
+    line = profiling.diagnose(rows, ENV)
+    assert line.startswith("data-bound") and "55%" in line
+    assert "raise data.workers (now 4)" in line and "switch data.pipeline to ffcv/dali" in line
+
+
+def test_rule_stage1_slower_than_the_step_is_data_bound_even_without_e2e():
+    rows = [row("data", "stage1", 256, 224, 900.0), row("model", "synthetic step", 256, 224, 3000.0)]
+    line = profiling.diagnose(rows, {**ENV, "pipeline": "ffcv"})
+    assert line.startswith("data-bound") and "900" in line and "3000" in line
+    assert "ffcv/dali" not in line  # already a fast backend: only more workers
+
+
+def test_rule_workers_at_cpu_count_says_so():
+    rows = [row("e2e", "recipe step", 64, 32, 500.0, wait=0.4)]
+    line = profiling.diagnose(rows, {**ENV, "workers": 2, "cpus_usable": 2, "device": "cpu"})
+    assert "data.workers is already 2 on 2 usable CPUs" in line
+
+
+def test_rule_compute_bound_points_at_amp_channels_last_and_batch():
+    rows = [row("model", "synthetic step", 64, 224, 800.0, precision="fp32", channels_last=False),
+            row("model", "synthetic step", 128, 224, 1200.0, precision="fp32", channels_last=False),
+            row("data", "stage1", 64, 224, 5000.0), row("data", "stage1", 128, 224, 5000.0),
+            row("e2e", "recipe step", 128, 224, 1150.0, wait=0.02, precision="fp32", channels_last=False)]
+    line = profiling.diagnose(rows, ENV)
+    assert line.startswith("compute-bound")
+    assert "train.precision=bf16" in line and "train.channels_last=true" in line
+    assert "still rises 50% from batch 64 to 128" in line and "per_device_batch_size" in line
+
+
+def test_rule_flat_batch_curve_on_cpu_suggests_no_batch_change():
+    rows = [row("model", "synthetic step", 64, 32, 1000.0, precision="fp32"),
+            row("model", "synthetic step", 128, 32, 1050.0, precision="fp32")]
+    line = profiling.diagnose(rows, {**ENV, "device": "cpu"})
+    assert line.startswith("compute-bound") and "batch_size" not in line and "bf16" not in line  # AMP advice is CUDA's
+
+
+def test_rule_e2e_far_below_the_step_without_waiting():
+    rows = [row("model", "synthetic step", 64, 32, 1000.0, precision="fp32"),
+            row("e2e", "recipe step", 64, 32, 500.0, wait=0.05, precision="fp32")]
+    line = profiling.diagnose(rows, {**ENV, "device": "cpu"})
+    assert line.startswith("compute-bound") and "e2e reaches 50% of the synthetic step at batch 64 res 32" in line
+    assert "compete with the step for the CPU cores" in line
+
+
+def test_rule_resolution_cost_when_nothing_else_applies():
+    rows = [row("model", "synthetic step", 128, 160, 3000.0), row("model", "synthetic step", 128, 224, 1500.0)]
+    line = profiling.diagnose(rows, ENV)
+    assert "res 224 costs 2.0x res 160" in line and "train.progressive" in line
+
+
+def test_rule_data_only():
+    line = profiling.diagnose([row("data", "stage1", 64, 224, 1000.0)], ENV)
+    assert line.startswith("data only") and "1000 img/s (250 per worker, 4 workers)" in line
+
+
+def test_merge_repeats_takes_the_median_window():
+    rows = [row("model", "synthetic step", 64, 32, v) for v in (100.0, 1000.0, 900.0)]
+    merged = profiling.merge_repeats(rows)
+    assert len(merged) == 1 and merged[0]["images_per_s"] == 900.0
+    assert merged[0]["images_per_s_repeats"] == [100.0, 1000.0, 900.0] and merged[0]["images"] == 300
+
+
+def test_spread_note_only_when_repeats_disagree():
+    steady = profiling.merge_repeats([row("model", "synthetic step", 64, 32, v) for v in (1000.0, 1100.0, 950.0)])
+    assert profiling.spread_note(steady) is None
+    noisy = steady + profiling.merge_repeats([row("e2e", "recipe step", 64, 32, v, wait=0.0) for v in (100.0, 800.0)])
+    note = profiling.spread_note(noisy)
+    assert note.startswith("note: repeats of 1 of 2 model/e2e points differ more than 2x (up to 8.0x)")
+
+
+def test_toggles():
+    def toggled(cfg, device="cpu", **kw):
+        return profiling.apply_toggles(cfg, **{"amp": None, "channels_last": None, "compile": None, **kw},
+                                       device=torch.device(device)).train
+
+    cfg = load_config(ROOT / "recipes" / "a3.toml")
+    assert toggled(cfg).precision == cfg.train.precision == "bf16"
+    assert toggled(cfg, amp=False).precision == "fp32"
+    assert toggled(load_config(ROOT / "recipes" / "demo.toml"), amp=True).precision == "bf16"  # an fp32 recipe
+    assert toggled(cfg, channels_last=False).channels_last is False
+    compiled = load_config(ROOT / "recipes" / "a3.toml", ["train.compile=true"])
+    assert toggled(compiled).compile is False and toggled(compiled, "cuda").compile is True
+    assert toggled(cfg, compile=True).compile is True
