@@ -329,6 +329,9 @@ def validate(cfg: Config) -> None:
                 "loss.bce_target_thresh", "model.drop_path_rate", "model.drop_rate"):
         if not 0.0 <= get_value(cfg, key) <= 1.0:
             raise ConfigError(f"{key} must be in [0, 1], got {get_value(cfg, key)}")
+    if cfg.loss.name == "ce" and cfg.loss.bce_target_thresh > 0:
+        raise ConfigError(f"loss.bce_target_thresh = {cfg.loss.bce_target_thresh} applies to loss.name = 'bce' only; "
+                          f"with loss.name=ce also set loss.bce_target_thresh=0")
     if cfg.augment.repeated_aug < 0 or cfg.augment.repeated_aug == 1:
         raise ConfigError(f"augment.repeated_aug is a repeat count >= 2, or 0 for off; got {cfg.augment.repeated_aug}")
     if len(cfg.augment.scale) != 2 or len(cfg.augment.ratio) != 2 or len(cfg.optim.betas) != 2:

@@ -269,7 +269,9 @@ def _train(cfg: Config, args, d: DistInfo, out: Path) -> int:
             if not finished:
                 break
     barrier()
-    if d.is_main and not interrupted and cfg.checkpoint.export_safetensors:
+    # A resumed run that had already finished trains and evaluates nothing: keep its export as it is.
+    fresh_export = bool(final_metrics) or not (out / "model.safetensors").exists()
+    if d.is_main and not interrupted and cfg.checkpoint.export_safetensors and fresh_export:
         _export(ema.module if ema else model, out / "model.safetensors", cfg, final_metrics, prog.epoch - 1)
     if final_metrics and d.is_main:
         print(f"final val top-1 {final_metrics['val_top1']:.2f} top-5 {final_metrics['val_top5']:.2f} "

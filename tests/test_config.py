@@ -138,6 +138,7 @@ BAD_OVERRIDES = [
     ("augment.scale=[0.1]", "take two numbers each"),
     ("augment.scale=0.1", "augment.scale: expected a list of float"),
     ("optim.lr=inf", "optim.lr: expected a finite number"),
+    ("loss.name=ce", "with loss.name=ce also set loss.bce_target_thresh=0"),  # a3 sets the threshold 0.2
     ("train.progressive.kind=linear", None),  # valid on its own (start=end=0)
     ("train.progressive.start_epoch=500", "needs 0 <= start_epoch <= end_epoch <= train.epochs"),
 ]
