@@ -32,11 +32,7 @@ import torch
 
 from engine.config import Config
 from engine.data import build_train_pipeline, check_num_classes
-from engine.losses import build_loss
-from engine.optim import build_optimizer
-from engine.schedule import build_schedule
 from engine.trainer import EpochProgress, StepContext, train_one_epoch
-from models.factory import create_model
 from pipelines.augment import Stage2
 from pipelines.base import DataError
 
@@ -192,25 +188,18 @@ def measure_step(cfg: Config, batch: int, res: int, *, steps: int, warmup: int, 
     (mode ``e2e``). Runs ``engine.trainer.train_one_epoch`` unchanged, assembled as ``engine.
     train_main`` assembles it for one process (no DDP, no accumulation, no checkpoints or logs).
     """
-    from engine.train_main import EMA, seed_everything
+    from engine.train_main import build_step_parts, seed_everything
 
     cfg = _at_point(cfg, batch, res)
     t = cfg.train
     seed_everything(t.seed)
     pipe = _WaitTimer(_pipeline(cfg, device, synthetic=synthetic))
-    nc = cfg.data.num_classes
-    model = create_model(cfg.model, nc).to(device)
-    if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.optim)
     steps_per_epoch = len(pipe)
-    call_model = torch.compile(model) if t.compile else model
-    ctx = StepContext(model=call_model, raw_model=model, optimizer=optimizer,
-                      loss_fn=build_loss(cfg.loss, nc).to(device),
-                      lr_at=build_schedule(cfg.optim, t.epochs, steps_per_epoch),
-                      scaler=torch.amp.GradScaler(device.type, enabled=t.precision == "fp16"),
-                      precision=t.precision, device=device, accum_steps=1, grad_clip=t.grad_clip,
-                      ema=EMA(model, t.ema_decay) if t.ema_decay > 0 else None)
+    parts = build_step_parts(cfg, device, steps_per_epoch)
+    call_model = torch.compile(parts.model) if t.compile else parts.model
+    ctx = StepContext(model=call_model, raw_model=parts.model, optimizer=parts.optimizer, loss_fn=parts.loss_fn,
+                      lr_at=parts.lr_at, scaler=parts.scaler, precision=t.precision, device=device, accum_steps=1,
+                      grad_clip=t.grad_clip, ema=parts.ema)
     stage2 = _stage2(cfg, seed=t.seed * 1000)
     window: dict[str, float] = {}
 

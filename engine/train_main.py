@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -94,6 +94,29 @@ def _clone_model(model: nn.Module) -> nn.Module:
     return clone.eval()
 
 
+class StepParts(NamedTuple):
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_at: Callable[[int], float]
+    loss_fn: nn.Module
+    scaler: torch.amp.GradScaler
+    ema: EMA | None
+
+
+def build_step_parts(cfg: Config, device: torch.device, steps_per_epoch: int) -> StepParts:
+    """What a training step needs, built from the recipe as every run builds it (the engine, and
+    the throughput profiler, which must time the very same step)."""
+    t = cfg.train
+    model = create_model(cfg.model, cfg.data.num_classes).to(device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return StepParts(model=model, optimizer=build_optimizer(model, cfg.optim),
+                     lr_at=build_schedule(cfg.optim, t.epochs, steps_per_epoch),
+                     loss_fn=build_loss(cfg.loss, cfg.data.num_classes).to(device),
+                     scaler=torch.amp.GradScaler(device.type, enabled=t.precision == "fp16"),
+                     ema=EMA(model, t.ema_decay) if t.ema_decay > 0 else None)
+
+
 def seed_everything(seed: int) -> None:
     import random
 
@@ -159,14 +182,7 @@ def _train(cfg: Config, args, d: DistInfo, out: Path) -> int:
                     out_dtype=out_dtype, seed=t.seed * 1000 + d.rank)
     stage2_eval = Stage2(cfg.augment, nc, 0.0, train=False, channels_last=t.channels_last, out_dtype=out_dtype)
 
-    model = create_model(cfg.model, nc).to(device)
-    if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.optim)
-    lr_at = build_schedule(cfg.optim, t.epochs, steps_per_epoch)
-    loss_fn = build_loss(cfg.loss, nc).to(device)
-    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
-    ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
+    model, optimizer, lr_at, loss_fn, scaler, ema = build_step_parts(cfg, device, steps_per_epoch)
 
     prog = EpochProgress()
     best = {"val_top1": -1.0}
