@@ -61,12 +61,11 @@ def pick_samples(root: str | Path, n: int, res: int, crop_pct: float) -> Samples
     ``root``: a converter output (its ``manifest.json`` names the source tree), a tree with
     ``val/<class>/``, or a class-folder directory itself. Class names: the manifest's, else the
     folder names."""
-    from pipelines.reference import ReferencePipeline
+    from pipelines.reference import ReferencePipeline, bare_class_folder
 
     root = Path(root)
-    plain = not (root / "manifest.json").is_file() and not (root / "val").is_dir()
     pipe = ReferencePipeline(str(root), "val", batch_size=1, res=res, crop_pct=crop_pct, workers=0,
-                             split_dir=root if plain else None)
+                             split_dir=bare_class_folder(root))
     total = pipe.num_samples
     picks = sorted({int(i * total / n) for i in range(min(n, total))})
     items = [pipe.dataset[(i, None)] for i in picks]

@@ -52,6 +52,13 @@ def resolve_split_dir(root: str | Path, split: str) -> Path:
     return split_dir
 
 
+def bare_class_folder(root: str | Path) -> Path | None:
+    """``root`` when it is itself a class-folder directory (``root/<class>/<image>``, e.g. an
+    ImageNet-V2 download) rather than a data root (``manifest.json`` or ``val/``), else None."""
+    root = Path(root)
+    return None if (root / "manifest.json").is_file() or (root / "val").is_dir() else root
+
+
 def random_resized_crop_params(width: int, height: int, scale, ratio, rng: np.random.Generator):
     """(top, left, h, w) as timm's ``RandomResizedCropAndInterpolation.get_params``: 10 tries at a
     random area and log-uniform aspect ratio, else a centre crop at the nearest allowed ratio."""

@@ -60,12 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _val_pipeline(cfg, args, device: torch.device):
     """The engine's val pipeline, except for a bare class-folder directory or ImageNet-V2 layout,
     which only the reference (PIL) reader can take."""
-    data = Path(cfg.data.root)
-    plain_folder = not (data / "manifest.json").is_file() and not (data / "val").is_dir()
-    if cfg.data.pipeline == "reference" and (plain_folder or args.imagenet_v2):
-        from pipelines.reference import ReferencePipeline
+    from pipelines.reference import ReferencePipeline, bare_class_folder
 
-        split_dir = data if plain_folder else None
+    data = Path(cfg.data.root)
+    split_dir = bare_class_folder(data)
+    if cfg.data.pipeline == "reference" and (split_dir is not None or args.imagenet_v2):
         return ReferencePipeline(str(data), "val", batch_size=cfg.eval.batch_size, res=cfg.eval.res,
                                  crop_pct=cfg.eval.crop_pct, workers=cfg.data.workers, device=device,
                                  split_dir=split_dir, class_index_folders=args.imagenet_v2)
