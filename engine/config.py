@@ -378,7 +378,8 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 
 # --------------------------------------------------------------------------- output
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """``value`` written as TOML (also the form ``--set`` parses)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -387,7 +388,7 @@ def _toml_value(value: Any) -> str:
         escaped = value.replace("\\", "\\\\").replace('"', '\\"')
         return f'"{escaped}"'
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
@@ -398,7 +399,7 @@ def _dump_table(name: str, data: dict[str, Any], lines: list[str]) -> None:
         if isinstance(value, dict):
             subtables.append((key, value))
         else:
-            lines.append(f"{key} = {_toml_value(value)}")
+            lines.append(f"{key} = {toml_value(value)}")
     lines.append("")
     for key, value in subtables:
         _dump_table(f"{name}.{key}", value, lines)

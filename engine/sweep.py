@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.config import ConfigError, load_config
+from engine.config import ConfigError, load_config, toml_value
 from engine.fileio import commit
 
 EXECUTORS = ("local", "slurm", "submitit-local")
@@ -276,16 +276,13 @@ class TrialSpec:
 
 
 def format_value(value: Any) -> str:
-    """A value as ``--set`` reads it: TOML for numbers, booleans and lists, bare text for strings."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(format_value(v) if not isinstance(v, str) else json.dumps(v) for v in value) + "]"
+    """A value as ``--set`` reads it: bare text for a string, TOML for numbers, booleans and lists."""
     if isinstance(value, str):
         return value
-    raise SweepError(f"cannot pass {value!r} as a --set value")
+    try:
+        return toml_value(value)
+    except TypeError:
+        raise SweepError(f"cannot pass {value!r} as a --set value") from None
 
 
 def _draw(spec: Any, rng: random.Random) -> Any:
