@@ -66,29 +66,39 @@ def auto_contrast(x: torch.Tensor, _arg=None) -> torch.Tensor:
     """ImageOps.autocontrast (cutoff 0): stretch each channel's [min, max] to [0, 255]."""
     k, c = x.shape[:2]
     flat = x.view(k, c, -1) if x.is_contiguous() else x.reshape(k, c, -1)
-    lo = flat.amin(-1).double()
-    hi = flat.amax(-1).double()
-    i = torch.arange(256, device=x.device, dtype=torch.float64)
+    return _apply_lut(x, autocontrast_lut(flat.amin(-1), flat.amax(-1)))
+
+
+def autocontrast_lut(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """AutoContrast's [k, 3, 256] uint8 tables from each channel's min and max value."""
+    lo, hi = lo.double(), hi.double()
+    i = torch.arange(256, device=lo.device, dtype=torch.float64)
     span = (hi - lo).clamp(min=1)
     scale = torch.full_like(span, 255.0) / span  # tensor/tensor: `255.0 / t` rounds differently from PIL
     lut = (i * scale[..., None] - (lo * scale)[..., None]).trunc().clamp(0, 255)
     lut = torch.where((hi > lo)[..., None], lut, i)  # flat channel: PIL leaves it unchanged
-    return _apply_lut(x, lut.to(torch.uint8))
+    return lut.to(torch.uint8)
 
 
 def equalize(x: torch.Tensor, _arg=None) -> torch.Tensor:
-    """ImageOps.equalize: per channel, step = (pixels - count of the top value) // 255,
-    lut[i] = (step // 2 + pixels below i) // step; identity when step is 0."""
-    hist = _histogram(x)
+    """ImageOps.equalize, one table per (sample, channel) from its histogram."""
+    return _apply_lut(x, equalize_lut(_histogram(x)))
+
+
+def equalize_lut(hist: torch.Tensor) -> torch.Tensor:
+    """Equalize's [k, 3, 256] uint8 tables from [k, 3, 256] histograms, PIL's rule: step =
+    (pixels - count of the top value) // 255, lut[i] = (step // 2 + pixels below i) // step;
+    identity when step is 0."""
+    hist = hist.to(torch.int64)
     total = hist.sum(-1)
     top = 255 - torch.flip(hist > 0, dims=[-1]).int().argmax(-1)  # highest occupied bin
     step = (total - hist.gather(-1, top[..., None]).squeeze(-1)) // 255
     below = torch.cumsum(hist, -1) - hist
     safe = step.clamp(min=1)[..., None]
     lut = ((safe // 2 + below) // safe).clamp(max=255)
-    ident = torch.arange(256, device=x.device).expand_as(lut)
+    ident = torch.arange(256, device=hist.device).expand_as(lut)
     lut = torch.where((step > 0)[..., None], lut, ident)
-    return _apply_lut(x, lut.to(torch.uint8))
+    return lut.to(torch.uint8)
 
 
 def invert(x: torch.Tensor, _arg=None) -> torch.Tensor:
@@ -120,8 +130,14 @@ def color(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 def contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """ImageEnhance.Contrast: blend with a flat image at the rounded mean grey level."""
-    mean = torch.floor(grey(x).mean(dim=(1, 2, 3), dtype=torch.float64) + 0.5)
-    return _blend(_col(mean, x), x, factor)
+    return _blend(_col(contrast_level(grey(x).sum(dim=(1, 2, 3), dtype=torch.float64), x[0, 0].numel()), x),
+                  x, factor)
+
+
+def contrast_level(grey_sum: torch.Tensor, pixels: int) -> torch.Tensor:
+    """The flat grey level Contrast blends with: the mean of PIL's L image, rounded half up.
+    From the (exact, integer-valued) sum of grey values so every backend agrees."""
+    return torch.floor(grey_sum.double() / pixels + 0.5)
 
 
 def brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -143,6 +159,26 @@ def sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     degenerate = x.float()
     degenerate[:, :, 1:-1, 1:-1] = total.float().div_(13.0).round_()
     return _blend(degenerate, x, factor)
+
+
+# Ops whose output value depends only on the input value and the sample's argument, so that
+# on CPU they run as one 256-entry table per sample (``cpu_kernels``); the table is the op itself
+# applied to the values 0..255, so both backends share these definitions.
+VALUE_OPS = ("Invert", "Posterize", "PosterizeIncreasing", "Solarize", "SolarizeIncreasing", "SolarizeAdd",
+             "Brightness", "BrightnessIncreasing")
+
+
+def value_lut(fn, arg: torch.Tensor, k: int) -> torch.Tensor:
+    """[k, 3, 256] uint8 tables: ``fn`` (a VALUE_OPS op) applied to every value 0..255."""
+    values = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256).expand(k, 3, 1, 256).contiguous()
+    return fn(values, arg).view(k, 3, 256)
+
+
+def contrast_lut(level: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Contrast as [k, 3, 256] tables, given each sample's ``contrast_level``."""
+    k = len(factor)
+    values = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256).expand(k, 3, 1, 256).contiguous()
+    return _blend(_col(level, values), values, factor).view(k, 3, 256)
 
 
 # --------------------------------------------------------------------------- geometric ops
@@ -174,6 +210,26 @@ def _cubic_weights(t: torch.Tensor) -> list[torch.Tensor]:
     return [-t + 2 * t2 - t3, 1 - 2 * t2 + t3, t + t2 - t3, -t2 + t3]
 
 
+def shift_taps(shift: torch.Tensor, mode: str, w: int):
+    """Everything 1-D resampling of rows of length ``w`` needs, from float64 shifts [k, H]:
+    per row the integer shift [k, H] int64, the tap offsets, the tap weights [k, H, taps]
+    float32 (PIL's bilinear, or bicubic with a = -1) and the output range [first, stop) whose
+    source pixel centre lies inside the row (PIL fills the rest). Shared by both backends."""
+    shift = shift.to(torch.float64)
+    whole = torch.floor(shift)
+    frac = (shift - whole).to(torch.float32).unsqueeze(-1)
+    if mode == "bilinear":
+        taps, weights = (0, 1), [1.0 - frac, frac]
+    elif mode == "bicubic":
+        taps, weights = (-1, 0, 1, 2), _cubic_weights(frac)
+    else:
+        raise ValueError(f"mode must be bilinear or bicubic, got {mode!r}")
+    # PIL fills where the source pixel centre is outside the row: j + shift not in [-0.5, w - 0.5).
+    first = torch.ceil(-0.5 - shift).to(torch.int64)
+    stop = torch.ceil(w - 0.5 - shift).to(torch.int64)
+    return whole.to(torch.int64), taps, torch.cat(weights, -1), first, stop
+
+
 def shift_resample(x: torch.Tensor, shift: torch.Tensor, fill: tuple[int, int, int], mode: str) -> torch.Tensor:
     """PIL ``Image.transform(AFFINE)`` for maps that move pixels along rows only: output pixel
     (y, j) samples source column j + shift[k, y] of the same row (pixel-index coordinates).
@@ -181,36 +237,26 @@ def shift_resample(x: torch.Tensor, shift: torch.Tensor, fill: tuple[int, int, i
     TranslateX (one shift per image) and ShearX (one per row) have this form; their Y versions
     are the same on the transposed image. A row shifted by a constant has one fractional part,
     so resampling is 2 (bilinear) or 4 (bicubic) gathered taps with per-row weights instead of
-    ``grid_sample``'s per-pixel 2-D work; the taps and weights are PIL's (bicubic a = -1,
-    neighbour indices clamped at the border, fill where the source point is outside the row).
+    ``grid_sample``'s per-pixel 2-D work; the taps and weights are PIL's (``shift_taps``).
     ``shift`` is float64 [k, H]; ``x`` uint8 [k, 3, H, W]."""
     k, c, h, w = x.shape
     dev = x.device
-    shift = shift.to(device=dev, dtype=torch.float64)
-    whole = torch.floor(shift)
-    frac = (shift - whole).to(torch.float32).view(k, 1, h, 1)
-    if mode == "bilinear":
-        taps, weights = (0, 1), [1.0 - frac, frac]
-    elif mode == "bicubic":
-        taps, weights = (-1, 0, 1, 2), _cubic_weights(frac)
-    else:
-        raise ValueError(f"mode must be bilinear or bicubic, got {mode!r}")
+    whole, taps, weights, first, stop = shift_taps(shift, mode, w)
+    weights = weights.to(dev).view(k, 1, h, len(taps)).unbind(-1)
+    weights = [t.unsqueeze(-1) for t in weights]
     # One gather of the row segment every tap reads (columns taps[0] .. w - 1 + taps[-1]
     # around the integer shift, clamped at the border); each tap is then a slice of it.
     lo, span = taps[0], w + taps[-1] - taps[0]
     cols = torch.arange(lo, lo + span, device=dev)
-    idx = (whole.to(torch.int64).unsqueeze(-1) + cols).clamp_(0, w - 1)  # [k, H, span]
+    idx = (whole.to(dev).unsqueeze(-1) + cols).clamp_(0, w - 1)  # [k, H, span]
     seg = torch.gather(x, 3, idx.unsqueeze(1).expand(k, c, h, span)).float()
     out = seg[..., 0:w] * weights[0]
     for i in range(1, len(taps)):
         out.addcmul_(seg[..., i:i + w], weights[i])
     # PIL truncates; the small bias absorbs float32 error on exact values, as in ``affine``.
     out = out.add_(0.005).clamp_(0, 255).to(torch.uint8)
-    # PIL fills where the source pixel centre is outside the row: j + shift not in [-0.5, w - 0.5).
     j = torch.arange(w, device=dev)
-    first = torch.ceil(-0.5 - shift).unsqueeze(-1)
-    stop = torch.ceil(w - 0.5 - shift).unsqueeze(-1)
-    inside = (j >= first) & (j < stop)
+    inside = (j >= first.to(dev).unsqueeze(-1)) & (j < stop.to(dev).unsqueeze(-1))
     fill_t = torch.tensor(fill, dtype=torch.uint8, device=dev).view(1, 3, 1, 1)
     return torch.where(inside.unsqueeze(1), out, fill_t)
 
