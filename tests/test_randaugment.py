@@ -27,12 +27,17 @@ from scipy.stats import ks_2samp
 import timm.data.auto_augment as AA
 
 from pipelines.augment import RandAugmentParams, apply_params, parse_rand_augment, rand_augment_batch, sample_params
+from pipelines.augment import cpu_kernels
 from pipelines.augment.policy import OPS, OPS_INCREASING, RandAugmentPolicy
 from tests.photos import photo_crops
 
 ALL_OPS = sorted(set(OPS) | set(OPS_INCREASING))
 GEOMETRIC = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
 PIL_INTERP = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+# Both pixel backends are held to the same bounds: torch (CUDA's path, run here on CPU) and the
+# compiled CPU loops (the default for CPU batches).
+BACKENDS = ["torch", pytest.param("cpu-kernels", marks=pytest.mark.skipif(not cpu_kernels.AVAILABLE,
+                                                                          reason="numba not installed"))]
 
 
 @pytest.fixture(scope="module")
@@ -54,24 +59,25 @@ def _timm_op(name, img, m, sign, interp, fill, monkeypatch):
     return AA.NAME_TO_OP[name](img, *args, fillcolor=fill, resample=PIL_INTERP[interp])
 
 
-def _ours(name, x, m, sign, interp):
+def _ours(name, x, m, sign, interp, backend="torch"):
     n = x.shape[0]
     policy = RandAugmentPolicy(ops=(name,), interpolation=interp)
     params = RandAugmentParams(op=torch.zeros(1, n, dtype=torch.long), apply=torch.ones(1, n, dtype=torch.bool),
                                magnitude=torch.full((1, n), m, dtype=torch.float64),
                                sign=torch.full((1, n), sign, dtype=torch.float64),
                                bicubic=torch.full((1, n), interp == "bicubic"))
-    return apply_params(x, params, policy), policy
+    return apply_params(x, params, policy, backend), policy
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ALL_OPS)
 @pytest.mark.parametrize("m", [3.0, 6.0, 10.0])
-def test_each_op_matches_timm_pixels(name, m, photos, monkeypatch):
+def test_each_op_matches_timm_pixels(name, m, backend, photos, monkeypatch):
     imgs, x = photos
     interps = ["bilinear", "bicubic"] if name in GEOMETRIC else ["bilinear"]
     for interp in interps:
         for sign in (1.0, -1.0):
-            out, policy = _ours(name, x, m, sign, interp)
+            out, policy = _ours(name, x, m, sign, interp, backend)
             try:
                 ref = _to_tensor([_timm_op(name, im, m, sign, interp, policy.fill, monkeypatch) for im in imgs])
             except ValueError:
@@ -90,11 +96,12 @@ def test_each_op_matches_timm_pixels(name, m, photos, monkeypatch):
                 assert float(diff.float().mean()) < 1.0 and float((diff > 2).float().mean()) < 0.10, (name, m, sign)
 
 
-def test_ops_change_pixels(photos):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ops_change_pixels(photos, backend):
     """Guards against the comparison above passing because nothing happened."""
     _, x = photos
     for name in ALL_OPS:
-        out, _ = _ours(name, x, 8.0, 1.0, "bilinear")
+        out, _ = _ours(name, x, 8.0, 1.0, "bilinear", backend)
         assert not torch.equal(out, x), name
 
 
@@ -189,13 +196,14 @@ def test_mmax_lets_magnitude_exceed_10():
 
 
 # ----------------------------------------------------------------------------- whole batch
-def test_batch_equals_timm_ops_applied_per_sample(photos, monkeypatch):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_equals_timm_ops_applied_per_sample(photos, monkeypatch, backend):
     """Each image of a batched call equals timm's PIL ops applied in the drawn order."""
     imgs, x = photos
     policy = parse_rand_augment("rand-m9-n3-mstd0.5-inc1-p0.9", interpolation="bilinear")
     g = torch.Generator().manual_seed(3)
     params = sample_params(x.shape[0], policy, g)
-    out = apply_params(x, params, policy)
+    out = apply_params(x, params, policy, backend)
     for i, img in enumerate(imgs):
         for layer in range(policy.num_layers):
             if params.apply[layer, i]:

@@ -145,7 +145,12 @@ def mixup_cutmix(x: torch.Tensor, y: torch.Tensor, aug: AugmentConfig, generator
     """Mix a float batch ``x`` [N, C, H, W] and int labels ``y`` [N]; returns (images, soft targets
     float32 [N, num_classes]). ``generator`` is a CPU torch generator. N must be even (as timm).
     ``inplace=True`` may overwrite ``x``."""
-    if x.shape[0] % 2:
-        raise ValueError(f"mixup/CutMix needs an even batch size, got {x.shape[0]}")
-    params = sample_mix_params(x.shape[0], x.shape[-2], x.shape[-1], aug, numpy_rng(generator))
+    params = draw_mix_params(x.shape, aug, generator)
     return apply_mix(x, params, inplace=inplace), mix_targets(y, params.lam, num_classes, label_smoothing)
+
+
+def draw_mix_params(shape, aug: AugmentConfig, generator: torch.Generator) -> MixParams:
+    """The draws ``mixup_cutmix`` makes for a batch of ``shape`` [N, C, H, W] (N even, as timm)."""
+    if shape[0] % 2:
+        raise ValueError(f"mixup/CutMix needs an even batch size, got {shape[0]}")
+    return sample_mix_params(shape[0], shape[-2], shape[-1], aug, numpy_rng(generator))

@@ -9,24 +9,42 @@ channels_last tensor broadcasts over an innermost dimension of 3, which does not
 rows of ``W * 3`` values with the constants repeated along a row. What remains is the copy
 itself, and for a fresh 38 MB float32 batch mostly the kernel's page faults on first touch.
 
-On CUDA the same code is a few bandwidth-bound elementwise kernels. ImageNet statistics as
-timm's ``IMAGENET_DEFAULT_MEAN/STD``.
+On CUDA the same code is a few bandwidth-bound elementwise kernels. On CPU (numba installed,
+channels_last output) one compiled pass (``cpu_kernels.normalize_mix``) reads the uint8 batch
+and writes the output once, with mixup/CutMix folded in when the caller passes its draws
+(``mix``); the torch path applies those with ``mixup.apply_mix`` afterwards, same result up to
+float rounding. ImageNet statistics as timm's ``IMAGENET_DEFAULT_MEAN/STD``.
 """
 from __future__ import annotations
 
 import torch
+
+from . import cpu_kernels as K
+from .buffers import BufferPool
+from .mixup import MixParams, apply_mix
+from .randaugment import resolve_backend
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype: torch.dtype = torch.float32,
-              channels_last: bool = True) -> torch.Tensor:
-    """Normalize a uint8 batch [N, C, H, W]; ``mean``/``std`` on the 0..1 scale."""
+              channels_last: bool = True, *, mix: MixParams | None = None, backend: str = "auto",
+              pool: BufferPool | None = None) -> torch.Tensor:
+    """Normalize a uint8 batch [N, C, H, W]; ``mean``/``std`` on the 0..1 scale. With ``mix``
+    (``mixup.draw_mix_params``), the result is also mixed with the flipped batch. With ``pool``,
+    the CPU kernel writes into a recycled float32 buffer when one is free (``buffers.py``)."""
     n, c, h, w = x.shape
     m = torch.tensor(mean, dtype=torch.float32, device=x.device)
     s = torch.tensor(std, dtype=torch.float32, device=x.device)
     scale, shift = 1.0 / (255.0 * s), -m / s
+    if channels_last and c == 3 and resolve_backend(backend, x.device) == "cpu-kernels":
+        x = x.contiguous(memory_format=torch.channels_last)  # no copy when stage 1 made it so
+        buf = pool.empty(x.shape, torch.float32) if pool is not None else None
+        out = K.normalize_mix(x, scale, shift, *((mix.lam, mix.cutmix, mix.boxes) if mix is not None else ()), out=buf)
+        return out if dtype == torch.float32 else out.to(dtype)
+    if mix is not None:
+        return apply_mix(normalize(x, mean, std, dtype, channels_last, backend="torch"), mix, inplace=True)
     if dtype != torch.float32:
         # bf16/fp16: do the arithmetic in float32 and round once, not after each step (a
         # type-promoting addcmul straight into bf16 measured slower than this on CPU).

@@ -13,6 +13,12 @@ only, so they are resampled as rows (``ops.shift_resample``: a few gathered taps
 bilinear/bicubic weights); Rotate uses one ``grid_sample`` per interpolation mode. Because
 the choices live on the host, the subset sizes are known without a device sync, and a given
 seed gives the same choices on CPU and CUDA.
+
+Two backends run the pixel work. ``torch`` (CUDA, or anywhere) is the code described above.
+``cpu-kernels`` (the default for CPU batches when numba is installed) hands each op's subset
+to a compiled uint8 loop working in place on the channels_last batch (``cpu_kernels.py``);
+the op arguments, tables and taps come from the same ``ops.py`` functions, so both give the
+same pixels up to float rounding in the resampling ops.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cpu_kernels as K
 from . import ops as O
 from .policy import LEVEL_DENOM, RandAugmentPolicy
 
@@ -84,12 +91,30 @@ def op_argument(name: str, m: torch.Tensor, sign: torch.Tensor, h: int, w: int,
     return m  # AutoContrast, Equalize, Invert take no argument
 
 
-def apply_params(x: torch.Tensor, params: RandAugmentParams, policy: RandAugmentPolicy) -> torch.Tensor:
-    """Apply drawn choices to uint8 ``x`` [N, 3, H, W]; returns a new, contiguous (NCHW) tensor.
+BACKENDS = ("auto", "torch", "cpu-kernels")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto' -> the compiled CPU loops for CPU tensors when numba is there, else torch."""
+    if backend not in BACKENDS:
+        raise ValueError(f"augmentation backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "cpu-kernels" if device.type == "cpu" and K.AVAILABLE else "torch"
+    if backend == "cpu-kernels" and (device.type != "cpu" or not K.AVAILABLE):
+        raise ValueError("the cpu-kernels augmentation backend needs a CPU batch and numba (pip install numba)")
+    return backend
+
+
+def apply_params(x: torch.Tensor, params: RandAugmentParams, policy: RandAugmentPolicy,
+                 backend: str = "auto") -> torch.Tensor:
+    """Apply drawn choices to uint8 ``x`` [N, 3, H, W]; returns a new tensor, NCHW-contiguous
+    from the torch backend and channels_last from the cpu-kernels backend.
 
     Contiguous because gathering and scattering whole images is then a memcpy per image
     (``index_put`` into channels_last memory was the slowest step on CPU); ``normalize`` makes
     the channels_last output from it."""
+    if resolve_backend(backend, x.device) == "cpu-kernels":
+        return _apply_with_cpu_kernels(x, params, policy)
     out = x.contiguous() if not x.is_contiguous() else x.clone()
     h, w = x.shape[-2:]
     for layer in range(params.op.shape[0]):
@@ -122,6 +147,62 @@ def apply_params(x: torch.Tensor, params: RandAugmentParams, policy: RandAugment
     return out
 
 
+def _apply_with_cpu_kernels(x: torch.Tensor, params: RandAugmentParams, policy: RandAugmentPolicy) -> torch.Tensor:
+    """The same loop over layers and ops, each op in place on its samples of a channels_last copy.
+
+    Per layer: first the statistics some ops need (histograms, mean grey) for their samples, then
+    every op's kernel; within a phase the kernels touch disjoint images and run over the threads
+    together (``cpu_kernels.Jobs``)."""
+    out = torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+    jobs = K.Jobs(K.nhwc(out))
+    h, w = x.shape[-2:]
+    for layer in range(params.op.shape[0]):
+        chosen = torch.where(params.apply[layer], params.op[layer], -1)
+        order = torch.argsort(chosen, stable=True)  # samples grouped by op, ascending within
+        counts = torch.bincount(chosen + 1, minlength=len(policy.ops) + 1).tolist()
+        start, groups = counts[0], []  # counts[0]: the samples whose op did not fire
+        for k, name in enumerate(policy.ops):
+            sel, start = order[start:start + counts[k + 1]], start + counts[k + 1]
+            if sel.numel():
+                arg = op_argument(name, params.magnitude[layer, sel], params.sign[layer, sel], h, w, policy)
+                stats = None
+                if name.startswith("Contrast"):
+                    stats = jobs.grey_sum(sel)
+                elif name in ("Equalize", "AutoContrast"):
+                    stats = jobs.histogram(sel)
+                groups.append((name, sel, arg, stats))
+        jobs.run()  # the statistics, from the images as the previous layer left them
+        for name, sel, arg, stats in groups:
+            if name in O.VALUE_OPS:
+                jobs.lut(sel, O.value_lut(O.POINT_OPS[name], arg, len(sel)))
+            elif name.startswith("Contrast"):
+                jobs.lut(sel, O.contrast_lut(O.contrast_level(torch.from_numpy(stats), h * w), arg))
+            elif name == "Equalize":
+                jobs.lut(sel, O.equalize_lut(torch.from_numpy(stats)))
+            elif name == "AutoContrast":
+                occupied = torch.from_numpy(stats) > 0
+                lo = occupied.int().argmax(-1)
+                hi = 255 - torch.flip(occupied, dims=[-1]).int().argmax(-1)
+                jobs.lut(sel, O.autocontrast_lut(lo, hi))
+            elif name.startswith("Color"):
+                jobs.color(sel, arg)
+            elif name.startswith("Sharpness"):
+                jobs.sharpness(sel, arg)
+            elif name in O.SHIFT_OPS:
+                axis, shift = O.row_shifts(arg, h, w)
+                cubic = params.bicubic[layer, sel]
+                for mode, pick in (("bilinear", ~cubic), ("bicubic", cubic)):
+                    if pick.any():
+                        jobs.shift(sel[pick], axis, *O.shift_taps(shift[pick], mode, w if axis == "x" else h),
+                                   policy.fill)
+            elif name == "Rotate":
+                jobs.affine(sel, arg, params.bicubic[layer, sel], policy.fill)
+            else:
+                raise AssertionError(f"no CPU kernel for {name}")
+        jobs.run()
+    return out
+
+
 def _apply_to(out: torch.Tensor, sel: torch.Tensor, op) -> None:
     """``out[sel] = op(out[sel])`` for the samples ``sel`` (a CPU index tensor).
 
@@ -137,8 +218,9 @@ def _apply_to(out: torch.Tensor, sel: torch.Tensor, op) -> None:
         out.index_copy_(0, sel_d, result)
 
 
-def rand_augment_batch(x: torch.Tensor, policy: RandAugmentPolicy, generator: torch.Generator) -> torch.Tensor:
+def rand_augment_batch(x: torch.Tensor, policy: RandAugmentPolicy, generator: torch.Generator,
+                       backend: str = "auto") -> torch.Tensor:
     """RandAugment on a uint8 batch [N, 3, H, W] (any device); ``generator`` is a CPU generator."""
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"expected uint8 [N, 3, H, W], got {x.dtype} {tuple(x.shape)}")
-    return apply_params(x, sample_params(x.shape[0], policy, generator), policy)
+    return apply_params(x, sample_params(x.shape[0], policy, generator), policy, backend)

@@ -20,16 +20,17 @@ from engine.config import AugmentConfig
 from pipelines.base import Batch
 
 from .erasing import random_erasing
-from .mixup import mixing_enabled, mixup_cutmix, smooth_one_hot
+from .mixup import draw_mix_params, mix_targets, mixing_enabled, mixup_cutmix, smooth_one_hot
+from .buffers import BufferPool
 from .normalize import IMAGENET_MEAN, IMAGENET_STD, normalize
 from .policy import parse_rand_augment
-from .randaugment import rand_augment_batch
+from .randaugment import rand_augment_batch, resolve_backend
 
 
 class Stage2:
     def __init__(self, aug: AugmentConfig, num_classes: int, label_smoothing: float, *, train: bool,
                  channels_last: bool = True, out_dtype: torch.dtype = torch.float32, seed: int = 0,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation: str = "random"):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation: str = "random", backend: str = "auto"):
         self.aug = aug
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
@@ -42,6 +43,9 @@ class Stage2:
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
         self.magnitude_scale = 1.0
+        resolve_backend(backend, torch.device("cpu"))  # a bad name fails here, not at the first batch
+        self.backend = backend  # 'auto': compiled CPU loops for CPU batches (numba), torch otherwise
+        self.pool = BufferPool()  # CPU output batches recycled once unreferenced (buffers.py)
 
     def set_magnitude_scale(self, scale: float) -> None:
         """Progressive regularization (EfficientNetV2): scale RandAugment magnitude and the mixup /
@@ -60,13 +64,22 @@ class Stage2:
     def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         x = batch.images
         if not self.train:
-            return normalize(x, self.mean, self.std, self.out_dtype, self.channels_last), batch.labels
+            return normalize(x, self.mean, self.std, self.out_dtype, self.channels_last,
+                             backend=self.backend, pool=self.pool), batch.labels
         if self.policy is not None and self.magnitude_scale > 0:
-            x = rand_augment_batch(x, self.policy.scaled(self.magnitude_scale), self.generator)
-        x = normalize(x, self.mean, self.std, self.out_dtype, self.channels_last)
+            x = rand_augment_batch(x, self.policy.scaled(self.magnitude_scale), self.generator, self.backend)
+        mix = self._mix_config()
+        if mixing_enabled(mix) and self.aug.random_erasing <= 0:
+            # Mixing right after normalization, in the same pass where the backend can fuse it.
+            # The draws are the ones mixup_cutmix would make here, so results do not depend on it.
+            params = draw_mix_params(x.shape, mix, self.generator)
+            x = normalize(x, self.mean, self.std, self.out_dtype, self.channels_last, mix=params,
+                          backend=self.backend, pool=self.pool)
+            return x, mix_targets(batch.labels, params.lam, self.num_classes, self.label_smoothing)
+        x = normalize(x, self.mean, self.std, self.out_dtype, self.channels_last, backend=self.backend,
+                      pool=self.pool)
         if self.aug.random_erasing > 0:
             x = random_erasing(x, self.aug.random_erasing, self.generator)
-        mix = self._mix_config()
         if mixing_enabled(mix):
             return mixup_cutmix(x, batch.labels, mix, self.generator, num_classes=self.num_classes,
                                 label_smoothing=self.label_smoothing, inplace=True)  # x is ours

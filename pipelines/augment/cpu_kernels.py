@@ -1,0 +1,401 @@
+"""Compiled CPU loops for stage 2: RandAugment's pixel work and normalize on a uint8 NHWC batch.
+
+Why these exist: on a CPU, eager torch runs each op as several passes over float32 or int32
+copies of the selected images (4 bytes per value, plus a gather before and a scatter after),
+while PIL runs one uint8 loop per op. These numba loops are that single uint8 pass, in place,
+on the channels_last memory stage 1 delivers (no NCHW transposition, no gather/scatter), with
+the images of a call split over ``torch.get_num_threads()`` threads (``nogil`` kernels on a
+thread pool, so they are safe next to FFCV's own numba threads).
+
+They hold no augmentation semantics of their own: every argument is computed by ``ops.py``,
+which the torch backend (CUDA) uses as well: the 256-entry tables of the value ops, Contrast,
+Equalize and AutoContrast; the taps, weights and fill ranges of translate/shear; the affine
+matrix of Rotate. What is left here is arithmetic that mirrors the torch code op for op in
+float32 (``_blend``'s truncating blend, PIL's grey weights, the SMOOTH filter, ``grid_sample``'s
+bilinear and a = -0.75 bicubic with border clamping), so the two backends agree to float
+rounding; tests/test_randaugment.py checks both against timm.
+
+Compiled on first use (about 10 s for all) and cached on disk by numba.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+try:
+    import numba
+    from numba import njit, prange
+except ImportError:  # the torch backend runs everywhere; these loops are an optional CPU speed-up
+    numba = None
+
+AVAILABLE = numba is not None
+_f32 = np.float32
+
+if AVAILABLE:
+    _jit = njit(nogil=True, cache=True, fastmath=False, error_model="numpy")
+    # Kernels over a set of images: one image per parallel iteration. numba's own thread pool
+    # (TBB or OpenMP: both are safe next to FFCV's numba threads) hands work over far faster than
+    # a Python thread pool: on the 2-core machine a ThreadPoolExecutor split gained nothing,
+    # prange 1.45x on normalize (measured).
+    _pjit = njit(nogil=True, cache=True, fastmath=False, error_model="numpy", parallel=True)
+
+    @_pjit
+    def _lut(img, sel, luts):
+        for i in prange(sel.shape[0]):
+            im = img[sel[i]]
+            lut = luts[i]
+            for y in range(im.shape[0]):
+                for x in range(im.shape[1]):
+                    for c in range(3):
+                        im[y, x, c] = lut[c, im[y, x, c]]
+
+    @_pjit
+    def _histogram(img, sel, pos, out):
+        for i in prange(sel.shape[0]):
+            im = img[sel[i]]
+            h = out[pos[i]]
+            for y in range(im.shape[0]):
+                for x in range(im.shape[1]):
+                    for c in range(3):
+                        h[c, im[y, x, c]] += 1
+
+    @_jit
+    def _grey(r, g, b):
+        return (np.int32(r) * 19595 + np.int32(g) * 38470 + np.int32(b) * 7471 + 0x8000) >> 16
+
+    @_pjit
+    def _grey_sum(img, sel, pos, out):
+        for i in prange(sel.shape[0]):
+            im = img[sel[i]]
+            s = 0
+            for y in range(im.shape[0]):
+                for x in range(im.shape[1]):
+                    s += _grey(im[y, x, 0], im[y, x, 1], im[y, x, 2])
+            out[pos[i]] = s
+
+    @_jit
+    def _blend1(d, v, f):
+        """``ops._blend`` for one value: float32 d + f * (v - d), clipped, truncated."""
+        d = _f32(d)  # float32 throughout, as torch does it: a float64 step changes truncations
+        r = d + f * (_f32(v) - d)
+        if r < _f32(0.0):
+            return np.uint8(0)
+        if r > _f32(255.0):
+            return np.uint8(255)
+        return np.uint8(r)
+
+    @_pjit
+    def _color(img, sel, factor):
+        for i in prange(sel.shape[0]):
+            im = img[sel[i]]
+            f = factor[i]
+            for y in range(im.shape[0]):
+                for x in range(im.shape[1]):
+                    d = _f32(_grey(im[y, x, 0], im[y, x, 1], im[y, x, 2]))
+                    for c in range(3):
+                        im[y, x, c] = _blend1(d, im[y, x, c], f)
+
+    @_pjit
+    def _sharpness(img, sel, factor):
+        h, w = img.shape[1], img.shape[2]
+        for i in prange(sel.shape[0]):
+            im = img[sel[i]]
+            src = im.copy()  # per iteration: the iterations run in parallel
+            f = factor[i]
+            for y in range(1, h - 1):  # PIL leaves the border unfiltered
+                for x in range(1, w - 1):
+                    for c in range(3):
+                        s = np.int32(src[y, x, c]) * 4
+                        for dy in range(-1, 2):
+                            for dx in range(-1, 2):
+                                s += src[y + dy, x + dx, c]
+                        d = _f32(np.round(_f32(s) / _f32(13.0)))  # never half-way: 13 is odd
+                        im[y, x, c] = _blend1(d, src[y, x, c], f)
+
+    @_jit
+    def _to_u8(acc):
+        acc += _f32(0.005)  # the torch code's bias before truncating (see ops.shift_resample)
+        return np.uint8(min(max(acc, _f32(0.0)), _f32(255.0)))
+
+    @_jit
+    def _resample_line(line, out, length, base, w, first, stop, fill):
+        """One row of ``ops.shift_resample``: out[j] = sum_t line[clamp(base + j + t)] * w[t]
+        for j in [first, stop), fill elsewhere. ``line``/``out`` are flat (length * 3) uint8."""
+        n_taps = w.shape[0]
+        a, b = max(0, first), min(length, stop)
+        for j in range(0, a):
+            for c in range(3):
+                out[j * 3 + c] = fill[c]
+        for j in range(max(b, 0), length):
+            for c in range(3):
+                out[j * 3 + c] = fill[c]
+        # Where no tap needs clamping, a flat loop over (pixel, channel) that LLVM vectorises.
+        # Slices, so that the loop indices are plain counters: a computed (possibly negative)
+        # index costs numba a wrap-around check per access and 10x in speed (measured).
+        lo, hi = max(a, -base), min(b, length - n_taps + 1 - base)
+        if hi > lo:
+            src = line[(lo + base) * 3:]
+            dst = out[lo * 3:hi * 3]
+            if n_taps == 2:
+                w0, w1 = w[0], w[1]
+                for m in range(dst.shape[0]):
+                    acc = _f32(src[m]) * w0
+                    acc += _f32(src[m + 3]) * w1
+                    dst[m] = _to_u8(acc)
+            else:
+                w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
+                for m in range(dst.shape[0]):
+                    acc = _f32(src[m]) * w0
+                    acc += _f32(src[m + 3]) * w1
+                    acc += _f32(src[m + 6]) * w2
+                    acc += _f32(src[m + 9]) * w3
+                    dst[m] = _to_u8(acc)
+        else:
+            lo = hi = a
+        for j in list(range(a, lo)) + list(range(hi, b)):  # border pixels: taps clamped to the line
+            for c in range(3):
+                acc = _f32(line[min(max(base + j, 0), length - 1) * 3 + c]) * w[0]
+                for t in range(1, n_taps):
+                    acc += _f32(line[min(max(base + j + t, 0), length - 1) * 3 + c]) * w[t]
+                out[j * 3 + c] = _to_u8(acc)
+
+    @_pjit
+    def _shift(img, sel, whole, weights, first, stop, axis, lo, fill):
+        """``ops.shift_resample`` along rows (axis 0: per-row shifts, [k, H]) or columns
+        (axis 1: per-column shifts, [k, W]); a column is copied out and back as a line."""
+        h, w = img.shape[1], img.shape[2]
+        length = w if axis == 0 else h
+        lines = h if axis == 0 else w
+        for i in prange(sel.shape[0]):
+            im = img[sel[i]]
+            line = np.empty(length * 3, np.uint8)  # per iteration: they run in parallel
+            out = np.empty(length * 3, np.uint8)
+            for r in range(lines):
+                if axis == 0:
+                    src = im[r].reshape(length * 3)
+                    line[:] = src
+                    _resample_line(line, src, length, whole[i, r] + lo, weights[i, r], first[i, r], stop[i, r], fill)
+                else:
+                    for j in range(length):
+                        for c in range(3):
+                            line[j * 3 + c] = im[j, r, c]
+                    _resample_line(line, out, length, whole[i, r] + lo, weights[i, r], first[i, r], stop[i, r], fill)
+                    for j in range(length):
+                        for c in range(3):
+                            im[j, r, c] = out[j * 3 + c]
+
+    @_jit
+    def _cc1(t, a):
+        return ((a + _f32(2.0)) * t - (a + _f32(3.0))) * t * t + _f32(1.0)
+
+    @_jit
+    def _cc2(t, a):
+        return ((a * t - _f32(5.0) * a) * t + _f32(8.0) * a) * t - _f32(4.0) * a
+
+    @_jit
+    def _bicubic_at(src, x0, y0, c, w, h, wx0, wx1, wx2, wx3, wy0, wy1, wy2, wy3):
+        """grid_sample's bicubic sum over the 4x4 taps around (x0, y0), rows first."""
+        acc = _f32(0.0)
+        for r in range(4):
+            yy = np.uintp(min(max(y0 - 1 + r, 0), h - 1))
+            if x0 >= 1 and x0 + 2 < w:
+                q = np.uintp(x0 - 1)
+                row = (_f32(src[yy, q, c]) * wx0 + _f32(src[yy, q + 1, c]) * wx1
+                       + _f32(src[yy, q + 2, c]) * wx2 + _f32(src[yy, q + 3, c]) * wx3)
+            else:
+                row = (_f32(src[yy, np.uintp(min(max(x0 - 1, 0), w - 1)), c]) * wx0
+                       + _f32(src[yy, np.uintp(min(max(x0, 0), w - 1)), c]) * wx1
+                       + _f32(src[yy, np.uintp(min(max(x0 + 1, 0), w - 1)), c]) * wx2
+                       + _f32(src[yy, np.uintp(min(max(x0 + 2, 0), w - 1)), c]) * wx3)
+            acc += row * (wy0 if r == 0 else (wy1 if r == 1 else (wy2 if r == 2 else wy3)))
+        return acc
+
+    @_pjit
+    def _affine(img, sel, mats, cubic, fill):
+        """``ops.affine``: ``grid_sample`` (align_corners=False, border) at the source point of
+        each output pixel centre; PIL's fill where that point is outside the image."""
+        h, w = img.shape[1], img.shape[2]
+        a = _f32(-0.75)
+        one = _f32(1.0)
+        for i in prange(sel.shape[0]):
+            im = img[sel[i]]
+            src = im.copy()  # per iteration: they run in parallel
+            flat = src.reshape(h, w * 3)
+            m = mats[i]
+            bic = cubic[i]
+            for y in range(h):
+                fy = _f32(y) + _f32(0.5)
+                out = im[y]
+                for x in range(w):
+                    fx = _f32(x) + _f32(0.5)
+                    sx = m[0, 0] * fx + m[0, 1] * fy + m[0, 2]
+                    sy = m[1, 0] * fx + m[1, 1] * fy + m[1, 2]
+                    if not (sx >= 0 and sx < w and sy >= 0 and sy < h):
+                        for c in range(3):
+                            out[x, c] = fill[c]
+                        continue
+                    ix = sx - _f32(0.5)  # grid_sample's unnormalized source index
+                    iy = sy - _f32(0.5)
+                    if not bic:
+                        ix = min(max(ix, _f32(0.0)), _f32(w - 1))
+                        iy = min(max(iy, _f32(0.0)), _f32(h - 1))
+                    x0 = int(ix + _f32(2.0)) - 2  # floor: ix >= -0.5 here, and int() truncates
+                    y0 = int(iy + _f32(2.0)) - 2
+                    tx = ix - _f32(x0)
+                    ty = iy - _f32(y0)
+                    if bic:
+                        wx0, wx1, wx2, wx3 = _cc2(tx + one, a), _cc1(tx, a), _cc1(one - tx, a), _cc2(_f32(2.0) - tx, a)
+                        wy0, wy1, wy2, wy3 = _cc2(ty + one, a), _cc1(ty, a), _cc1(one - ty, a), _cc2(_f32(2.0) - ty, a)
+                        if x0 >= 1 and x0 + 2 < w and y0 >= 1 and y0 + 2 < h:  # no clamping: flat rows
+                            q = np.uintp((x0 - 1) * 3)
+                            r0 = np.uintp(y0 - 1)
+                            r1, r2, r3 = r0 + np.uintp(1), r0 + np.uintp(2), r0 + np.uintp(3)
+                            for c in range(3):
+                                qc = q + np.uintp(c)
+                                q1, q2, q3 = qc + np.uintp(3), qc + np.uintp(6), qc + np.uintp(9)
+                                v0 = (_f32(flat[r0, qc]) * wx0 + _f32(flat[r0, q1]) * wx1
+                                      + _f32(flat[r0, q2]) * wx2 + _f32(flat[r0, q3]) * wx3)
+                                v1 = (_f32(flat[r1, qc]) * wx0 + _f32(flat[r1, q1]) * wx1
+                                      + _f32(flat[r1, q2]) * wx2 + _f32(flat[r1, q3]) * wx3)
+                                v2 = (_f32(flat[r2, qc]) * wx0 + _f32(flat[r2, q1]) * wx1
+                                      + _f32(flat[r2, q2]) * wx2 + _f32(flat[r2, q3]) * wx3)
+                                v3 = (_f32(flat[r3, qc]) * wx0 + _f32(flat[r3, q1]) * wx1
+                                      + _f32(flat[r3, q2]) * wx2 + _f32(flat[r3, q3]) * wx3)
+                                acc = _f32(0.0)
+                                acc += v0 * wy0
+                                acc += v1 * wy1
+                                acc += v2 * wy2
+                                acc += v3 * wy3
+                                out[x, c] = _to_u8(acc)
+                            continue
+                        for c in range(3):
+                            out[x, c] = _to_u8(_bicubic_at(src, x0, y0, c, w, h, wx0, wx1, wx2, wx3,
+                                                           wy0, wy1, wy2, wy3))
+                    else:
+                        xa, ya = np.uintp(x0), np.uintp(y0)
+                        xb, yb = np.uintp(min(x0 + 1, w - 1)), np.uintp(min(y0 + 1, h - 1))
+                        for c in range(3):
+                            top = _f32(src[ya, xa, c]) * (one - tx) + _f32(src[ya, xb, c]) * tx
+                            bot = _f32(src[yb, xa, c]) * (one - tx) + _f32(src[yb, xb, c]) * tx
+                            out[x, c] = _to_u8(top * (one - ty) + bot * ty)
+
+    @_jit
+    def _norm_span(src, dst, scale, shift, a, b):
+        for m in range(a, b):
+            dst[m] = _f32(src[m]) * scale[m] + shift[m]
+
+    @_jit
+    def _norm_mix_span(src, partner, dst, scale, shift, wt, a, b):
+        """``mixup._mix_pairs_`` on normalized values: own + wt * (partner - own)."""
+        for m in range(a, b):
+            own = _f32(src[m]) * scale[m] + shift[m]
+            other = _f32(partner[m]) * scale[m] + shift[m]
+            dst[m] = own + wt * (other - own)
+
+    @_pjit
+    def _normalize_mix(src, dst, scale, shift, wt, cut, boxes):
+        """Rows of W * 3 values: dst = src * scale + shift (the per-channel constants repeated
+        along a row), then mixed with sample N-1-n: CutMix takes the partner's pixels inside
+        the box, mixup blends with weight ``wt`` = 1 - lambda; 0 leaves a sample unmixed."""
+        n_img, h, row = src.shape[0], src.shape[1], src.shape[2] * 3
+        s2 = src.reshape(n_img, h, row)
+        d2 = dst.reshape(n_img, h, row)
+        for n in prange(n_img):
+            p = n_img - 1 - n
+            for y in range(h):
+                s_row, p_row, d_row = s2[n, y], s2[p, y], d2[n, y]
+                if cut[n]:
+                    _norm_span(s_row, d_row, scale, shift, 0, row)
+                    if boxes[n, 0] <= y < boxes[n, 1] and boxes[n, 3] > boxes[n, 2]:
+                        _norm_span(p_row, d_row, scale, shift, boxes[n, 2] * 3, boxes[n, 3] * 3)
+                elif wt[n] != 0:
+                    _norm_mix_span(s_row, p_row, d_row, scale, shift, wt[n], 0, row)
+                else:
+                    _norm_span(s_row, d_row, scale, shift, 0, row)
+
+
+
+def _set_threads() -> None:
+    """numba's thread count is per calling thread: follow torch's."""
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def nhwc(x: torch.Tensor) -> np.ndarray:
+    """The [N, H, W, 3] numpy view of a channels_last uint8 (or float) CPU batch."""
+    v = x.permute(0, 2, 3, 1)
+    assert v.is_contiguous(), "expected channels_last memory"
+    return v.numpy()
+
+
+class Jobs:
+    """Kernel calls queued, then run in order by ``run``: the RandAugment loop first queues the
+    statistics a layer's ops need, reads them after ``run``, then queues the ops themselves.
+    Each kernel spreads its images over numba's threads."""
+
+    def __init__(self, img: np.ndarray):
+        self.img = img
+        self.jobs = []  # (kernel, sel, per-image arrays, constants)
+
+    def add(self, kernel, sel: torch.Tensor, *arrays, const=()) -> None:
+        arrays = [a.contiguous().numpy() if isinstance(a, torch.Tensor) else np.ascontiguousarray(a) for a in arrays]
+        self.jobs.append((kernel, sel.numpy(), arrays, tuple(const)))
+
+    def run(self) -> None:
+        jobs, self.jobs = self.jobs, []
+        if jobs:
+            _set_threads()
+        for kernel, sel, arrays, const in jobs:
+            kernel(self.img, sel, *arrays, *const)
+
+    def lut(self, sel: torch.Tensor, luts: torch.Tensor) -> None:
+        self.add(_lut, sel, luts.to(torch.uint8))
+
+    def color(self, sel: torch.Tensor, factor: torch.Tensor) -> None:
+        self.add(_color, sel, factor.to(torch.float32))
+
+    def sharpness(self, sel: torch.Tensor, factor: torch.Tensor) -> None:
+        self.add(_sharpness, sel, factor.to(torch.float32))
+
+    def shift(self, sel: torch.Tensor, axis: str, whole, taps, weights, first, stop, fill) -> None:
+        """``ops.shift_along`` in place; whole .. stop are ``ops.shift_taps``'s output."""
+        self.add(_shift, sel, whole, weights, first, stop,
+                 const=(0 if axis == "x" else 1, taps[0], np.asarray(fill, np.uint8)))
+
+    def affine(self, sel: torch.Tensor, matrix: torch.Tensor, bicubic: torch.Tensor, fill) -> None:
+        self.add(_affine, sel, matrix.to(torch.float32), bicubic.to(torch.bool), const=(np.asarray(fill, np.uint8),))
+
+    def histogram(self, sel: torch.Tensor) -> np.ndarray:
+        """Queue per-(image, channel) histograms; the array is filled by ``run``."""
+        out = np.zeros((len(sel), 3, 256), np.int64)
+        self.add(_histogram, sel, np.arange(len(sel)), const=(out,))
+        return out
+
+    def grey_sum(self, sel: torch.Tensor) -> np.ndarray:
+        """Queue sums of PIL's grey values per image; the array is filled by ``run``."""
+        out = np.zeros(len(sel), np.int64)
+        self.add(_grey_sum, sel, np.arange(len(sel)), const=(out,))
+        return out
+
+
+def normalize_mix(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, lam=None, cutmix=None,
+                  boxes=None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A channels_last uint8 CPU batch -> a channels_last float32 batch ``x * scale + shift``
+    (per channel), mixed with the flipped batch as ``mixup.apply_mix`` does when ``lam``/
+    ``cutmix``/``boxes`` (a ``MixParams``'s arrays) are given: one pass writing the output once,
+    into ``out`` when given (same shape, float32, channels_last)."""
+    n, _, h, w = x.shape
+    if out is None:
+        out = torch.empty(x.shape, dtype=torch.float32, memory_format=torch.channels_last)
+    scale_row = scale.to(torch.float32).repeat(w).numpy()
+    shift_row = shift.to(torch.float32).repeat(w).numpy()
+    if lam is None:
+        wt, cut, boxes = np.zeros(n, np.float32), np.zeros(n, np.bool_), np.zeros((n, 4), np.int64)
+    else:
+        wt = (1.0 - np.asarray(lam, np.float64)).astype(np.float32)
+        cut, boxes = np.asarray(cutmix, np.bool_), np.ascontiguousarray(boxes, np.int64)
+    src, dst = nhwc(x), nhwc(out)
+    _set_threads()
+    _normalize_mix(src, dst, scale_row, shift_row, wt, cut, boxes)
+    return out
