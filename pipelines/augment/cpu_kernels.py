@@ -4,16 +4,16 @@ Why these exist: on a CPU, eager torch runs each op as several passes over float
 copies of the selected images (4 bytes per value, plus a gather before and a scatter after),
 while PIL runs one uint8 loop per op. These numba loops are that single uint8 pass, in place,
 on the channels_last memory stage 1 delivers (no NCHW transposition, no gather/scatter), with
-the images of a call split over ``torch.get_num_threads()`` threads (``nogil`` kernels on a
-thread pool, so they are safe next to FFCV's own numba threads).
+the images of a call split over ``torch.get_num_threads()`` of numba's threads.
 
-They hold no augmentation semantics of their own: every argument is computed by ``ops.py``,
-which the torch backend (CUDA) uses as well: the 256-entry tables of the value ops, Contrast,
-Equalize and AutoContrast; the taps, weights and fill ranges of translate/shear; the affine
-matrix of Rotate. What is left here is arithmetic that mirrors the torch code op for op in
-float32 (``_blend``'s truncating blend, PIL's grey weights, the SMOOTH filter, ``grid_sample``'s
-bilinear and a = -0.75 bicubic with border clamping), so the two backends agree to float
-rounding; tests/test_randaugment.py checks both against timm.
+The op semantics stay in ``ops.py``, which the torch backend (CUDA) runs: the 256-entry tables
+of the value ops, Contrast, Equalize and AutoContrast are built there and only looked up here;
+Rotate's matrix and every op argument come from there. What is left here is arithmetic that
+mirrors the torch code op for op in float32 (``_blend``'s truncating blend, PIL's grey weights,
+the SMOOTH filter, ``ops.shift_taps``'s per-line taps and weights, recomputed per line so that no
+[k, H] tables are built in Python, and ``grid_sample``'s bilinear and a = -0.75 bicubic with
+border clamping), so the two backends agree to float rounding; tests/test_randaugment.py checks
+both against timm and tests/test_cpu_kernels.py checks them against each other.
 
 Compiled on first use (about 10 s for all) and cached on disk by numba.
 """
@@ -161,10 +161,33 @@ if AVAILABLE:
                     acc += _f32(line[min(max(base + j + t, 0), length - 1) * 3 + c]) * w[t]
                 out[j * 3 + c] = _to_u8(acc)
 
+    @_jit
+    def _line_taps(shift, bicubic, length, wts):
+        """``ops.shift_taps`` for one line, op for op (float64 shift, float32 weights): fills
+        ``wts`` and returns (integer shift + first tap offset, first, stop)."""
+        whole = math.floor(shift)
+        t = _f32(shift - whole)
+        if bicubic:
+            t2 = t * t
+            t3 = t2 * t
+            wts[0] = -t + _f32(2.0) * t2 - t3
+            wts[1] = _f32(1.0) - _f32(2.0) * t2 + t3
+            wts[2] = t + t2 - t3
+            wts[3] = -t2 + t3
+            lo = -1
+        else:
+            wts[0] = _f32(1.0) - t
+            wts[1] = t
+            lo = 0
+        first = int(math.ceil(-0.5 - shift))
+        stop = int(math.ceil(length - 0.5 - shift))
+        return int(whole) + lo, first, stop
+
     @_pjit
-    def _shift(img, sel, whole, weights, first, stop, axis, lo, fill):
-        """``ops.shift_resample`` along rows (axis 0: per-row shifts, [k, H]) or columns
-        (axis 1: per-column shifts, [k, W]); a column is copied out and back as a line."""
+    def _shift(img, sel, slope, offset, bicubic, axis, fill):
+        """``ops.shift_along``: line r (a row for axis 0, a column for axis 1) is resampled at
+        shift slope * (r + 0.5) + offset, which is what ``ops.row_shifts`` gives for translate
+        (slope 0) and shear; a column is copied out and back as a line."""
         h, w = img.shape[1], img.shape[2]
         length = w if axis == 0 else h
         lines = h if axis == 0 else w
@@ -172,16 +195,18 @@ if AVAILABLE:
             im = img[sel[i]]
             line = np.empty(length * 3, np.uint8)  # per iteration: they run in parallel
             out = np.empty(length * 3, np.uint8)
+            wts = np.empty(4 if bicubic[i] else 2, np.float32)
             for r in range(lines):
+                base, first, stop = _line_taps(slope[i] * (r + 0.5) + offset[i], bicubic[i], length, wts)
                 if axis == 0:
                     src = im[r].reshape(length * 3)
                     line[:] = src
-                    _resample_line(line, src, length, whole[i, r] + lo, weights[i, r], first[i, r], stop[i, r], fill)
+                    _resample_line(line, src, length, base, wts, first, stop, fill)
                 else:
                     for j in range(length):
                         for c in range(3):
                             line[j * 3 + c] = im[j, r, c]
-                    _resample_line(line, out, length, whole[i, r] + lo, weights[i, r], first[i, r], stop[i, r], fill)
+                    _resample_line(line, out, length, base, wts, first, stop, fill)
                     for j in range(length):
                         for c in range(3):
                             im[j, r, c] = out[j * 3 + c]
@@ -358,10 +383,12 @@ class Jobs:
     def sharpness(self, sel: torch.Tensor, factor: torch.Tensor) -> None:
         self.add(_sharpness, sel, factor.to(torch.float32))
 
-    def shift(self, sel: torch.Tensor, axis: str, whole, taps, weights, first, stop, fill) -> None:
-        """``ops.shift_along`` in place; whole .. stop are ``ops.shift_taps``'s output."""
-        self.add(_shift, sel, whole, weights, first, stop,
-                 const=(0 if axis == "x" else 1, taps[0], np.asarray(fill, np.uint8)))
+    def shift(self, sel: torch.Tensor, matrix: torch.Tensor, axis: str, bicubic: torch.Tensor, fill) -> None:
+        """``ops.shift_along`` in place for translate/shear matrices along ``axis`` ('x' or 'y')."""
+        m = matrix.to(torch.float64)
+        slope, offset = (m[:, 0, 1], m[:, 0, 2]) if axis == "x" else (m[:, 1, 0], m[:, 1, 2])
+        self.add(_shift, sel, slope, offset, bicubic.to(torch.bool),
+                 const=(0 if axis == "x" else 1, np.asarray(fill, np.uint8)))
 
     def affine(self, sel: torch.Tensor, matrix: torch.Tensor, bicubic: torch.Tensor, fill) -> None:
         self.add(_affine, sel, matrix.to(torch.float32), bicubic.to(torch.bool), const=(np.asarray(fill, np.uint8),))

@@ -188,13 +188,9 @@ def _apply_with_cpu_kernels(x: torch.Tensor, params: RandAugmentParams, policy: 
                 jobs.color(sel, arg)
             elif name.startswith("Sharpness"):
                 jobs.sharpness(sel, arg)
-            elif name in O.SHIFT_OPS:
-                axis, shift = O.row_shifts(arg, h, w)
-                cubic = params.bicubic[layer, sel]
-                for mode, pick in (("bilinear", ~cubic), ("bicubic", cubic)):
-                    if pick.any():
-                        jobs.shift(sel[pick], axis, *O.shift_taps(shift[pick], mode, w if axis == "x" else h),
-                                   policy.fill)
+            elif name in O.SHIFT_OPS:  # translate / shear along x or y: 1-D resampling of lines
+                jobs.shift(sel, arg, "x" if name in ("ShearX", "TranslateXRel") else "y", params.bicubic[layer, sel],
+                           policy.fill)
             elif name == "Rotate":
                 jobs.affine(sel, arg, params.bicubic[layer, sel], policy.fill)
             else:
