@@ -32,9 +32,10 @@ def unreferenced(t: torch.Tensor, pool_refs: int = 1) -> bool:
 
 
 class BufferPool:
-    """Up to ``keep`` CPU output buffers, handed out again once unreferenced (see module doc)."""
+    """Up to ``keep`` CPU buffers, handed out again once unreferenced (see module doc). Stage 2
+    keeps its RandAugment result (uint8) and its output (float32) here."""
 
-    def __init__(self, keep: int = 2):
+    def __init__(self, keep: int = 4):
         self.keep = keep
         self._buffers: list[torch.Tensor] = []
         self.reused = 0  # how many requests a recycled buffer served (tests, benchmarks)

@@ -106,7 +106,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def apply_params(x: torch.Tensor, params: RandAugmentParams, policy: RandAugmentPolicy,
-                 backend: str = "auto") -> torch.Tensor:
+                 backend: str = "auto", pool=None) -> torch.Tensor:
     """Apply drawn choices to uint8 ``x`` [N, 3, H, W]; returns a new tensor, NCHW-contiguous
     from the torch backend and channels_last from the cpu-kernels backend.
 
@@ -114,7 +114,7 @@ def apply_params(x: torch.Tensor, params: RandAugmentParams, policy: RandAugment
     (``index_put`` into channels_last memory was the slowest step on CPU); ``normalize`` makes
     the channels_last output from it."""
     if resolve_backend(backend, x.device) == "cpu-kernels":
-        return _apply_with_cpu_kernels(x, params, policy)
+        return _apply_with_cpu_kernels(x, params, policy, pool)
     out = x.contiguous() if not x.is_contiguous() else x.clone()
     h, w = x.shape[-2:]
     for layer in range(params.op.shape[0]):
@@ -147,13 +147,15 @@ def apply_params(x: torch.Tensor, params: RandAugmentParams, policy: RandAugment
     return out
 
 
-def _apply_with_cpu_kernels(x: torch.Tensor, params: RandAugmentParams, policy: RandAugmentPolicy) -> torch.Tensor:
+def _apply_with_cpu_kernels(x: torch.Tensor, params: RandAugmentParams, policy: RandAugmentPolicy,
+                            pool=None) -> torch.Tensor:
     """The same loop over layers and ops, each op in place on its samples of a channels_last copy.
 
     Per layer: first the statistics some ops need (histograms, mean grey) for their samples, then
     every op's kernel; within a phase the kernels touch disjoint images and run over the threads
     together (``cpu_kernels.Jobs``)."""
-    out = torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+    out = (pool.empty(x.shape, torch.uint8) if pool is not None
+           else torch.empty_like(x, memory_format=torch.channels_last)).copy_(x)
     jobs = K.Jobs(K.nhwc(out))
     h, w = x.shape[-2:]
     for layer in range(params.op.shape[0]):
@@ -215,8 +217,9 @@ def _apply_to(out: torch.Tensor, sel: torch.Tensor, op) -> None:
 
 
 def rand_augment_batch(x: torch.Tensor, policy: RandAugmentPolicy, generator: torch.Generator,
-                       backend: str = "auto") -> torch.Tensor:
-    """RandAugment on a uint8 batch [N, 3, H, W] (any device); ``generator`` is a CPU generator."""
+                       backend: str = "auto", pool=None) -> torch.Tensor:
+    """RandAugment on a uint8 batch [N, 3, H, W] (any device); ``generator`` is a CPU generator.
+    ``pool`` (a ``buffers.BufferPool``) lets the CPU kernels write into a recycled buffer."""
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"expected uint8 [N, 3, H, W], got {x.dtype} {tuple(x.shape)}")
-    return apply_params(x, sample_params(x.shape[0], policy, generator), policy, backend)
+    return apply_params(x, sample_params(x.shape[0], policy, generator), policy, backend, pool)

@@ -67,7 +67,8 @@ class Stage2:
             return normalize(x, self.mean, self.std, self.out_dtype, self.channels_last,
                              backend=self.backend, pool=self.pool), batch.labels
         if self.policy is not None and self.magnitude_scale > 0:
-            x = rand_augment_batch(x, self.policy.scaled(self.magnitude_scale), self.generator, self.backend)
+            x = rand_augment_batch(x, self.policy.scaled(self.magnitude_scale), self.generator, self.backend,
+                                   pool=self.pool)
         mix = self._mix_config()
         if mixing_enabled(mix) and self.aug.random_erasing <= 0:
             # Mixing right after normalization, in the same pass where the backend can fuse it.
