@@ -5,7 +5,11 @@ ImageNet-like 500x375 / 375x500, run through tools/convert_imagenet.py once and 
 
 * ``reference``  pipelines.reference.ReferencePipeline (PIL decode + timm RandomResizedCrop, flip;
                  a torch DataLoader with ``--workers`` processes), reading the source PNG tree;
-* ``ffcv``       pipelines.ffcv.FFCVPipeline over the beton (shared-sampler traversal order);
+* ``ffcv``       pipelines.ffcv.FFCVPipeline over the beton (shared-sampler traversal order), every
+                 image stored as JPEG (the converter's default, ``--write-mode jpg``);
+* ``ffcv-proportion``  the same over a beton written with ``--write-mode proportion
+                 --compress-probability 0.5``, ffcv-imagenet's ImageNet setting: about half the
+                 images stored as raw pixels, which cost no decode (and ~4x the disk of a JPEG);
 * ``dali``       pipelines.dali.DALIPipeline over the webdataset shards (index feed);
 * ``bare-ffcv``  an ffcv ``Loader`` with the same decoder/flip/ToTensor/ToTorchImage ops and FFCV's own
                  RANDOM order: what our wrapper costs on top of FFCV;
@@ -42,22 +46,27 @@ from pipelines.base import Batch  # noqa: E402
 
 
 def make_data(data: Path, images: int, workers: int) -> Path:
-    """Source PNG tree (10 classes) + converted FFCV/DALI output, built once and reused."""
+    """Source PNG tree (10 classes) + converted FFCV/DALI output, built once and reused; also a
+    'proportion' beton of the same images next to it (``out_proportion``)."""
     data = data / f"{images}"
     out = data / "out"
-    if (out / "manifest.json").is_file():
+    prop = data / "out_proportion"
+    if (out / "manifest.json").is_file() and (prop / "manifest.json").is_file():
         return out
     from tests.photos import photo_crops
 
     src = data / "src"
-    crops = photo_crops(images // 2, (500, 375), seed=11) + photo_crops(images - images // 2, (375, 500), seed=12)
-    for i, img in enumerate(crops):
-        for split in ("train", "val") if i < 16 else ("train",):
-            folder = src / split / f"c{i % 10}"
-            folder.mkdir(parents=True, exist_ok=True)
-            img.save(folder / f"{i:05d}.png")
-    subprocess.run([sys.executable, str(ROOT / "tools" / "convert_imagenet.py"), str(src), str(out),
-                    "--formats", "ffcv,dali", "--workers", str(workers), "--quiet"], check=True)
+    convert = [sys.executable, str(ROOT / "tools" / "convert_imagenet.py"), str(src)]
+    if not (out / "manifest.json").is_file():  # (a finished conversion means the source tree is complete)
+        crops = photo_crops(images // 2, (500, 375), seed=11) + photo_crops(images - images // 2, (375, 500), seed=12)
+        for i, img in enumerate(crops):
+            for split in ("train", "val") if i < 16 else ("train",):
+                folder = src / split / f"c{i % 10}"
+                folder.mkdir(parents=True, exist_ok=True)
+                img.save(folder / f"{i:05d}.png")
+        subprocess.run(convert + [str(out), "--formats", "ffcv,dali", "--workers", str(workers), "--quiet"], check=True)
+    subprocess.run(convert + [str(prop), "--formats", "ffcv", "--write-mode", "proportion", "--compress-probability",
+                              "0.5", "--workers", str(workers), "--quiet"], check=True)
     return out
 
 
@@ -122,9 +131,9 @@ def build(name: str, root: Path, a):
     if name == "reference":
         from pipelines.reference import ReferencePipeline
         return ReferencePipeline(str(root), "train", **kw)
-    if name == "ffcv":
+    if name in ("ffcv", "ffcv-proportion"):
         from pipelines.ffcv import FFCVPipeline
-        return FFCVPipeline(root, "train", **kw)
+        return FFCVPipeline(root if name == "ffcv" else root.parent / "out_proportion", "train", **kw)
     if name == "dali":
         from pipelines.dali import DALIPipeline
         return DALIPipeline(root, "train", **kw)
@@ -153,7 +162,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--data", type=Path, default=Path("/tmp/bench_pipelines_data"))
-    p.add_argument("--backends", default="reference,ffcv,dali,bare-ffcv,bare-dali")
+    p.add_argument("--backends", default="reference,ffcv,ffcv-proportion,dali,bare-ffcv,bare-dali")
     p.add_argument("--no-stage2", action="store_true")
     p.add_argument("--write", type=Path, default=None, help="also write a markdown report here")
     a = p.parse_args()
