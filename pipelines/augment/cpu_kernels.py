@@ -54,13 +54,14 @@ if AVAILABLE:
 
     @_pjit
     def _histogram(img, sel, pos, out):
+        n = img.shape[1] * img.shape[2] * 3
         for i in prange(sel.shape[0]):
-            im = img[sel[i]]
-            h = out[pos[i]]
-            for y in range(im.shape[0]):
-                for x in range(im.shape[1]):
-                    for c in range(3):
-                        h[c, im[y, x, c]] += 1
+            flat = img[sel[i]].reshape(n)
+            h_r, h_g, h_b = out[pos[i], 0], out[pos[i], 1], out[pos[i], 2]
+            for m in range(0, n, 3):
+                h_r[flat[m]] += 1
+                h_g[flat[m + 1]] += 1
+                h_b[flat[m + 2]] += 1
 
     @_jit
     def _grey(r, g, b):
@@ -69,11 +70,10 @@ if AVAILABLE:
     @_pjit
     def _grey_sum(img, sel, pos, out):
         for i in prange(sel.shape[0]):
-            im = img[sel[i]]
+            flat = img[sel[i]].reshape(img.shape[1] * img.shape[2] * 3)
             s = 0
-            for y in range(im.shape[0]):
-                for x in range(im.shape[1]):
-                    s += _grey(im[y, x, 0], im[y, x, 1], im[y, x, 2])
+            for m in range(0, flat.shape[0], 3):
+                s += _grey(flat[m], flat[m + 1], flat[m + 2])
             out[pos[i]] = s
 
     @_jit
