@@ -156,7 +156,7 @@ def _apply_with_cpu_kernels(x: torch.Tensor, params: RandAugmentParams, policy: 
     together (``cpu_kernels.Jobs``)."""
     out = (pool.empty(x.shape, torch.uint8) if pool is not None
            else torch.empty_like(x, memory_format=torch.channels_last)).copy_(x)
-    jobs = K.Jobs(K.nhwc(out))
+    jobs = K.Jobs(K.nhwc(out), policy.fill)
     h, w = x.shape[-2:]
     for layer in range(params.op.shape[0]):
         chosen = torch.where(params.apply[layer], params.op[layer], -1)
@@ -191,10 +191,9 @@ def _apply_with_cpu_kernels(x: torch.Tensor, params: RandAugmentParams, policy: 
             elif name.startswith("Sharpness"):
                 jobs.sharpness(sel, arg)
             elif name in O.SHIFT_OPS:  # translate / shear along x or y: 1-D resampling of lines
-                jobs.shift(sel, arg, "x" if name in ("ShearX", "TranslateXRel") else "y", params.bicubic[layer, sel],
-                           policy.fill)
+                jobs.shift(sel, arg, "x" if name in ("ShearX", "TranslateXRel") else "y", params.bicubic[layer, sel])
             elif name == "Rotate":
-                jobs.affine(sel, arg, params.bicubic[layer, sel], policy.fill)
+                jobs.affine(sel, arg, params.bicubic[layer, sel])
             else:
                 raise AssertionError(f"no CPU kernel for {name}")
         jobs.run()
