@@ -384,8 +384,7 @@ class Jobs:
         self.jobs = []  # plain kernels: (kernel, sel, per-image arrays, constants)
         self.ops = []  # (op code, sel, {field: per-image values})
 
-    def add(self, kernel, sel: torch.Tensor, *arrays, const=()) -> None:
-        arrays = [a.contiguous().numpy() if isinstance(a, torch.Tensor) else np.ascontiguousarray(a) for a in arrays]
+    def add(self, kernel, sel: torch.Tensor, *arrays: np.ndarray, const=()) -> None:
         self.jobs.append((kernel, sel.numpy(), arrays, tuple(const)))
 
     def run(self) -> None:

@@ -85,13 +85,19 @@ def equalize(x: torch.Tensor, _arg=None) -> torch.Tensor:
     return _apply_lut(x, equalize_lut(_histogram(x)))
 
 
+def occupied_range(hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lowest and highest occupied bin of [..., 256] histograms: each channel's min and max."""
+    occupied = hist > 0
+    return occupied.int().argmax(-1), 255 - torch.flip(occupied, dims=[-1]).int().argmax(-1)
+
+
 def equalize_lut(hist: torch.Tensor) -> torch.Tensor:
     """Equalize's [k, 3, 256] uint8 tables from [k, 3, 256] histograms, PIL's rule: step =
     (pixels - count of the top value) // 255, lut[i] = (step // 2 + pixels below i) // step;
     identity when step is 0."""
     hist = hist.to(torch.int64)
     total = hist.sum(-1)
-    top = 255 - torch.flip(hist > 0, dims=[-1]).int().argmax(-1)  # highest occupied bin
+    _, top = occupied_range(hist)
     step = (total - hist.gather(-1, top[..., None]).squeeze(-1)) // 255
     below = torch.cumsum(hist, -1) - hist
     safe = step.clamp(min=1)[..., None]

@@ -15,9 +15,10 @@ the choices live on the host, the subset sizes are known without a device sync, 
 seed gives the same choices on CPU and CUDA.
 
 Two backends run the pixel work. ``torch`` (CUDA, or anywhere) is the code described above.
-``cpu-kernels`` (the default for CPU batches when numba is installed) hands each op's subset
-to a compiled uint8 loop working in place on the channels_last batch (``cpu_kernels.py``);
-the op arguments, tables and taps come from the same ``ops.py`` functions, so both give the
+``cpu-kernels`` (the default for CPU batches when numba is installed) runs each layer as one
+parallel loop of compiled uint8 ops, in place on the channels_last batch (``cpu_kernels.py``);
+the op arguments, the tables of the table ops and Rotate's matrix come from the same ``ops.py``
+functions, and the resampling kernels mirror ``ops.py``'s arithmetic, so both backends give the
 same pixels up to float rounding in the resampling ops.
 """
 from __future__ import annotations
@@ -182,10 +183,7 @@ def _apply_with_cpu_kernels(x: torch.Tensor, params: RandAugmentParams, policy: 
             elif name == "Equalize":
                 jobs.lut(sel, O.equalize_lut(torch.from_numpy(stats)))
             elif name == "AutoContrast":
-                occupied = torch.from_numpy(stats) > 0
-                lo = occupied.int().argmax(-1)
-                hi = 255 - torch.flip(occupied, dims=[-1]).int().argmax(-1)
-                jobs.lut(sel, O.autocontrast_lut(lo, hi))
+                jobs.lut(sel, O.autocontrast_lut(*O.occupied_range(torch.from_numpy(stats))))
             elif name.startswith("Color"):
                 jobs.color(sel, arg)
             elif name.startswith("Sharpness"):
