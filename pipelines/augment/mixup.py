@@ -127,14 +127,25 @@ def _is_batch_wide(p: MixParams) -> bool:
     return bool(np.all(p.lam == p.lam[0]) and np.all(p.cutmix == p.cutmix[0]) and np.all(p.boxes == p.boxes[0]))
 
 
+# Targets of CPU labels are built in numpy with the same float32 arithmetic: torch's CPU ops on
+# these N x C values (64k for ImageNet) start OpenMP parallel regions, whose threads then spin for
+# milliseconds on the cores stage 2's compiled kernels use next (measured, see cpu_kernels.copy_into).
+
 def smooth_one_hot(y: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
     off = smoothing / num_classes
+    if y.device.type == "cpu":
+        t = np.full((y.shape[0], num_classes), off, np.float32)
+        t[np.arange(y.shape[0]), y.long().numpy()] = 1.0 - smoothing + off
+        return torch.from_numpy(t)
     t = torch.full((y.shape[0], num_classes), off, device=y.device, dtype=torch.float32)
     return t.scatter_(1, y.long().view(-1, 1), 1.0 - smoothing + off)
 
 
 def mix_targets(y: torch.Tensor, lam: np.ndarray, num_classes: int, smoothing: float) -> torch.Tensor:
     t = smooth_one_hot(y, num_classes, smoothing)
+    if y.device.type == "cpu":
+        tn, lam_n = t.numpy(), np.asarray(lam, np.float32).reshape(-1, 1)
+        return torch.from_numpy(tn * lam_n + tn[::-1] * (np.float32(1.0) - lam_n))
     lam_t = torch.as_tensor(lam, dtype=torch.float32).to(y.device, non_blocking=True).view(-1, 1)
     return t * lam_t + t.flip(0) * (1.0 - lam_t)
 

@@ -75,8 +75,11 @@ def autocontrast_lut(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     i = torch.arange(256, device=lo.device, dtype=torch.float64)
     span = (hi - lo).clamp(min=1)
     scale = torch.full_like(span, 255.0) / span  # tensor/tensor: `255.0 / t` rounds differently from PIL
-    lut = (i * scale[..., None] - (lo * scale)[..., None]).trunc().clamp(0, 255)
-    lut = torch.where((hi > lo)[..., None], lut, i)  # flat channel: PIL leaves it unchanged
+    # Truncation by the integer cast, not .trunc(): on CPU torch's trunc/floor start an OpenMP
+    # parallel region even for these few hundred values, and its threads then spin for
+    # milliseconds on the cores the compiled kernels run on next (measured, see cpu_kernels).
+    lut = (i * scale[..., None] - (lo * scale)[..., None]).to(torch.int64).clamp(0, 255)
+    lut = torch.where((hi > lo)[..., None], lut, i.to(torch.int64))  # flat channel: PIL leaves it unchanged
     return lut.to(torch.uint8)
 
 

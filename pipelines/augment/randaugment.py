@@ -155,8 +155,8 @@ def _apply_with_cpu_kernels(x: torch.Tensor, params: RandAugmentParams, policy: 
     Per layer: first the statistics some ops need (histograms, mean grey) for their samples, then
     every op's kernel; within a phase the kernels touch disjoint images and run over the threads
     together (``cpu_kernels.Jobs``)."""
-    out = (pool.empty(x.shape, torch.uint8) if pool is not None
-           else torch.empty_like(x, memory_format=torch.channels_last)).copy_(x)
+    out = K.copy_into(x, pool.empty(x.shape, torch.uint8) if pool is not None
+                      else torch.empty_like(x, memory_format=torch.channels_last))
     jobs = K.Jobs(K.nhwc(out), policy.fill)
     h, w = x.shape[-2:]
     for layer in range(params.op.shape[0]):
