@@ -300,12 +300,14 @@ if AVAILABLE:
     LUT, COLOR, SHARPNESS, SHIFT, AFFINE = 0, 1, 2, 3, 4
 
     @_pjit
-    def _layer(img, sel, code, luts, factor, slope, offset, bicubic, axis, mats, fill):
-        """One RandAugment layer: image sel[i] gets op code[i] with its own arguments. Within a
-        layer every image has one op, so all run in one parallel loop (per op, a layer has only
-        ~4 of 64 images: too few to spread over threads, measured)."""
-        for i in prange(sel.shape[0]):
-            im = img[sel[i]]
+    def _layer(img, order, code, luts, factor, slope, offset, bicubic, axis, mats, fill):
+        """One RandAugment layer: image i = order[j] gets op code[i] with its own arguments (the
+        per-image arrays are indexed by image). Within a layer every image has at most one op, so
+        all run in one parallel loop (per op, a layer has only ~4 of 64 images: too few to spread
+        over threads, measured)."""
+        for j in prange(order.shape[0]):
+            i = order[j]
+            im = img[i]
             c = code[i]
             if c == LUT:
                 _lut1(im, luts[i])
@@ -379,91 +381,82 @@ def nhwc(x: torch.Tensor) -> np.ndarray:
     return v.numpy()
 
 
-class Jobs:
-    """A RandAugment layer's kernel work, queued and then run by ``run``: first any statistics
-    (histograms, grey sums: plain parallel kernels), then every queued op in one ``_layer`` call.
-    The RandAugment loop queues a layer's statistics, runs, builds the tables from them, queues
-    the ops, runs again."""
+class OpPlan:
+    """Every (layer, sample)'s op and arguments as the arrays ``_layer`` reads, rows in
+    layer-major order (row = layer * N + sample; code -1: no op). Filled op by op for all layers
+    at once, so each op's arguments and tables are computed in one call rather than one per
+    layer (Python's per-call overhead was ~1/4 of the CPU RandAugment time); only the tables
+    that need the image as the previous layer left it (Contrast, Equalize, AutoContrast) are
+    added per layer, just before ``run_layer``."""
 
-    def __init__(self, img: np.ndarray, fill=(0, 0, 0)):
-        self.img = img
+    def __init__(self, img: np.ndarray, num_layers: int, fill=(0, 0, 0)):
+        self.img, self.n = img, img.shape[0]
+        k = num_layers * self.n
         self.fill = np.asarray(fill, np.uint8)
-        self.jobs = []  # plain kernels: (kernel, sel, per-image arrays, constants)
-        self.ops = []  # (op code, sel, {field: per-image values})
+        self.code = np.full(k, -1, np.int64)
+        self.luts = np.zeros((k, 3, 256), np.uint8)
+        self.factor = np.zeros(k, np.float32)
+        self.slope, self.offset = np.zeros(k, np.float64), np.zeros(k, np.float64)
+        self.bicubic = np.zeros(k, np.bool_)
+        self.axis = np.zeros(k, np.int64)
+        self.mats = np.zeros((k, 2, 3), np.float32)
 
-    def add(self, kernel, sel: torch.Tensor, *arrays: np.ndarray, const=()) -> None:
-        self.jobs.append((kernel, sel.numpy(), arrays, tuple(const)))
+    def lut(self, rows: np.ndarray, luts: torch.Tensor) -> None:
+        self.code[rows] = LUT
+        self.luts[rows] = luts.to(torch.uint8).numpy()
 
-    def run(self) -> None:
-        jobs, self.jobs = self.jobs, []
-        ops, self.ops = self.ops, []
-        if not (jobs or ops):
-            return
+    def color(self, rows: np.ndarray, factor: torch.Tensor) -> None:
+        self.code[rows] = COLOR
+        self.factor[rows] = factor.numpy()
+
+    def sharpness(self, rows: np.ndarray, factor: torch.Tensor) -> None:
+        self.code[rows] = SHARPNESS
+        self.factor[rows] = factor.numpy()
+
+    def shift(self, rows: np.ndarray, matrix: torch.Tensor, axis: str, bicubic: torch.Tensor) -> None:
+        """``ops.shift_along`` for translate/shear matrices along ``axis`` ('x' or 'y')."""
+        m = matrix.numpy()
+        self.code[rows] = SHIFT
+        self.slope[rows], self.offset[rows] = (m[:, 0, 1], m[:, 0, 2]) if axis == "x" else (m[:, 1, 0], m[:, 1, 2])
+        self.axis[rows] = 0 if axis == "x" else 1
+        self.bicubic[rows] = bicubic.numpy()
+
+    def affine(self, rows: np.ndarray, matrix: torch.Tensor, bicubic: torch.Tensor) -> None:
+        self.code[rows] = AFFINE
+        self.mats[rows] = matrix.numpy()
+        self.bicubic[rows] = bicubic.numpy()
+
+    def histograms(self, images: np.ndarray) -> np.ndarray:
+        """[k, 3, 256] per-channel histograms of ``images``, as they are now."""
+        out = np.zeros((len(images), 3, 256), np.int64)
         _set_threads()
-        for kernel, sel, arrays, const in jobs:
-            kernel(self.img, sel, *arrays, *const)
-        if ops:
-            self._run_layer(ops)
+        _histogram(self.img, images, np.arange(len(images)), out)
+        return out
 
-    def _run_layer(self, ops) -> None:
-        k = sum(len(sel) for _, sel, _ in ops)
-        sel_all = np.empty(k, np.int64)
-        code = np.empty(k, np.int64)
-        f = dict(luts=np.zeros((k, 3, 256), np.uint8), factor=np.zeros(k, np.float32),
-                 slope=np.zeros(k, np.float64), offset=np.zeros(k, np.float64), bicubic=np.zeros(k, np.bool_),
-                 axis=np.zeros(k, np.int64), mats=np.zeros((k, 2, 3), np.float32))
-        at = 0
-        for c, sel, fields in ops:
-            n = len(sel)
-            sel_all[at:at + n], code[at:at + n] = sel, c
-            for name, values in fields.items():
-                f[name][at:at + n] = values
-            at += n
+    def grey_sums(self, images: np.ndarray) -> np.ndarray:
+        """Sums of PIL's grey values of ``images``, as they are now."""
+        out = np.zeros(len(images), np.int64)
+        _set_threads()
+        _grey_sum(self.img, images, np.arange(len(images)), out)
+        return out
+
+    def run_layer(self, layer: int) -> None:
+        rows = slice(layer * self.n, (layer + 1) * self.n)
+        code, bicubic = self.code[rows], self.bicubic[rows]
+        images = np.flatnonzero(code >= 0)
+        if not len(images):
+            return
         # Costliest images first, handed out one at a time: the op costs differ by ~18x (a table
         # look-up 0.07 ms, a bicubic rotation 1.26 ms per image): equal static chunks would not balance.
-        cost = _COST[code] + _BICUBIC_AFFINE_EXTRA * (f["bicubic"] & (code == AFFINE))
-        order = np.argsort(-cost, kind="stable")
+        cost = _COST[code[images]] + _BICUBIC_AFFINE_EXTRA * (bicubic[images] & (code[images] == AFFINE))
+        order = images[np.argsort(-cost, kind="stable")]
+        _set_threads()
         previous = numba.set_parallel_chunksize(1)
         try:
-            _layer(self.img, sel_all[order], code[order], f["luts"][order], f["factor"][order], f["slope"][order],
-                   f["offset"][order], f["bicubic"][order], f["axis"][order], f["mats"][order], self.fill)
+            _layer(self.img, order, code, self.luts[rows], self.factor[rows], self.slope[rows], self.offset[rows],
+                   bicubic, self.axis[rows], self.mats[rows], self.fill)
         finally:
             numba.set_parallel_chunksize(previous)
-
-    def _op(self, code: int, sel: torch.Tensor, **fields) -> None:
-        self.ops.append((code, sel.numpy(), {k: v.numpy() if isinstance(v, torch.Tensor) else v
-                                              for k, v in fields.items()}))
-
-    def lut(self, sel: torch.Tensor, luts: torch.Tensor) -> None:
-        self._op(LUT, sel, luts=luts.to(torch.uint8))
-
-    def color(self, sel: torch.Tensor, factor: torch.Tensor) -> None:
-        self._op(COLOR, sel, factor=factor.to(torch.float32))
-
-    def sharpness(self, sel: torch.Tensor, factor: torch.Tensor) -> None:
-        self._op(SHARPNESS, sel, factor=factor.to(torch.float32))
-
-    def shift(self, sel: torch.Tensor, matrix: torch.Tensor, axis: str, bicubic: torch.Tensor) -> None:
-        """``ops.shift_along`` for translate/shear matrices along ``axis`` ('x' or 'y')."""
-        m = matrix.to(torch.float64)
-        slope, offset = (m[:, 0, 1], m[:, 0, 2]) if axis == "x" else (m[:, 1, 0], m[:, 1, 2])
-        self._op(SHIFT, sel, slope=slope, offset=offset, bicubic=bicubic.to(torch.bool),
-                 axis=0 if axis == "x" else 1)
-
-    def affine(self, sel: torch.Tensor, matrix: torch.Tensor, bicubic: torch.Tensor) -> None:
-        self._op(AFFINE, sel, mats=matrix.to(torch.float32), bicubic=bicubic.to(torch.bool))
-
-    def histogram(self, sel: torch.Tensor) -> np.ndarray:
-        """Queue per-(image, channel) histograms; the array is filled by ``run``."""
-        out = np.zeros((len(sel), 3, 256), np.int64)
-        self.add(_histogram, sel, np.arange(len(sel)), const=(out,))
-        return out
-
-    def grey_sum(self, sel: torch.Tensor) -> np.ndarray:
-        """Queue sums of PIL's grey values per image; the array is filled by ``run``."""
-        out = np.zeros(len(sel), np.int64)
-        self.add(_grey_sum, sel, np.arange(len(sel)), const=(out,))
-        return out
 
 
 def copy_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

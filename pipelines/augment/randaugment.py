@@ -150,51 +150,57 @@ def apply_params(x: torch.Tensor, params: RandAugmentParams, policy: RandAugment
 
 def _apply_with_cpu_kernels(x: torch.Tensor, params: RandAugmentParams, policy: RandAugmentPolicy,
                             pool=None) -> torch.Tensor:
-    """The same loop over layers and ops, each op in place on its samples of a channels_last copy.
+    """The same ops, each in place on its samples of a channels_last copy, a layer at a time.
 
-    Per layer: first the statistics some ops need (histograms, mean grey) for their samples, then
-    every op's kernel; within a phase the kernels touch disjoint images and run over the threads
-    together (``cpu_kernels.Jobs``)."""
+    Each op's arguments and tables are computed once for its samples in all layers
+    (``cpu_kernels.OpPlan``); the tables that depend on the image (Contrast, Equalize,
+    AutoContrast) are built per layer from statistics of the image as the previous layer left
+    it; then one parallel kernel runs the whole layer."""
     out = K.copy_into(x, pool.empty(x.shape, torch.uint8) if pool is not None
                       else torch.empty_like(x, memory_format=torch.channels_last))
-    jobs = K.Jobs(K.nhwc(out), policy.fill)
+    layers, n = params.op.shape
     h, w = x.shape[-2:]
-    for layer in range(params.op.shape[0]):
-        chosen = torch.where(params.apply[layer], params.op[layer], -1)
-        order = torch.argsort(chosen, stable=True)  # samples grouped by op, ascending within
-        counts = torch.bincount(chosen + 1, minlength=len(policy.ops) + 1).tolist()
-        start, groups = counts[0], []  # counts[0]: the samples whose op did not fire
-        for k, name in enumerate(policy.ops):
-            sel, start = order[start:start + counts[k + 1]], start + counts[k + 1]
-            if sel.numel():
-                arg = op_argument(name, params.magnitude[layer, sel], params.sign[layer, sel], h, w, policy)
-                stats = None
-                if name.startswith("Contrast"):
-                    stats = jobs.grey_sum(sel)
-                elif name in ("Equalize", "AutoContrast"):
-                    stats = jobs.histogram(sel)
-                groups.append((name, sel, arg, stats))
-        jobs.run()  # the statistics, from the images as the previous layer left them
-        for name, sel, arg, stats in groups:
-            if name in O.VALUE_OPS:
-                jobs.lut(sel, O.value_lut(O.POINT_OPS[name], arg, len(sel)))
-            elif name.startswith("Contrast"):
-                jobs.lut(sel, O.contrast_lut(O.contrast_level(torch.from_numpy(stats), h * w), arg))
+    plan = K.OpPlan(K.nhwc(out), layers, policy.fill)
+    chosen = torch.where(params.apply, params.op, -1).flatten()  # row = layer * n + sample
+    order = torch.argsort(chosen, stable=True)  # rows grouped by op
+    counts = torch.bincount(chosen + 1, minlength=len(policy.ops) + 1).tolist()
+    magnitude, sign, bicubic = params.magnitude.flatten(), params.sign.flatten(), params.bicubic.flatten()
+    from_image = []  # (name, rows, argument): tables built per layer from image statistics
+    start = counts[0]  # counts[0]: the rows whose op did not fire
+    for k, name in enumerate(policy.ops):
+        rows, start = order[start:start + counts[k + 1]], start + counts[k + 1]
+        if not rows.numel():
+            continue
+        arg = op_argument(name, magnitude[rows], sign[rows], h, w, policy)
+        r = rows.numpy()
+        if name in O.VALUE_OPS:
+            plan.lut(r, O.value_lut(O.POINT_OPS[name], arg, len(r)))
+        elif name.startswith("Contrast") or name in ("Equalize", "AutoContrast"):
+            from_image.append((name, r, arg))
+        elif name.startswith("Color"):
+            plan.color(r, arg)
+        elif name.startswith("Sharpness"):
+            plan.sharpness(r, arg)
+        elif name in O.SHIFT_OPS:  # translate / shear along x or y: 1-D resampling of lines
+            plan.shift(r, arg, "x" if name in ("ShearX", "TranslateXRel") else "y", bicubic[rows])
+        elif name == "Rotate":
+            plan.affine(r, arg, bicubic[rows])
+        else:
+            raise AssertionError(f"no CPU kernel for {name}")
+    for layer in range(layers):
+        for name, r, arg in from_image:
+            here = (r >= layer * n) & (r < (layer + 1) * n)
+            if not here.any():
+                continue
+            rows, images = r[here], r[here] - layer * n
+            if name.startswith("Contrast"):
+                level = O.contrast_level(torch.from_numpy(plan.grey_sums(images)), h * w)
+                plan.lut(rows, O.contrast_lut(level, arg[torch.from_numpy(here)]))
             elif name == "Equalize":
-                jobs.lut(sel, O.equalize_lut(torch.from_numpy(stats)))
-            elif name == "AutoContrast":
-                jobs.lut(sel, O.autocontrast_lut(*O.occupied_range(torch.from_numpy(stats))))
-            elif name.startswith("Color"):
-                jobs.color(sel, arg)
-            elif name.startswith("Sharpness"):
-                jobs.sharpness(sel, arg)
-            elif name in O.SHIFT_OPS:  # translate / shear along x or y: 1-D resampling of lines
-                jobs.shift(sel, arg, "x" if name in ("ShearX", "TranslateXRel") else "y", params.bicubic[layer, sel])
-            elif name == "Rotate":
-                jobs.affine(sel, arg, params.bicubic[layer, sel])
-            else:
-                raise AssertionError(f"no CPU kernel for {name}")
-        jobs.run()
+                plan.lut(rows, O.equalize_lut(torch.from_numpy(plan.histograms(images))))
+            else:  # AutoContrast
+                plan.lut(rows, O.autocontrast_lut(*O.occupied_range(torch.from_numpy(plan.histograms(images)))))
+        plan.run_layer(layer)
     return out
 
 
