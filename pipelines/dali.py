@@ -14,7 +14,10 @@ run on DALI's thread pool (CPU) or nvJPEG + the GPU (``device="mixed"``).
 Graph (DALI docs: ``fn.decoders.image_random_crop``, ``fn.resize``, ``fn.flip``, ``fn.external_source``):
 train: ``image_random_crop`` (ROI decode of a random-resized-crop box; ``random_area`` = timm
 ``scale``, ``random_aspect_ratio`` = ``ratio``, 10 attempts) → ``resize`` to the epoch's
-``res``×``res`` (bilinear, antialiased) → ``flip`` (coin with ``hflip``) → uint8 HWC.
+``res``×``res`` (bilinear, antialiased) → ``flip`` (coin with ``hflip``) → uint8 HWC. On CPU the
+graph ends after the decode (and the flip coin): ``pipelines/pil_resize.py`` resizes the crops with
+PIL's own bilinear filter (the reference pipeline's) and flips them while copying them out, ~2x
+cheaper than DALI's CPU ``resize`` + ``flip`` (benchmarks/results/pipelines_cpu.md).
 val: ``decoders.image`` → ``resize`` shorter side to ``floor(res / crop_pct)`` (bicubic,
 antialiased; timm's eval transform) → centre ``crop`` ``res``×``res``.
 On a GPU the decoder is ``device="mixed"`` (nvJPEG; ``hw_decoder_load`` offloads part of the work
@@ -56,6 +59,7 @@ except ImportError as e:  # engine/data.py turns this into the one-line "what to
     raise MissingBackendError(f"DALI is not importable ({e}): pip install -e '.[dali]' (nvidia-dali-cuda130), "
                               "or set data.pipeline=reference") from None
 
+from pipelines import pil_resize
 from pipelines._stage1_common import CONVERT_HINT, EpochPlan, read_split, resolve_device
 
 
@@ -193,13 +197,14 @@ class DALIPipeline:
             raise DataError(f"DALI shards under {self.root / 'dali' / split} hold {len(self.store)} images but "
                             f"manifest.json says {self.num_samples}; re-run the converter")
         self.batch_size, self.res, self.device = batch_size, res, resolve_device(device)
-        self.crop_pct = crop_pct
+        self.crop_pct, self.workers = crop_pct, max(1, workers)
         self.plan = EpochPlan(self.num_samples, train=self.train, batch_size=batch_size, rank=rank,
                               world_size=world_size, seed=seed, repeats=repeats)
         self.feed = _Feed(self.store, batch_size, with_size=self.train)
         gpu = self.device.type == "cuda"
         build = _train_graph if self.train else _val_graph
-        opts = dict(scale=list(scale), ratio=list(ratio), hflip=hflip) if self.train else dict(res=res, crop_pct=crop_pct)
+        opts = (dict(scale=list(scale), ratio=list(ratio), hflip=hflip, resize_in_dali=gpu or not pil_resize.AVAILABLE)
+                if self.train else dict(res=res, crop_pct=crop_pct))
         # Distinct random streams per rank: repeated copies of an image on different ranks must get
         # different crops (the point of repeated augmentation).
         self.pipe = build(self.feed, gpu=gpu, hw_decoder_load=hw_decoder_load, **opts,
@@ -255,11 +260,27 @@ class DALIPipeline:
             self.feed.queue(nxt, self.plan.order_for(nxt[0]))
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         for i in range(batches):
-            images, labels = self.pipe.run()
+            outputs = self.pipe.run()
             # Set before the last yield: a consumer that stops after exactly `batches` batches has
             # finished the epoch even if it never resumes this generator.
             self._rolling = self.train and i == batches - 1
-            yield Batch(self._images(images, stream), self._labels(labels))
+            if len(outputs) == 4:  # CPU train graph: crops still to be resized and flipped
+                images, labels, size, flips = outputs
+                yield Batch(self._resized(images, size, flips), self._labels(labels))
+            else:
+                images, labels = outputs
+                yield Batch(self._images(images, stream), self._labels(labels))
+
+    def _resized(self, crops, size, flips) -> torch.Tensor:
+        """The CPU train crops resized to the batch's own size (fed with its indices, so a batch
+        DALI prefetched before a resolution change keeps its size) with PIL's bilinear filter,
+        mirrored where DALI's coin says, into a fresh NHWC batch viewed as NCHW."""
+        h, w = (int(v) for v in np.array(size.at(0)).reshape(-1)[:2])
+        out = torch.empty((len(crops), h, w, 3), dtype=torch.uint8)
+        flip = np.array(flips.as_tensor()).reshape(-1).astype(bool)
+        pil_resize.resize_batch([np.asarray(crops[j]) for j in range(len(crops))], flip, out.numpy(),
+                                threads=self.workers)
+        return out.permute(0, 3, 1, 2)
 
     def _images(self, tl, stream) -> torch.Tensor:
         t = tl.as_tensor()  # uniform [N, H, W, 3] uint8
@@ -284,11 +305,16 @@ def _source(feed):
 
 
 @pipeline_def(enable_conditionals=False)
-def _train_graph(feed, *, gpu: bool, hw_decoder_load: float, scale, ratio, hflip: float):
+def _train_graph(feed, *, gpu: bool, hw_decoder_load: float, scale, ratio, hflip: float, resize_in_dali: bool = True):
+    """GPU: decode, resize and flip in DALI. CPU (``resize_in_dali=False``): DALI decodes the crops
+    and draws the flips; the wrapper resizes and flips them (``pil_resize``: DALI's CPU resize cost
+    twice the decode)."""
     jpegs, labels, size = _source(feed)
     kw = dict(hw_decoder_load=hw_decoder_load) if gpu else {}
     images = fn.decoders.image_random_crop(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
                                            random_area=scale, random_aspect_ratio=ratio, num_attempts=10, **kw)
+    if not resize_in_dali:
+        return images, labels, size, fn.random.coin_flip(probability=hflip)
     images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
     if hflip > 0:
         images = fn.flip(images, horizontal=fn.random.coin_flip(probability=hflip))

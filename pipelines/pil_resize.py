@@ -1,0 +1,140 @@
+"""Pillow's bilinear resize, compiled, for a batch of crops of different sizes (+ horizontal flip).
+
+Why: it is the resize torchvision's ``RandomResizedCrop`` runs on PIL images, i.e. what the
+reference pipeline (and timm's loader) does to every train crop, and DALI's CPU ``fn.resize`` is
+slow at it: on the project's 2-core machine the antialiased linear resize of a random-resized crop
+to 224 took ~1.1 ms per image and ``fn.flip`` another ~0.2 ms, against ~0.55 ms for DALI's ROI
+decode of the crop itself (benchmarks/results/pipelines_cpu.md). So DALI's CPU train graph stops
+after the decode and this loop resizes and flips the crops straight into the output batch, giving
+bit for bit the pixels PIL gives for the same crop (tests/test_pil_resize.py).
+
+Algorithm (Pillow's separable resampling with its triangle filter): the filter's support grows
+with the downscale factor (that is the antialiasing); per output pixel the taps' weights are
+normalized to sum 1 and rounded to 22-bit fixed point; a horizontal pass over the rows the
+vertical pass will read, rounded to uint8, then the vertical pass. A flip writes the horizontal
+pass's columns mirrored (the vertical pass treats columns independently, so this equals flipping
+the resized image, torchvision's order).
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+
+import numpy as np
+
+try:
+    import numba
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - numba is in install_requires; kept importable without it
+    numba = None
+
+AVAILABLE = numba is not None
+_PRECISION = 22  # Pillow: 32 bits - 8 for the value - 2 of headroom for negative/overshooting filters
+_HALF = 1 << (_PRECISION - 1)
+
+if AVAILABLE:
+    _jit = njit(nogil=True, cache=True, error_model="numpy")
+
+    @_jit
+    def _coefficients(in_size, out_size):
+        """Per output index: first input index, tap count, and the fixed-point weights."""
+        scale = in_size / out_size
+        filterscale = max(scale, 1.0)
+        support = filterscale  # the triangle filter's support is 1, stretched when downscaling
+        ksize = int(math.ceil(support)) * 2 + 1
+        first = np.empty(out_size, np.int64)
+        count = np.empty(out_size, np.int64)
+        weights = np.zeros((out_size, ksize), np.int32)
+        w = np.empty(ksize, np.float64)
+        inv = 1.0 / filterscale
+        for o in range(out_size):
+            center = (o + 0.5) * scale
+            lo = max(int(center - support + 0.5), 0)  # int(): truncation, as C's cast
+            n = min(int(center + support + 0.5), in_size) - lo
+            total = 0.0
+            for t in range(n):
+                d = abs((t + lo - center + 0.5) * inv)
+                w[t] = 1.0 - d if d < 1.0 else 0.0
+                total += w[t]
+            for t in range(n):
+                k = w[t] / total if total != 0.0 else w[t]
+                weights[o, t] = int(k * (1 << _PRECISION) - 0.5) if k < 0 else int(k * (1 << _PRECISION) + 0.5)
+            first[o], count[o] = lo, n
+        return first, count, weights
+
+    @_jit
+    def _clip8(acc):
+        return np.uint8(min(max(acc >> _PRECISION, 0), 255))
+
+    @_jit
+    def _resize1(src, out, flip):
+        """``src`` [h, w, 3] uint8 -> ``out`` [H, W, 3] uint8, Pillow BILINEAR, optionally mirrored."""
+        h, w = src.shape[0], src.shape[1]
+        oh, ow = out.shape[0], out.shape[1]
+        xf, xn, xk = _coefficients(w, ow)
+        yf, yn, yk = _coefficients(h, oh)
+        y0 = yf[0]
+        rows = yf[oh - 1] + yn[oh - 1] - y0  # only the rows the vertical pass reads
+        tmp = np.empty((rows, ow, 3), np.uint8)
+        for y in range(rows):
+            line = src[y0 + y]
+            for o in range(ow):
+                lo, n = xf[o], xn[o]
+                a0 = a1 = a2 = np.int32(_HALF)
+                for t in range(n):
+                    k = xk[o, t]
+                    a0 += np.int32(line[lo + t, 0]) * k
+                    a1 += np.int32(line[lo + t, 1]) * k
+                    a2 += np.int32(line[lo + t, 2]) * k
+                c = ow - 1 - o if flip else o
+                tmp[y, c, 0], tmp[y, c, 1], tmp[y, c, 2] = _clip8(a0), _clip8(a1), _clip8(a2)
+        row = ow * 3
+        flat_tmp = tmp.reshape(rows, row)
+        flat_out = out.reshape(oh, row)
+        acc = np.empty(row, np.int32)
+        for o in range(oh):
+            lo, n = yf[o] - y0, yn[o]
+            acc[:] = _HALF
+            for t in range(n):  # whole rows at a time: contiguous, vectorizes
+                k = yk[o, t]
+                r = flat_tmp[lo + t]
+                for m in range(row):
+                    acc[m] += np.int32(r[m]) * k
+            dst = flat_out[o]
+            for m in range(row):
+                dst[m] = _clip8(acc[m])
+
+    @njit(nogil=True, cache=True, error_model="numpy", parallel=True)
+    def _resize_batch(flat, offsets, heights, widths, flips, out):
+        for i in prange(out.shape[0]):
+            h, w = heights[i], widths[i]
+            src = flat[offsets[i]:offsets[i] + h * w * 3].reshape((h, w, 3))
+            _resize1(src, out[i], flips[i])
+
+
+def resize_one(src: np.ndarray, out: np.ndarray, flip: bool = False) -> np.ndarray:
+    """``out[:] = PIL.Image.fromarray(src).resize(out's W x H, BILINEAR)`` (then mirrored if ``flip``)."""
+    _resize1(np.ascontiguousarray(src), out, bool(flip))
+    return out
+
+
+def resize_batch(crops: list[np.ndarray], flips: np.ndarray, out: np.ndarray, threads: int = 0) -> np.ndarray:
+    """Resize every HWC uint8 crop into ``out[i]`` ([N, H, W, 3] uint8, C-contiguous), mirrored
+    where ``flips[i]``. The crops may lie anywhere; when they are back to back in one block (as
+    DALI's CPU outputs are) that block is read in place, else they are gathered once."""
+    n = len(crops)
+    heights = np.array([c.shape[0] for c in crops], np.int64)
+    widths = np.array([c.shape[1] for c in crops], np.int64)
+    sizes = heights * widths * 3
+    offsets = np.zeros(n, np.int64)
+    np.cumsum(sizes[:-1], out=offsets[1:])
+    base = crops[0].ctypes.data if n else 0
+    in_place = all(c.flags.c_contiguous and c.ctypes.data == base + off for c, off in zip(crops, offsets))
+    if in_place:
+        flat = np.ctypeslib.as_array((ctypes.c_uint8 * int(sizes.sum())).from_address(base))
+    else:
+        flat = np.concatenate([np.ascontiguousarray(c).reshape(-1) for c in crops])
+    if threads:
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    _resize_batch(flat, offsets, heights, widths, np.asarray(flips, np.bool_), out)
+    return out

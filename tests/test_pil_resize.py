@@ -1,0 +1,80 @@
+"""pipelines/pil_resize.py against PIL itself, on real photo crops of many sizes (down and up).
+
+Pillow resizes in two passes with a uint8 image in between. Up to Pillow 12 the horizontal pass
+always ran first; Pillow 13 runs the vertical one first when the height shrinks much more than
+the width (python-pillow/Pillow#9549), which moves some pixels by 1. So the exact oracle is PIL's
+own two single-axis resizes, horizontal then vertical (each is one pass of Pillow's code), and
+against a plain ``resize`` the check is "within 1, nearly all equal"."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines import pil_resize
+from tests.photos import photo_crops
+
+pytestmark = pytest.mark.skipif(not pil_resize.AVAILABLE, reason="numba not installed")
+
+SIZES = [(224, 224), (160, 160), (192, 192), (300, 250), (37, 51)]
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return [np.array(im) for im in photo_crops(6, (500, 375), seed=3)]
+
+
+def _crops(photos, n, seed):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        im = photos[i % len(photos)]
+        h, w = rng.integers(12, im.shape[0] + 1), rng.integers(12, im.shape[1] + 1)
+        y, x = rng.integers(0, im.shape[0] - h + 1), rng.integers(0, im.shape[1] - w + 1)
+        yield i, im[y:y + h, x:x + w]
+
+
+def _pil_two_pass(crop, oh, ow, flip):
+    img = Image.fromarray(np.ascontiguousarray(crop))
+    out = np.array(img.resize((ow, crop.shape[0]), Image.BILINEAR).resize((ow, oh), Image.BILINEAR))
+    return out[:, ::-1] if flip else out
+
+
+def test_bit_exact_with_pils_horizontal_then_vertical_passes(photos):
+    for i, crop in _crops(photos, 120, seed=0):
+        oh, ow = SIZES[i % len(SIZES)]
+        flip = bool(i % 2)
+        out = pil_resize.resize_one(crop, np.empty((oh, ow, 3), np.uint8), flip)
+        np.testing.assert_array_equal(out, _pil_two_pass(crop, oh, ow, flip), err_msg=f"{crop.shape} -> {(oh, ow)}")
+
+
+def test_within_one_of_pil_resize_whatever_its_pass_order(photos):
+    equal = total = 0
+    for i, crop in _crops(photos, 60, seed=1):
+        oh, ow = SIZES[i % len(SIZES)]
+        ref = np.array(Image.fromarray(np.ascontiguousarray(crop)).resize((ow, oh), Image.BILINEAR))
+        out = pil_resize.resize_one(crop, np.empty((oh, ow, 3), np.uint8))
+        assert np.abs(out.astype(int) - ref).max() <= 1
+        equal, total = equal + (out == ref).sum(), total + out.size
+    assert equal / total > 0.9
+
+
+def test_single_axis_and_identity(photos):
+    crop = photos[0][:200, :150]
+    for oh, ow in ((200, 100), (120, 150), (200, 150), (400, 150)):
+        ref = np.array(Image.fromarray(np.ascontiguousarray(crop)).resize((ow, oh), Image.BILINEAR))
+        np.testing.assert_array_equal(pil_resize.resize_one(crop, np.empty((oh, ow, 3), np.uint8)), ref)
+
+
+@pytest.mark.parametrize("back_to_back", [True, False])
+def test_batch_equals_one_by_one(photos, back_to_back):
+    crops = [np.ascontiguousarray(c) for _, c in _crops(photos, 9, seed=2)]
+    if back_to_back:  # one block, as DALI's CPU outputs: read in place
+        block = np.concatenate([c.reshape(-1) for c in crops])
+        offsets = np.cumsum([0] + [c.size for c in crops])
+        crops = [block[a:b].reshape(c.shape) for a, b, c in zip(offsets[:-1], offsets[1:], crops)]
+    else:
+        crops = [c[:, ::-1][:, ::-1] if k % 2 else c.copy() for k, c in enumerate(crops)]
+    flips = np.arange(len(crops)) % 3 == 0
+    out = pil_resize.resize_batch(crops, flips, np.empty((len(crops), 64, 48, 3), np.uint8), threads=2)
+    for k, c in enumerate(crops):
+        np.testing.assert_array_equal(out[k], pil_resize.resize_one(c, np.empty((64, 48, 3), np.uint8), flips[k]))
