@@ -13,8 +13,9 @@ ImageNet-like 500x375 / 375x500, run through tools/convert_imagenet.py once and 
 * ``dali``       pipelines.dali.DALIPipeline over the webdataset shards (index feed);
 * ``bare-ffcv``  an ffcv ``Loader`` with the same decoder/flip/ToTensor/ToTorchImage ops and FFCV's own
                  RANDOM order: what our wrapper costs on top of FFCV;
-* ``bare-dali``  ``fn.readers.webdataset`` (random_shuffle) -> the same decode/resize/flip graph, the
-                 output copied into torch the same way: what our index feed costs vs DALI's reader.
+* ``bare-dali``  ``fn.readers.webdataset`` (random_shuffle) -> the same ops as our graph (on CPU: the ROI
+                 decode, then pipelines.pil_resize's resize + flip; on GPU: DALI's decode/resize/flip),
+                 the output copied into torch the same way: what our index feed costs vs DALI's reader.
 
 All produce uint8 ``res`` x ``res`` train crops, batch ``--batch``, ``--workers`` decode threads or
 processes. Each is measured stage-1 only, and (reference/ffcv/dali) with stage 2 applied to every
@@ -36,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +100,8 @@ def bare_dali(root: Path, a):
     from nvidia.dali import pipeline_def
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
+    from pipelines import pil_resize
+
     tars = sorted((root / "dali" / "train").glob("*.tar"))
     gpu = a.device != "cpu"
 
@@ -107,8 +111,11 @@ def bare_dali(root: Path, a):
                                            ext=["jpg", "cls"], random_shuffle=True, name="reader")
         images = fn.decoders.image_random_crop(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
                                                random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3])
+        coin = fn.random.coin_flip(probability=0.5)
+        if not gpu:  # the same ops as our CPU graph: decode here, PIL-filter resize + flip on the way out
+            return images, cls, coin
         images = fn.resize(images, size=[a.res, a.res], interp_type=types.INTERP_LINEAR, antialias=True)
-        images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
+        images = fn.flip(images, horizontal=coin)
         return images, cls
 
     pipe = graph(batch_size=a.batch, num_threads=a.workers, device_id=0 if gpu else None, seed=1)
@@ -119,6 +126,14 @@ def bare_dali(root: Path, a):
     class Bare:
         def __iter__(self):
             for _ in range(steps):
+                if not gpu:
+                    images, cls, coin = pipe.run()
+                    out = torch.empty((a.batch, a.res, a.res, 3), dtype=torch.uint8)
+                    pil_resize.resize_batch([np.asarray(images[j]) for j in range(len(images))],
+                                            np.array(coin.as_tensor()).reshape(-1).astype(bool), out.numpy(),
+                                            threads=a.workers)
+                    yield Batch(out.permute(0, 3, 1, 2), torch.zeros(a.batch, dtype=torch.int64))
+                    continue
                 images, cls = pipe.run()
                 t = images.as_tensor()
                 out = torch.empty(t.shape(), dtype=torch.uint8, device=device)
