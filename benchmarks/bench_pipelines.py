@@ -10,6 +10,8 @@ ImageNet-like 500x375 / 375x500, run through tools/convert_imagenet.py once and 
 * ``ffcv-proportion``  the same over a beton written with ``--write-mode proportion
                  --compress-probability 0.5``, ffcv-imagenet's ImageNet setting: about half the
                  images stored as raw pixels, which cost no decode (and ~4x the disk of a JPEG);
+* ``ffcv-raw``   (only when named in ``--backends``) the same over a ``--write-mode raw`` beton: no JPEG
+                 at all, every image raw pixels (~12x the disk): FFCV with no decode cost;
 * ``dali``       pipelines.dali.DALIPipeline over the webdataset shards (index feed);
 * ``bare-ffcv``  an ffcv ``Loader`` with the same decoder/flip/ToTensor/ToTorchImage ops and FFCV's own
                  RANDOM order: what our wrapper costs on top of FFCV;
@@ -47,18 +49,23 @@ from engine.config import AugmentConfig  # noqa: E402
 from pipelines.base import Batch  # noqa: E402
 
 
-def make_data(data: Path, images: int, workers: int) -> Path:
+def make_data(data: Path, images: int, workers: int, raw: bool = False) -> Path:
     """Source JPEG tree (10 classes, quality 90) + converted FFCV/DALI output, built once and reused; also a
-    'proportion' beton of the same images next to it (``out_proportion``)."""
+    'proportion' beton of the same images next to it (``out_proportion``) and, if ``raw``, a raw one
+    (``out_raw``)."""
     data = data / f"{images}-jpg"
     out = data / "out"
     prop = data / "out_proportion"
+    convert = [sys.executable, str(ROOT / "tools" / "convert_imagenet.py"), str(data / "src")]
+    if raw and not (data / "out_raw" / "manifest.json").is_file():
+        make_data(data.parent, images, workers)
+        subprocess.run(convert + [str(data / "out_raw"), "--formats", "ffcv", "--write-mode", "raw", "--workers",
+                                  str(workers), "--quiet"], check=True)
     if (out / "manifest.json").is_file() and (prop / "manifest.json").is_file():
         return out
     from tests.photos import photo_crops
 
     src = data / "src"
-    convert = [sys.executable, str(ROOT / "tools" / "convert_imagenet.py"), str(src)]
     if not (out / "manifest.json").is_file():  # (a finished conversion means the source tree is complete)
         crops = photo_crops(images // 2, (500, 375), seed=11) + photo_crops(images - images // 2, (375, 500), seed=12)
         for i, img in enumerate(crops):
@@ -148,9 +155,9 @@ def build(name: str, root: Path, a):
     if name == "reference":
         from pipelines.reference import ReferencePipeline
         return ReferencePipeline(str(root), "train", **kw)
-    if name in ("ffcv", "ffcv-proportion"):
+    if name in ("ffcv", "ffcv-proportion", "ffcv-raw"):
         from pipelines.ffcv import FFCVPipeline
-        return FFCVPipeline(root if name == "ffcv" else root.parent / "out_proportion", "train", **kw)
+        return FFCVPipeline(root if name == "ffcv" else root.parent / ("out_" + name.split("-")[1]), "train", **kw)
     if name == "dali":
         from pipelines.dali import DALIPipeline
         return DALIPipeline(root, "train", **kw)
@@ -184,7 +191,7 @@ def main() -> None:
     p.add_argument("--write", type=Path, default=None, help="also write a markdown report here")
     a = p.parse_args()
 
-    root = make_data(a.data, a.images, a.workers)
+    root = make_data(a.data, a.images, a.workers, raw="ffcv-raw" in a.backends.split(","))
     sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
     stage2 = None
     if not a.no_stage2:
