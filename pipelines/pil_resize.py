@@ -164,5 +164,11 @@ def resize_batch(crops: list[np.ndarray], flips: np.ndarray, out: np.ndarray, th
         flat = np.concatenate([np.ascontiguousarray(c).reshape(-1) for c in crops])
     if threads:
         numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-    _resize_batch(flat, offsets, heights, widths, np.asarray(flips, np.bool_), out)
+    # Images handed out one at a time: the loop shares the cores with the decoder's threads, and
+    # with equal static halves the batch waited for whichever thread got less CPU.
+    previous = numba.set_parallel_chunksize(1)
+    try:
+        _resize_batch(flat, offsets, heights, widths, np.asarray(flips, np.bool_), out)
+    finally:
+        numba.set_parallel_chunksize(previous)
     return out

@@ -374,6 +374,18 @@ def _set_threads() -> None:
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
+def _dynamic(kernel, *args) -> None:
+    """Run a parallel kernel with its images handed out one at a time. In a training loop the
+    kernels share the cores with stage 1's decode threads; with numba's default equal static
+    chunks a call waits for whichever thread got less CPU."""
+    _set_threads()
+    previous = numba.set_parallel_chunksize(1)
+    try:
+        kernel(*args)
+    finally:
+        numba.set_parallel_chunksize(previous)
+
+
 def nhwc(x: torch.Tensor) -> np.ndarray:
     """The [N, H, W, 3] numpy view of a channels_last uint8 (or float) CPU batch."""
     v = x.permute(0, 2, 3, 1)
@@ -429,15 +441,13 @@ class OpPlan:
     def histograms(self, images: np.ndarray) -> np.ndarray:
         """[k, 3, 256] per-channel histograms of ``images``, as they are now."""
         out = np.zeros((len(images), 3, 256), np.int64)
-        _set_threads()
-        _histogram(self.img, images, np.arange(len(images)), out)
+        _dynamic(_histogram, self.img, images, np.arange(len(images)), out)
         return out
 
     def grey_sums(self, images: np.ndarray) -> np.ndarray:
         """Sums of PIL's grey values of ``images``, as they are now."""
         out = np.zeros(len(images), np.int64)
-        _set_threads()
-        _grey_sum(self.img, images, np.arange(len(images)), out)
+        _dynamic(_grey_sum, self.img, images, np.arange(len(images)), out)
         return out
 
     def run_layer(self, layer: int) -> None:
@@ -450,13 +460,8 @@ class OpPlan:
         # look-up 0.07 ms, a bicubic rotation 1.26 ms per image): equal static chunks would not balance.
         cost = _COST[code[images]] + _BICUBIC_AFFINE_EXTRA * (bicubic[images] & (code[images] == AFFINE))
         order = images[np.argsort(-cost, kind="stable")]
-        _set_threads()
-        previous = numba.set_parallel_chunksize(1)
-        try:
-            _layer(self.img, order, code, self.luts[rows], self.factor[rows], self.slope[rows], self.offset[rows],
-                   bicubic, self.axis[rows], self.mats[rows], self.fill)
-        finally:
-            numba.set_parallel_chunksize(previous)
+        _dynamic(_layer, self.img, order, code, self.luts[rows], self.factor[rows], self.slope[rows], self.offset[rows],
+                 bicubic, self.axis[rows], self.mats[rows], self.fill)
 
 
 def copy_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -466,8 +471,7 @@ def copy_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     per batch right after a torch copy, 7 ms with torch's threads passive)."""
     if not x.is_contiguous(memory_format=torch.channels_last):
         return out.copy_(x)
-    _set_threads()
-    _copy(nhwc(x), nhwc(out))
+    _dynamic(_copy, nhwc(x), nhwc(out))
     return out
 
 
@@ -488,6 +492,5 @@ def normalize_mix(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, lam
         wt = (1.0 - np.asarray(lam, np.float64)).astype(np.float32)
         cut, boxes = np.asarray(cutmix, np.bool_), np.ascontiguousarray(boxes, np.int64)
     src, dst = nhwc(x), nhwc(out)
-    _set_threads()
-    _normalize_mix(src, dst, scale_row, shift_row, wt, cut, boxes)
+    _dynamic(_normalize_mix, src, dst, scale_row, shift_row, wt, cut, boxes)
     return out
