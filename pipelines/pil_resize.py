@@ -141,7 +141,8 @@ if AVAILABLE:
 
 
 def resize_one(src: np.ndarray, out: np.ndarray, flip: bool = False) -> np.ndarray:
-    """``out[:] = PIL.Image.fromarray(src).resize(out's W x H, BILINEAR)`` (then mirrored if ``flip``)."""
+    """``src`` [h, w, 3] uint8 resized into ``out`` [H, W, 3] with PIL's BILINEAR filter (PIL's
+    own two passes, see the module doc: within 1 of ``Image.resize``), mirrored if ``flip``."""
     _resize1(np.ascontiguousarray(src), out, bool(flip))
     return out
 
@@ -151,12 +152,18 @@ def resize_batch(crops: list[np.ndarray], flips: np.ndarray, out: np.ndarray, th
     where ``flips[i]``. The crops may lie anywhere; when they are back to back in one block (as
     DALI's CPU outputs are) that block is read in place, else they are gathered once."""
     n = len(crops)
+    if out.dtype != np.uint8 or out.ndim != 4 or out.shape[0] != n or out.shape[3] != 3:
+        raise ValueError(f"resize_batch: out must be uint8 [{n}, H, W, 3], got {out.dtype} {out.shape}")
+    if any(c.dtype != np.uint8 or c.ndim != 3 or c.shape[2] != 3 for c in crops):
+        raise ValueError("resize_batch: every crop must be a uint8 [h, w, 3] array")
+    if n == 0:
+        return out
     heights = np.array([c.shape[0] for c in crops], np.int64)
     widths = np.array([c.shape[1] for c in crops], np.int64)
     sizes = heights * widths * 3
     offsets = np.zeros(n, np.int64)
     np.cumsum(sizes[:-1], out=offsets[1:])
-    base = crops[0].ctypes.data if n else 0
+    base = crops[0].ctypes.data
     in_place = all(c.flags.c_contiguous and c.ctypes.data == base + off for c, off in zip(crops, offsets))
     if in_place:
         flat = np.ctypeslib.as_array((ctypes.c_uint8 * int(sizes.sum())).from_address(base))
