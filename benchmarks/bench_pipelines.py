@@ -13,8 +13,8 @@ ImageNet-like 500x375 / 375x500, run through tools/convert_imagenet.py once and 
 * ``ffcv-raw``   (only when named in ``--backends``) the same over a ``--write-mode raw`` beton: no JPEG
                  at all, every image raw pixels (~12x the disk): FFCV with no decode cost;
 * ``dali``       pipelines.dali.DALIPipeline over the webdataset shards (index feed);
-* ``bare-ffcv``  an ffcv ``Loader`` with the same decoder/flip/ToTensor/ToTorchImage ops and FFCV's own
-                 RANDOM order: what our wrapper costs on top of FFCV;
+* ``bare-ffcv``  an ffcv ``Loader`` with the same decoder (pipelines.ffcv.PILRandomResizedCropDecoder)/flip/
+                 ToTensor/ToTorchImage ops and FFCV's own RANDOM order: what our wrapper costs on top of FFCV;
 * ``bare-dali``  ``fn.readers.webdataset`` (random_shuffle) -> the same ops as our graph (on CPU: the ROI
                  decode, then pipelines.pil_resize's resize + flip; on GPU: DALI's decode/resize/flip),
                  the output copied into torch the same way: what our index feed costs vs DALI's reader.
@@ -83,14 +83,15 @@ def make_data(data: Path, images: int, workers: int, raw: bool = False) -> Path:
 
 def bare_ffcv(root: Path, a):
     from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+    from pipelines.ffcv import PILRandomResizedCropDecoder  # the decoder our wrapper uses: same ops
 
     dev = [ToDevice(torch.device(a.device), non_blocking=True)] if a.device != "cpu" else []
     loader = Loader(str(root / "ffcv" / "train.beton"), batch_size=a.batch, num_workers=a.workers,
                     order=OrderOption.RANDOM, drop_last=True, seed=0, pipelines={
-                        "image": [RandomResizedCropRGBImageDecoder((a.res, a.res)), RandomHorizontalFlip(0.5),
+                        "image": [PILRandomResizedCropDecoder((a.res, a.res)), RandomHorizontalFlip(0.5),
                                   ToTensor(), *dev, ToTorchImage(channels_last=True, convert_back_int16=False)],
                         "label": [IntDecoder(), ToTensor(), Squeeze(), *dev]})
 

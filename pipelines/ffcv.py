@@ -6,8 +6,9 @@ ffcv-imagenet ResNet-50 schedules fast (Leclerc et al. 2023, "FFCV: Accelerating
 Removing Data Bottlenecks"; docs: https://docs.ffcv.io).
 
 Per batch (train), all inside FFCV:
-``RandomResizedCropRGBImageDecoder`` (decode + timm/torchvision random-resized-crop box sampling
-with ``scale``/``ratio``, 10 attempts then the centre fallback, resized with OpenCV INTER_AREA) →
+:class:`PILRandomResizedCropDecoder` (decode + FFCV's timm/torchvision random-resized-crop box
+sampling with ``scale``/``ratio``, 10 attempts then the centre fallback; the crop resized with PIL's
+bilinear filter like the reference pipeline, not FFCV's OpenCV INTER_AREA) →
 ``RandomHorizontalFlip`` → ``ToTensor`` → ``ToDevice`` (``non_blocking=True``, CUDA only) →
 ``ToTorchImage(channels_last=True)``: an NHWC uint8 buffer viewed as NCHW, the layout stage 2 expects.
 Val: :class:`TimmCenterCropDecoder` — decode, cut the source window that timm's eval transform
@@ -44,14 +45,17 @@ from pipelines.base import Batch, MissingBackendError
 try:
     from ffcv.fields import IntField, RGBImageField
     from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder, ResizedCropRGBImageDecoder
+    from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder, ResizedCropRGBImageDecoder
+    from ffcv.libffcv import imdecode
     from ffcv.loader import Loader
+    from ffcv.pipeline.compiler import Compiler
     from ffcv.traversal_order.base import TraversalOrder
     from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 except ImportError as e:  # engine/data.py turns this into the one-line "what to install" message
     raise MissingBackendError(f"FFCV is not importable ({e}): pip install -e '.[ffcv]' "
                               "(needs libturbojpeg and OpenCV dev packages), or set data.pipeline=reference") from None
 
+from pipelines import pil_resize
 from pipelines._stage1_common import EpochPlan, read_split, require_file, resolve_device
 
 
@@ -85,6 +89,41 @@ class TimmCenterCropDecoder(ResizedCropRGBImageDecoder):
     @property
     def get_crop_generator(self):
         return timm_center_window
+
+
+class PILRandomResizedCropDecoder(RandomResizedCropRGBImageDecoder):
+    """FFCV's random-resized-crop decoder (its box sampling: ``scale``/``ratio``, 10 attempts,
+    centre fallback) with the crop resized by PIL's bilinear filter (``pipelines/pil_resize.py``)
+    instead of OpenCV INTER_AREA: the filter the reference pipeline and timm's loader use, and
+    ~3x cheaper than FFCV's resize on CPU (benchmarks/results/pipelines_cpu.md). Same memory
+    declaration as FFCV's decoder; only the per-image code differs."""
+
+    def generate_code(self):
+        read = self.memory_read
+        loop = Compiler.get_iterator()
+        decode_jpeg = Compiler.compile(imdecode)
+        crop_box = Compiler.compile(self.get_crop_generator)
+        resize = pil_resize._resize1
+        jpg = IMAGE_MODES["jpg"]
+        scale, ratio = np.array(self.scale), np.array(self.ratio)
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            out, scratch = my_storage
+            for k in loop(len(batch_indices)):
+                field = metadata[batch_indices[k]]
+                data = read(field["data_ptr"], storage_state)
+                h, w = np.uint32(field["height"]), np.uint32(field["width"])
+                if field["mode"] == jpg:  # else raw pixels, stored as they are
+                    decode_jpeg(data, scratch[k], h, w, h, w, 0, 0, 1, 1, False, False)
+                    image = scratch[k].reshape(-1)[:3 * h * w].reshape(h, w, 3)
+                else:
+                    image = data.reshape(h, w, 3)
+                top, left, ch, cw = crop_box(h, w, scale, ratio)
+                resize(np.ascontiguousarray(image[top:top + ch, left:left + cw]), out[k], False)
+            return out[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
 
 
 class SamplerOrder(TraversalOrder):
@@ -135,7 +174,8 @@ class FFCVPipeline:
         self.plan = EpochPlan(self.num_samples, train=self.train, batch_size=batch_size, rank=rank,
                               world_size=world_size, seed=seed, repeats=repeats)
         if self.train:
-            self.decoder = RandomResizedCropRGBImageDecoder((res, res), scale=tuple(scale), ratio=tuple(ratio))
+            decoder = PILRandomResizedCropDecoder if pil_resize.AVAILABLE else RandomResizedCropRGBImageDecoder
+            self.decoder = decoder((res, res), scale=tuple(scale), ratio=tuple(ratio))
             image_ops = [self.decoder] + ([RandomHorizontalFlip(hflip)] if hflip > 0 else [])
         else:
             self.decoder = TimmCenterCropDecoder(res, crop_pct)
