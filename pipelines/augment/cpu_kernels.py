@@ -53,11 +53,11 @@ if AVAILABLE:
             flat[m + 2] = lut_b[flat[m + 2]]
 
     @_pjit
-    def _histogram(img, sel, pos, out):
+    def _histogram(img, sel, out):
         n = img.shape[1] * img.shape[2] * 3
         for i in prange(sel.shape[0]):
             flat = img[sel[i]].reshape(n)
-            h_r, h_g, h_b = out[pos[i], 0], out[pos[i], 1], out[pos[i], 2]
+            h_r, h_g, h_b = out[i, 0], out[i, 1], out[i, 2]
             for m in range(0, n, 3):
                 h_r[flat[m]] += 1
                 h_g[flat[m + 1]] += 1
@@ -68,13 +68,13 @@ if AVAILABLE:
         return (np.int32(r) * 19595 + np.int32(g) * 38470 + np.int32(b) * 7471 + 0x8000) >> 16
 
     @_pjit
-    def _grey_sum(img, sel, pos, out):
+    def _grey_sum(img, sel, out):
         for i in prange(sel.shape[0]):
             flat = img[sel[i]].reshape(img.shape[1] * img.shape[2] * 3)
             s = 0
             for m in range(0, flat.shape[0], 3):
                 s += _grey(flat[m], flat[m + 1], flat[m + 2])
-            out[pos[i]] = s
+            out[i] = s
 
     @_jit
     def _blend1(d, v, f):
@@ -441,13 +441,13 @@ class OpPlan:
     def histograms(self, images: np.ndarray) -> np.ndarray:
         """[k, 3, 256] per-channel histograms of ``images``, as they are now."""
         out = np.zeros((len(images), 3, 256), np.int64)
-        _dynamic(_histogram, self.img, images, np.arange(len(images)), out)
+        _dynamic(_histogram, self.img, images, out)
         return out
 
     def grey_sums(self, images: np.ndarray) -> np.ndarray:
         """Sums of PIL's grey values of ``images``, as they are now."""
         out = np.zeros(len(images), np.int64)
-        _dynamic(_grey_sum, self.img, images, np.arange(len(images)), out)
+        _dynamic(_grey_sum, self.img, images, out)
         return out
 
     def run_layer(self, layer: int) -> None:
