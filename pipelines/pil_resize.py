@@ -114,7 +114,8 @@ if AVAILABLE:
         oh, ow = out.shape[0], out.shape[1]
         xf, xn, xk = _coefficients(w, ow)
         yf, yn, yk = _coefficients(h, oh)
-        if vertical_first(h, oh):
+        shrink = vertical_first(h, oh)
+        if shrink:
             rows, y0 = oh, 0
             tmp = np.empty((oh, w, 3), np.uint8)
             _vertical(src.reshape(h, w * 3), 0, yf, yn, yk, tmp.reshape(oh, w * 3))
@@ -126,7 +127,7 @@ if AVAILABLE:
         _transpose_into(tmp, t, False)
         u = np.empty((ow, rows, 3), np.uint8)
         _vertical(t.reshape(w, rows * 3), 0, xf, xn, xk, u.reshape(ow, rows * 3))  # the horizontal pass
-        if vertical_first(h, oh):
+        if shrink:
             _transpose_into(u, out, flip)
         else:
             back = np.empty((rows, ow, 3), np.uint8)
