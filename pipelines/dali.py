@@ -273,14 +273,9 @@ class DALIPipeline:
 
     def _resized(self, crops, size, flips) -> torch.Tensor:
         """The CPU train crops resized to the batch's own size (fed with its indices, so a batch
-        DALI prefetched before a resolution change keeps its size) with PIL's bilinear filter,
-        mirrored where DALI's coin says, into a fresh NHWC batch viewed as NCHW."""
+        DALI prefetched before a resolution change keeps its size)."""
         h, w = (int(v) for v in np.array(size.at(0)).reshape(-1)[:2])
-        out = torch.empty((len(crops), h, w, 3), dtype=torch.uint8)
-        flip = np.array(flips.as_tensor()).reshape(-1).astype(bool)
-        pil_resize.resize_batch([np.asarray(crops[j]) for j in range(len(crops))], flip, out.numpy(),
-                                threads=self.workers)
-        return out.permute(0, 3, 1, 2)
+        return resize_crops(crops, flips, h, w, self.workers)
 
     def _images(self, tl, stream) -> torch.Tensor:
         t = tl.as_tensor()  # uniform [N, H, W, 3] uint8
@@ -293,6 +288,16 @@ class DALIPipeline:
         if self.device.type == "cuda":
             return labels.pin_memory().to(self.device, non_blocking=True)
         return labels
+
+
+def resize_crops(crops, flips, h: int, w: int, threads: int) -> torch.Tensor:
+    """DALI CPU outputs (a TensorList of HWC uint8 crops, a TensorList of flip coins) -> a fresh
+    [N, 3, h, w] uint8 batch (NHWC memory: channels_last), resized with PIL's bilinear filter and
+    mirrored where the coin says."""
+    out = torch.empty((len(crops), h, w, 3), dtype=torch.uint8)
+    flip = np.array(flips.as_tensor()).reshape(-1).astype(bool)
+    pil_resize.resize_batch([np.asarray(crops[j]) for j in range(len(crops))], flip, out.numpy(), threads=threads)
+    return out.permute(0, 3, 1, 2)
 
 
 def _source(feed):
