@@ -103,7 +103,7 @@ class PILRandomResizedCropDecoder(RandomResizedCropRGBImageDecoder):
         loop = Compiler.get_iterator()
         decode_jpeg = Compiler.compile(imdecode)
         crop_box = Compiler.compile(self.get_crop_generator)
-        resize = pil_resize._resize1
+        resize = pil_resize.resize_into
         jpg = IMAGE_MODES["jpg"]
         scale, ratio = np.array(self.scale), np.array(self.ratio)
 

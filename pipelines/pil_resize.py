@@ -142,6 +142,10 @@ if AVAILABLE:
             _resize1(src, out[i], flips[i])
 
 
+if AVAILABLE:
+    resize_into = _resize1  # the compiled per-image loop, callable from other numba code (FFCV's decoder)
+
+
 def resize_one(src: np.ndarray, out: np.ndarray, flip: bool = False) -> np.ndarray:
     """``src`` [h, w, 3] uint8 resized into ``out`` [H, W, 3] with PIL's BILINEAR filter (PIL's
     own two passes, see the module doc: within 1 of ``Image.resize``), mirrored if ``flip``."""
