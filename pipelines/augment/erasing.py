@@ -12,6 +12,8 @@ import math
 import numpy as np
 import torch
 
+from .transfer import to_device
+
 ATTEMPTS = 10
 
 
@@ -39,12 +41,15 @@ def random_erasing(x: torch.Tensor, prob: float, generator: torch.Generator) -> 
     from .mixup import numpy_rng
 
     n, _, h, w = x.shape
-    b = torch.as_tensor(erase_boxes(n, h, w, prob, numpy_rng(generator)))
-    if not bool((b[:, 1] > b[:, 0]).any()):
+    boxes = erase_boxes(n, h, w, prob, numpy_rng(generator))
+    if not (boxes[:, 1] > boxes[:, 0]).any():  # host values: no device sync
         return x
-    ys, xs = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+    # The mask is built on the batch's device from the N boxes (a pinned non-blocking copy).
+    dev = x.device
+    b = to_device(torch.as_tensor(boxes), dev)
+    ys, xs = torch.arange(h, device=dev).view(1, h, 1), torch.arange(w, device=dev).view(1, 1, w)
     inside = ((ys >= b[:, 0, None, None]) & (ys < b[:, 1, None, None]) &
-              (xs >= b[:, 2, None, None]) & (xs < b[:, 3, None, None])).unsqueeze(1).to(x.device)
+              (xs >= b[:, 2, None, None]) & (xs < b[:, 3, None, None])).unsqueeze(1)
     noise_gen = torch.Generator(device=x.device)
     noise_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
     noise = torch.randn(x.shape, generator=noise_gen, device=x.device, dtype=x.dtype)

@@ -14,6 +14,8 @@ Mixup: Zhang et al. 2018 (https://arxiv.org/abs/1710.09412); CutMix: Yun et al. 
 
 Parameters are drawn on the host (numpy, seeded from a CPU torch generator, so the generator's
 state is the whole RNG state); the pixel work is a few elementwise ops on the batch's device.
+Only the draws travel to the device (N values and N boxes, a pinned non-blocking copy); masks and
+targets are built there, so nothing here makes the host wait for a CUDA device.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ import numpy as np
 import torch
 
 from engine.config import AugmentConfig
+
+from .transfer import to_device
 
 
 @dataclass
@@ -97,14 +101,15 @@ def apply_mix(x: torch.Tensor, params: MixParams, *, inplace: bool = False) -> t
         else:
             _mix_pairs_(out, float(1.0 - params.lam[0]))
         return out
-    # Per-pixel weight of the sample itself: lam for mixup, 0 inside / 1 outside a CutMix box.
-    lam = torch.as_tensor(np.where(params.cutmix, 1.0, params.lam), dtype=torch.float32)
-    b = torch.as_tensor(params.boxes)
-    ys, xs = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+    # Per-pixel weight of the sample itself: lam for mixup, 0 inside / 1 outside a CutMix box,
+    # built on the batch's device from the N draws (not copied over as an N x H x W mask).
+    dev = x.device
+    lam = to_device(torch.as_tensor(np.where(params.cutmix, 1.0, params.lam), dtype=torch.float32), dev)
+    b = to_device(torch.as_tensor(params.boxes), dev)
+    ys, xs = torch.arange(h, device=dev).view(1, h, 1), torch.arange(w, device=dev).view(1, 1, w)
     inside = ((ys >= b[:, 0, None, None]) & (ys < b[:, 1, None, None]) &
               (xs >= b[:, 2, None, None]) & (xs < b[:, 3, None, None]))
-    weight = torch.where(inside, 0.0, lam.view(n, 1, 1)).unsqueeze(1)  # [N, 1, H, W]
-    weight = weight.to(device=x.device, dtype=x.dtype, non_blocking=True)
+    weight = torch.where(inside, 0.0, lam.view(n, 1, 1)).unsqueeze(1).to(x.dtype)  # [N, 1, H, W]
     # lerp is exact at weight 0 and 1, so CutMix copies pixels untouched.
     return torch.lerp(x.flip(0), x, weight)
 
@@ -127,13 +132,19 @@ def _is_batch_wide(p: MixParams) -> bool:
     return bool(np.all(p.lam == p.lam[0]) and np.all(p.cutmix == p.cutmix[0]) and np.all(p.boxes == p.boxes[0]))
 
 
-# Targets of CPU labels are built in numpy with the same float32 arithmetic: torch's CPU ops on
-# these N x C values (64k for ImageNet) start OpenMP parallel regions, whose threads then spin for
-# milliseconds on the cores stage 2's compiled kernels use next (measured, see cpu_kernels.copy_into).
+# Targets of CPU labels are built in numpy with the same float32 arithmetic when stage 2 runs its
+# compiled CPU kernels (``host=True``): torch's CPU ops on these N x C values (64k for ImageNet)
+# start OpenMP parallel regions, whose threads then spin for milliseconds on the cores stage 2's
+# compiled kernels use next (measured, see cpu_kernels.copy_into). ``host=False`` is the torch
+# path a CUDA batch takes (reading device labels into numpy would be a host sync).
 
-def smooth_one_hot(y: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+def _on_host(y: torch.Tensor, host: bool | None) -> bool:
+    return y.device.type == "cpu" if host is None else host
+
+
+def smooth_one_hot(y: torch.Tensor, num_classes: int, smoothing: float, *, host: bool | None = None) -> torch.Tensor:
     off = smoothing / num_classes
-    if y.device.type == "cpu":
+    if _on_host(y, host):
         t = np.full((y.shape[0], num_classes), off, np.float32)
         t[np.arange(y.shape[0]), y.long().numpy()] = 1.0 - smoothing + off
         return torch.from_numpy(t)
@@ -141,23 +152,24 @@ def smooth_one_hot(y: torch.Tensor, num_classes: int, smoothing: float) -> torch
     return t.scatter_(1, y.long().view(-1, 1), 1.0 - smoothing + off)
 
 
-def mix_targets(y: torch.Tensor, lam: np.ndarray, num_classes: int, smoothing: float) -> torch.Tensor:
-    t = smooth_one_hot(y, num_classes, smoothing)
-    if y.device.type == "cpu":
+def mix_targets(y: torch.Tensor, lam: np.ndarray, num_classes: int, smoothing: float, *,
+                host: bool | None = None) -> torch.Tensor:
+    t = smooth_one_hot(y, num_classes, smoothing, host=host)
+    if _on_host(y, host):
         tn, lam_n = t.numpy(), np.asarray(lam, np.float32).reshape(-1, 1)
         return torch.from_numpy(tn * lam_n + tn[::-1] * (np.float32(1.0) - lam_n))
-    lam_t = torch.as_tensor(lam, dtype=torch.float32).to(y.device, non_blocking=True).view(-1, 1)
+    lam_t = to_device(torch.as_tensor(lam, dtype=torch.float32), y.device).view(-1, 1)
     return t * lam_t + t.flip(0) * (1.0 - lam_t)
 
 
 def mixup_cutmix(x: torch.Tensor, y: torch.Tensor, aug: AugmentConfig, generator: torch.Generator, *,
-                 num_classes: int, label_smoothing: float = 0.0,
-                 inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 num_classes: int, label_smoothing: float = 0.0, inplace: bool = False,
+                 host: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mix a float batch ``x`` [N, C, H, W] and int labels ``y`` [N]; returns (images, soft targets
     float32 [N, num_classes]). ``generator`` is a CPU torch generator. N must be even (as timm).
-    ``inplace=True`` may overwrite ``x``."""
+    ``inplace=True`` may overwrite ``x``; ``host`` as for ``mix_targets``."""
     params = draw_mix_params(x.shape, aug, generator)
-    return apply_mix(x, params, inplace=inplace), mix_targets(y, params.lam, num_classes, label_smoothing)
+    return apply_mix(x, params, inplace=inplace), mix_targets(y, params.lam, num_classes, label_smoothing, host=host)
 
 
 def draw_mix_params(shape, aug: AugmentConfig, generator: torch.Generator) -> MixParams:

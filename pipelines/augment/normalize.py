@@ -14,15 +14,21 @@ channels_last output) one compiled pass (``cpu_kernels.normalize_mix``) reads th
 and writes the output once, with mixup/CutMix folded in when the caller passes its draws
 (``mix``); the torch path applies those with ``mixup.apply_mix`` afterwards, same result up to
 float rounding. ImageNet statistics as timm's ``IMAGENET_DEFAULT_MEAN/STD``.
+
+The per-channel scale and shift are computed once per (mean, std) on the host and kept on each
+device (``_scale_shift``): a ``torch.tensor(..., device=cuda)`` per call would be a blocking copy.
 """
 from __future__ import annotations
 
 import torch
 
+import functools
+
 from . import cpu_kernels as K
 from .buffers import BufferPool
 from .mixup import MixParams, apply_mix
 from .randaugment import resolve_backend
+from .transfer import to_device
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,9 +41,7 @@ def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype: torc
     (``mixup.draw_mix_params``), the result is also mixed with the flipped batch. With ``pool``,
     the CPU kernel writes into a recycled float32 buffer when one is free (``buffers.py``)."""
     n, c, h, w = x.shape
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device)
-    scale, shift = 1.0 / (255.0 * s), -m / s
+    scale, shift = _scale_shift(tuple(mean), tuple(std), x.device)
     if channels_last and c == 3 and resolve_backend(backend, x.device) == "cpu-kernels":
         x = x.contiguous(memory_format=torch.channels_last)  # no copy when stage 1 made it so
         buf = pool.empty(x.shape, torch.float32) if pool is not None else None
@@ -57,3 +61,12 @@ def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype: torc
     rows = out.permute(0, 2, 3, 1).view(n * h, w * c)  # the NHWC memory, one image row per row
     torch.addcmul(shift.repeat(w), rows, scale.repeat(w), out=rows)  # one pass, in place
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _scale_shift(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``1 / (255 std)`` and ``-mean / std`` as float32 [C] tensors on ``device``, computed in
+    float32 on the host (so every device gets the same values) and copied once. Shared: read only."""
+    m = torch.tensor(mean, dtype=torch.float32)
+    s = torch.tensor(std, dtype=torch.float32)
+    return to_device(1.0 / (255.0 * s), device), to_device(-m / s, device)

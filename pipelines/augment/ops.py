@@ -14,6 +14,11 @@ the same image:
 
 Ops return uint8 so rounding happens after every op, as between PIL ops.
 Where the per-sample arguments come from is ``randaugment.py``'s business.
+
+On CUDA nothing here makes the host wait: per-sample arguments arrive through
+``transfer.to_device`` (pinned, non-blocking), constants are made once per device, and the
+histograms of Equalize have a fixed size (``index_add_`` into 256 bins per channel; ``bincount``
+would read the input's max back to size its output). ``tests/test_host_syncs.py`` counts.
 """
 from __future__ import annotations
 
@@ -22,9 +27,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .transfer import constant, to_device
+
+
 def _col(v: torch.Tensor, x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """Per-sample values as a [k, 1, 1, 1] tensor on x's device."""
-    return v.to(device=x.device, dtype=dtype).view(-1, 1, 1, 1)
+    """Per-sample values as a [k, 1, 1, 1] tensor on x's device (host values: a non-blocking copy)."""
+    return to_device(v.to(dtype), x.device).view(-1, 1, 1, 1)
 
 
 def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -44,16 +52,21 @@ def grey(x: torch.Tensor) -> torch.Tensor:
 def _flat_index(x: torch.Tensor) -> torch.Tensor:
     """Each value's slot in per-(sample, channel) 256-entry tables, flat int32: value +
     256 * (sample * C + channel). int32 rather than int64 halves the traffic of this
-    full-size temporary; ``bincount`` and ``index_select`` take it (2-3x faster, measured)."""
+    full-size temporary; ``index_add_`` and ``index_select`` take it (2-3x faster, measured)."""
     k, c = x.shape[:2]
     offset = (torch.arange(k * c, device=x.device, dtype=torch.int32) * 256).view(k, c, 1, 1)
     return x.to(torch.int32, memory_format=torch.contiguous_format).add_(offset).view(-1)
 
 
 def _histogram(x: torch.Tensor) -> torch.Tensor:
-    """Per (sample, channel) 256-bin histograms, [k, 3, 256] int64."""
+    """Per (sample, channel) 256-bin histograms, [k, 3, 256] int32. The output size is known
+    up front, so on CUDA this is one atomic-add kernel with no read-back (``bincount`` copies the
+    input's max to the host to size its result)."""
     k, c = x.shape[:2]
-    return torch.bincount(_flat_index(x), minlength=k * c * 256).view(k, c, 256)
+    idx = _flat_index(x)
+    hist = torch.zeros(k * c * 256, dtype=torch.int32, device=x.device)
+    ones = torch.ones((), dtype=torch.int32, device=x.device).expand(idx.numel())
+    return hist.index_add_(0, idx, ones).view(k, c, 256)
 
 
 def _apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
@@ -196,7 +209,7 @@ def affine(x: torch.Tensor, matrix: torch.Tensor, fill: tuple[int, int, int], mo
     centre (x + .5, y + .5) to the source point, PIL's convention; ``mode`` bilinear/bicubic."""
     k, _, h, w = x.shape
     dev = x.device
-    m = matrix.to(device=dev, dtype=torch.float32)
+    m = to_device(matrix.to(torch.float32), dev)
     ys = (torch.arange(h, device=dev, dtype=torch.float32) + 0.5).view(1, h, 1)
     xs = (torch.arange(w, device=dev, dtype=torch.float32) + 0.5).view(1, 1, w)
     src_x = m[:, 0, 0, None, None] * xs + m[:, 0, 1, None, None] * ys + m[:, 0, 2, None, None]
@@ -208,7 +221,7 @@ def affine(x: torch.Tensor, matrix: torch.Tensor, fill: tuple[int, int, int], mo
     out = F.grid_sample(x.float(), grid, mode=mode, padding_mode="border", align_corners=False)
     # PIL truncates; the small bias absorbs float32 grid error on exact values (pure shifts).
     out = out.add_(0.005).clamp_(0, 255).to(torch.uint8)
-    fill_t = torch.tensor(fill, dtype=torch.uint8, device=dev).view(1, 3, 1, 1)
+    fill_t = constant(fill, torch.uint8, dev).view(1, 3, 1, 1)
     return torch.where(inside.unsqueeze(1), out, fill_t)
 
 
@@ -251,13 +264,13 @@ def shift_resample(x: torch.Tensor, shift: torch.Tensor, fill: tuple[int, int, i
     k, c, h, w = x.shape
     dev = x.device
     whole, taps, weights, first, stop = shift_taps(shift, mode, w)
-    weights = weights.to(dev).view(k, 1, h, len(taps)).unbind(-1)
+    weights = to_device(weights, dev).view(k, 1, h, len(taps)).unbind(-1)
     weights = [t.unsqueeze(-1) for t in weights]
     # One gather of the row segment every tap reads (columns taps[0] .. w - 1 + taps[-1]
     # around the integer shift, clamped at the border); each tap is then a slice of it.
     lo, span = taps[0], w + taps[-1] - taps[0]
     cols = torch.arange(lo, lo + span, device=dev)
-    idx = (whole.to(dev).unsqueeze(-1) + cols).clamp_(0, w - 1)  # [k, H, span]
+    idx = (to_device(whole, dev).unsqueeze(-1) + cols).clamp_(0, w - 1)  # [k, H, span]
     seg = torch.gather(x, 3, idx.unsqueeze(1).expand(k, c, h, span)).float()
     out = seg[..., 0:w] * weights[0]
     for i in range(1, len(taps)):
@@ -265,8 +278,8 @@ def shift_resample(x: torch.Tensor, shift: torch.Tensor, fill: tuple[int, int, i
     # PIL truncates; the small bias absorbs float32 error on exact values, as in ``affine``.
     out = out.add_(0.005).clamp_(0, 255).to(torch.uint8)
     j = torch.arange(w, device=dev)
-    inside = (j >= first.to(dev).unsqueeze(-1)) & (j < stop.to(dev).unsqueeze(-1))
-    fill_t = torch.tensor(fill, dtype=torch.uint8, device=dev).view(1, 3, 1, 1)
+    inside = (j >= to_device(first, dev).unsqueeze(-1)) & (j < to_device(stop, dev).unsqueeze(-1))
+    fill_t = constant(fill, torch.uint8, dev).view(1, 3, 1, 1)
     return torch.where(inside.unsqueeze(1), out, fill_t)
 
 

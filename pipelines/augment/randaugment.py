@@ -12,7 +12,8 @@ once on the subset of samples that drew it. Translate and shear move pixels alon
 only, so they are resampled as rows (``ops.shift_resample``: a few gathered taps with PIL's
 bilinear/bicubic weights); Rotate uses one ``grid_sample`` per interpolation mode. Because
 the choices live on the host, the subset sizes are known without a device sync, and a given
-seed gives the same choices on CPU and CUDA.
+seed gives the same choices on CPU and CUDA. The number of kernels a call launches depends on
+the op list and the layers, not on the batch size (``tests/test_host_syncs.py`` counts them).
 
 Two backends run the pixel work. ``torch`` (CUDA, or anywhere) is the code described above.
 ``cpu-kernels`` (the default for CPU batches when numba is installed) runs each layer as one
@@ -30,6 +31,7 @@ import torch
 from . import cpu_kernels as K
 from . import ops as O
 from .policy import LEVEL_DENOM, RandAugmentPolicy
+from .transfer import to_device
 
 
 @dataclass
@@ -205,18 +207,11 @@ def _apply_with_cpu_kernels(x: torch.Tensor, params: RandAugmentParams, policy: 
 
 
 def _apply_to(out: torch.Tensor, sel: torch.Tensor, op) -> None:
-    """``out[sel] = op(out[sel])`` for the samples ``sel`` (a CPU index tensor).
-
-    On CPU the results are written back one image at a time: each is one contiguous block,
-    and a plain copy per image was ~9x faster than ``index_copy_`` (measured, 4 of 64 images
-    at 224 px). On CUDA one ``index_copy_`` kernel beats several launches."""
-    sel_d = sel.to(out.device, non_blocking=True)
-    result = op(out.index_select(0, sel_d))
-    if out.device.type == "cpu":
-        for j, i in enumerate(sel.tolist()):
-            out[i].copy_(result[j])
-    else:
-        out.index_copy_(0, sel_d, result)
+    """``out[sel] = op(out[sel])`` for the samples ``sel`` (a CPU index tensor): one gather, the
+    op, one ``index_copy_``, whatever the number of samples (on a GPU each is one kernel launch).
+    The index list goes over as a pinned non-blocking copy (no host sync)."""
+    sel_d = to_device(sel, out.device)
+    out.index_copy_(0, sel_d, op(out.index_select(0, sel_d)))
 
 
 def rand_augment_batch(x: torch.Tensor, policy: RandAugmentPolicy, generator: torch.Generator,

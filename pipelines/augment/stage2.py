@@ -7,7 +7,9 @@ normalization, then mixing in the training loop. Eval: normalize only, integer l
 
 Randomness: one CPU ``torch.Generator`` seeded with ``seed``; all per-sample choices are drawn
 from it on the host, pixels are processed on the batch's device, so results are deterministic
-given the seed and the same on CPU and CUDA up to float rounding. Under DDP pass a per-rank
+given the seed and the same on CPU and CUDA up to float rounding. Because the choices are host
+values, a call never reads the batch back: on CUDA it only queues kernels (no host sync), and
+the number of kernels does not grow with the batch (``tests/test_host_syncs.py``). Under DDP pass a per-rank
 seed (e.g. ``seed + rank``), or ranks draw the same augmentations for their batches.
 """
 from __future__ import annotations
@@ -70,21 +72,22 @@ class Stage2:
             x = rand_augment_batch(x, self.policy.scaled(self.magnitude_scale), self.generator, self.backend,
                                    pool=self.pool)
         mix = self._mix_config()
+        host = resolve_backend(self.backend, x.device) == "cpu-kernels"  # targets in numpy, else torch
         if mixing_enabled(mix) and self.aug.random_erasing <= 0:
             # Mixing right after normalization, in the same pass where the backend can fuse it.
             # The draws are the ones mixup_cutmix would make here, so results do not depend on it.
             params = draw_mix_params(x.shape, mix, self.generator)
             x = normalize(x, self.mean, self.std, self.out_dtype, self.channels_last, mix=params,
                           backend=self.backend, pool=self.pool)
-            return x, mix_targets(batch.labels, params.lam, self.num_classes, self.label_smoothing)
+            return x, mix_targets(batch.labels, params.lam, self.num_classes, self.label_smoothing, host=host)
         x = normalize(x, self.mean, self.std, self.out_dtype, self.channels_last, backend=self.backend,
                       pool=self.pool)
         if self.aug.random_erasing > 0:
             x = random_erasing(x, self.aug.random_erasing, self.generator)
         if mixing_enabled(mix):
             return mixup_cutmix(x, batch.labels, mix, self.generator, num_classes=self.num_classes,
-                                label_smoothing=self.label_smoothing, inplace=True)  # x is ours
-        return x, smooth_one_hot(batch.labels, self.num_classes, self.label_smoothing)
+                                label_smoothing=self.label_smoothing, inplace=True, host=host)  # x is ours
+        return x, smooth_one_hot(batch.labels, self.num_classes, self.label_smoothing, host=host)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "magnitude_scale": self.magnitude_scale}
