@@ -17,7 +17,16 @@ temporaries per op. This version runs each op over a list of tensors (``torch._f
 chunks of whole parameters small enough that the dozen passes of an update stay in the CPU cache
 (timm chunks by the GPU's L2 for the same reason), folds bias correction and (on CPU) the clip
 factor into scalars; on CUDA the clip factor stays on the device (no host sync). On CUDA with apex
-importable, apex ``FusedLAMB`` (one fused kernel) is used instead.
+importable, apex ``FusedLAMB`` (multi-tensor kernels) is used instead.
+
+apex's ``FusedLAMB`` (NVIDIA/apex ``apex/optimizers/fused_lamb.py``) differs from torch optimizers
+in ways the engine must respect: ``zero_grad(self)`` takes no ``set_to_none`` argument (the engine
+clears grads with :func:`clear_grads`, which works for every optimizer), its ``step`` overwrites
+``p.grad`` with the update (nothing reads grads after the step), and its param groups carry
+``max_grad_norm`` but not ``always_adapt``. Its state (per-parameter ``exp_avg``/``exp_avg_sq``,
+an integer ``step`` per group) means the same as ours, so a checkpoint written with either loads
+into the other: :class:`Lamb` fills the keys apex does not store (``__setstate__``), and apex reads
+only keys both write.
 
 Weight decay groups follow the rule ``param.ndim <= 1`` -> no decay (every norm weight and every
 bias), never a name test: ``'bn' in name`` misses torchvision's ``downsample.1`` BatchNorm.
@@ -67,6 +76,18 @@ def uses_apex(optimizer: torch.optim.Optimizer) -> bool:
     return type(optimizer).__name__ == "FusedLAMB"
 
 
+def clear_grads(optimizer: torch.optim.Optimizer) -> None:
+    """Drop every gradient (``set_to_none``), for any optimizer: apex's ``FusedLAMB.zero_grad``
+    takes no arguments, so ``optimizer.zero_grad(set_to_none=True)`` raises ``TypeError`` there."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
+
+
+def _all_on_cuda(groups: list[dict[str, Any]]) -> bool:
+    return all(p.is_cuda for g in groups for p in g["params"])
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """The optimizer named by ``cfg.name`` over :func:`param_groups` of ``model``.
 
@@ -77,7 +98,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     SGD/AdamW use torch's fused kernels on CUDA and the foreach implementation elsewhere.
     """
     groups = param_groups(model, cfg.weight_decay)
-    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    on_cuda = _all_on_cuda(groups)
     betas = (float(cfg.betas[0]), float(cfg.betas[1]))
     impl = {"fused": True} if on_cuda else {"foreach": True}
     if cfg.name == "lamb":
@@ -129,11 +150,18 @@ class Lamb(torch.optim.Optimizer):
         bias_correction: Adam bias correction of both moments.
         always_adapt: apply the trust ratio in weight-decay-free groups too (timm default False).
         chunk_elems: elements per cache-sized chunk; None = CPU default on CPU, one chunk on CUDA.
+        clip_on_host: read the global clip factor on the host (True: cheaper on CPU, a host sync
+            on CUDA) or keep it a device tensor (False); None = on the host only for CPU params.
     """
+
+    # Group keys apex's FusedLAMB does not store, with the values its behaviour corresponds to
+    # (adam_w_mode=True, use_nvlamb=False), filled in when loading its state.
+    _GROUP_DEFAULTS = {"always_adapt": False, "grad_averaging": True, "bias_correction": True, "step": 0}
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.01, max_grad_norm: float | None = 1.0, grad_averaging: bool = True,
-                 bias_correction: bool = True, always_adapt: bool = False, chunk_elems: int | None = None):
+                 bias_correction: bool = True, always_adapt: bool = False, chunk_elems: int | None = None,
+                 clip_on_host: bool | None = None):
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"Lamb: lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
         if not all(0.0 <= b < 1.0 for b in betas):
@@ -144,12 +172,20 @@ class Lamb(torch.optim.Optimizer):
         # Global, not per group: the clip factor is computed over the grads of every group (timm, apex).
         self.max_grad_norm = max_grad_norm
         self.chunk_elems = chunk_elems
-        self._clip_on_host: bool | None = None  # None = on CPU only; tests force either path
+        self.clip_on_host = clip_on_host
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dtype != torch.float32:
                     raise TypeError(f"Lamb keeps fp32 weights and moments; got a {p.dtype} parameter of shape "
                                     f"{tuple(p.shape)} (use AMP autocast, not model.half())")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Also called by ``load_state_dict``: groups saved by apex's FusedLAMB lack our keys."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self._GROUP_DEFAULTS.items():
+                group.setdefault(key, value)
+            group["betas"] = tuple(group["betas"])
 
     def _clip_divisor(self) -> Tensor | None:
         """max(1, ||all grads|| / max_grad_norm) as a 0-dim device tensor (no host sync), or None."""
@@ -168,7 +204,7 @@ class Lamb(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         divisor: Tensor | float | None = self._clip_divisor()
-        host = self._clip_on_host if self._clip_on_host is not None else divisor is not None and divisor.is_cpu
+        host = self.clip_on_host if self.clip_on_host is not None else divisor is not None and divisor.is_cpu
         if divisor is not None and host:
             # On CPU reading the clip factor costs nothing: it is folded into the moment updates
             # (no pass over the grads; none at all when nothing is clipped). On CUDA it stays a

@@ -25,7 +25,7 @@ def _run_pair(model, ours_kw, timm_kw, steps, grad_fn, wd=0.01, timm_foreach=Non
     a, b = model, copy.deepcopy(model)
     ga, gb = _groups_pair(a, b, wd)
     ours = Lamb(ga, **ours_kw)
-    ours._clip_on_host = clip_on_host  # False: the CUDA path (clip factor kept as a tensor), run on CPU
+    ours.clip_on_host = clip_on_host  # False: the CUDA path (clip factor kept as a tensor), run on CPU
     ref = TimmLamb(gb, foreach=timm_foreach, **timm_kw)
     pa, pb = list(a.parameters()), list(b.parameters())
     norms = []
