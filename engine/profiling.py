@@ -188,7 +188,7 @@ def measure_step(cfg: Config, batch: int, res: int, *, steps: int, warmup: int, 
     (mode ``e2e``). Runs ``engine.trainer.train_one_epoch`` unchanged, assembled as ``engine.
     train_main`` assembles it for one process (no DDP, no accumulation, no checkpoints or logs).
     """
-    from engine.train_main import build_step_parts, seed_everything
+    from engine.train_main import build_step_parts, compile_for_training, seed_everything
 
     cfg = _at_point(cfg, batch, res)
     t = cfg.train
@@ -196,7 +196,7 @@ def measure_step(cfg: Config, batch: int, res: int, *, steps: int, warmup: int, 
     pipe = _WaitTimer(_pipeline(cfg, device, synthetic=synthetic))
     steps_per_epoch = len(pipe)
     parts = build_step_parts(cfg, device, steps_per_epoch)
-    call_model = torch.compile(parts.model) if t.compile else parts.model
+    call_model = compile_for_training(parts.model) if t.compile else parts.model
     ctx = StepContext(model=call_model, raw_model=parts.model, optimizer=parts.optimizer, loss_fn=parts.loss_fn,
                       lr_at=parts.lr_at, scaler=parts.scaler, precision=t.precision, device=device, accum_steps=1,
                       grad_clip=t.grad_clip, ema=parts.ema)

@@ -20,7 +20,7 @@ import torch.nn as nn
 from engine import checkpoint as ckpt
 from engine.config import Config, ConfigError, to_dict
 from engine.data import build_train_pipeline, build_val_pipeline, check_num_classes
-from engine.distributed import DistInfo, any_rank, barrier, cleanup, init_distributed
+from engine.distributed import DistInfo, any_rank, barrier, cleanup, init_distributed, reduce_bn_stats
 from engine.logging import RunLogger, format_progress
 from engine.losses import build_loss
 from engine.optim import build_optimizer
@@ -70,7 +70,8 @@ class StopRequest:
 
 class EMA:
     """Exponential moving average of weights (Polyak averaging), as in ResNet-RS (decay 0.9999).
-    Kept in fp32 on the model's device; buffers (BN statistics) are copied, not averaged."""
+    Kept in fp32 on the model's device; buffers (BN statistics) are copied, not averaged. An
+    update is two multi-tensor kernels launches' worth of work, no host sync."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
@@ -81,8 +82,7 @@ class EMA:
         ema_p = [p for p in self.module.parameters()]
         src_p = [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(ema_p, src_p, 1.0 - self.decay)
-        for b_ema, b in zip(self.module.buffers(), model.buffers()):
-            b_ema.copy_(b)
+        torch._foreach_copy_(list(self.module.buffers()), list(model.buffers()))
 
 
 def _clone_model(model: nn.Module) -> nn.Module:
@@ -115,6 +115,14 @@ def build_step_parts(cfg: Config, device: torch.device, steps_per_epoch: int) ->
                      loss_fn=build_loss(cfg.loss, cfg.data.num_classes).to(device),
                      scaler=torch.amp.GradScaler(device.type, enabled=t.precision == "fp16"),
                      ema=EMA(model, t.ema_decay) if t.ema_decay > 0 else None)
+
+
+def compile_for_training(module: nn.Module, backend: str = "inductor") -> nn.Module:
+    """``torch.compile`` as the engine uses it: static shapes, so a progressive-resolution run
+    compiles once per training resolution and reuses each graph (``dynamic=None`` would switch to
+    a dynamic-shape graph at the second resolution). Evaluation runs the uncompiled module.
+    ``backend`` is for tests (the default is what training uses)."""
+    return torch.compile(module, dynamic=False, backend=backend)
 
 
 def seed_everything(seed: int) -> None:
@@ -196,15 +204,18 @@ def _train(cfg: Config, args, d: DistInfo, out: Path) -> int:
             model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=64,
             gradient_as_bucket_view=True, broadcast_buffers=False)
     if t.compile:
-        call_model = torch.compile(call_model)
+        call_model = compile_for_training(call_model)
     ctx = StepContext(model=call_model, raw_model=model, optimizer=optimizer, loss_fn=loss_fn, lr_at=lr_at,
                       scaler=scaler, precision=t.precision, device=device, accum_steps=accum,
                       grad_clip=t.grad_clip, ema=ema, is_ddp=d.enabled)
 
     def save(tag: str) -> Path | None:
-        """Called on every rank at the same step: each rank's RNG and augmentation state is gathered,
-        the main rank writes (all ranks hold the same model and optimizer)."""
-        own = {"stage2": stage2.state_dict(), "rng": ckpt.rng_state()}
+        """Called on every rank at the same step: BatchNorm statistics are averaged over ranks, each
+        rank's RNG, augmentation state and loss window are gathered, the main rank writes (all
+        ranks then hold the same model and optimizer)."""
+        reduce_bn_stats(model, ema.module if ema else None)
+        own = {"stage2": stage2.state_dict(), "rng": ckpt.rng_state(),
+               "window": [prog.window_loss, prog.window_count]}
         per_rank = gather_objects(own, d)
         if not d.is_main:
             return None
@@ -222,19 +233,17 @@ def _train(cfg: Config, args, d: DistInfo, out: Path) -> int:
     final_metrics: dict[str, Any] = {}
 
     def after_step(p: EpochProgress) -> bool:
+        """False to stop (the loop then saves); mid-epoch checkpoints only at log points, where the
+        loss window has just been read and checked (trainer.train_one_epoch)."""
         nonlocal last_save
+        at_log = p.step % t.log_every == 0
         requested = stop.requested
-        if d.enabled and p.step % t.log_every == 0:
-            requested = any_rank(requested, device)
-        elif d.enabled:
-            requested = False  # acted on at the next agreed check, so ranks stop at the same step
+        if d.enabled:  # acted on at the next agreed check, so ranks stop at the same step
+            requested = any_rank(requested, device) if at_log else False
         if requested:
-            path = save("interrupted")
-            log.info(f"stopped on request at epoch {p.epoch} step {p.step}; checkpoint {path}; "
-                     f"continue with --resume auto")
             return False
         minutes = cfg.checkpoint.every_minutes
-        if minutes > 0 and (not d.enabled or p.step % t.log_every == 0):
+        if minutes > 0 and at_log:
             due = time.monotonic() - last_save >= 60 * minutes
             if d.enabled:  # the main rank's clock decides, so every rank saves at the same step
                 due = any_rank(due and d.is_main, device)
@@ -261,10 +270,14 @@ def _train(cfg: Config, args, d: DistInfo, out: Path) -> int:
                                        log_every=t.log_every, on_log=on_log, after_step=after_step,
                                        max_steps=args.max_steps)
             if not finished and stop.requested:
+                path = save("interrupted")
+                log.info(f"stopped on request at epoch {prog.epoch} step {prog.step}; checkpoint {path}; "
+                         f"continue with --resume auto")
                 interrupted = True
                 break
             last_epoch = epoch == epochs_total - 1 or not finished
             if last_epoch or (epoch + 1) % t.eval_every == 0:
+                reduce_bn_stats(model, ema.module if ema else None)  # every rank evaluates the same model
                 eval_model = ema.module if ema else model
                 val_pipe.set_epoch(epoch)
                 metrics = evaluate(eval_model, val_pipe, stage2_eval, device=device, precision=t.precision)
@@ -340,6 +353,8 @@ def _resume(spec: str | None, out: Path, model, optimizer, scaler, ema, stage2, 
         own = state["per_rank"][d.rank]
         stage2.load_state_dict(own["stage2"])
         ckpt.set_rng_state(own["rng"])
+        if "window" in own:  # this rank's loss sums since the last log point
+            prog.window_loss, prog.window_count = float(own["window"][0]), int(own["window"][1])
     else:  # a different process count: the run continues, but not bit-exactly
         log.info(f"resuming {state['world_size']}-process checkpoint on {d.world_size} processes: "
                  "augmentation RNG streams restart from the seed")

@@ -1,8 +1,13 @@
 """The training step, one epoch of it, and evaluation: plain functions, no callbacks.
 
-Hot-path rules (DESIGN.md): no ``.item()`` or ``synchronize`` per step on CUDA; losses are summed
-on the device and read every ``log_every`` steps. The non-finite-loss check reads the previous
-step's flag through a pinned buffer, so a NaN is caught within one step without stalling the GPU.
+Host syncs (DESIGN.md): on CUDA the host must run ahead of the GPU, so a step reads nothing back.
+The loss of each micro-batch is summed on the device together with "the first step whose loss
+was not finite", and both are read once per log point (``log_every`` optimizer steps), at the end
+of the epoch and when a stop is requested. Checkpoints are written only right after such a read,
+so a NaN found there is raised before anything is saved (the last good checkpoint stays).
+``tests/test_host_syncs.py`` counts the syncs of real steps: none between log points with bf16
+and fp32. With fp16, torch's ``GradScaler.step`` reads its inf/NaN flag every step (it decides on
+the host whether to skip ``optimizer.step()``): one deliberate sync per step, as in timm.
 """
 from __future__ import annotations
 
@@ -16,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.distributed import all_reduce_sum
+from engine.distributed import all_reduce_sum, all_reduce_min
+from engine.optim import clear_grads
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -64,39 +70,48 @@ def autocast(ctx: StepContext):
     return torch.autocast(device_type=ctx.device.type, dtype=DTYPES[ctx.precision])
 
 
-class NonFiniteGuard:
-    """Checks that losses are finite without a per-step host sync on CUDA."""
+class LossWindow:
+    """Loss sum and the first non-finite step since the last log point, kept on the device.
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.pending: tuple[torch.Tensor, torch.cuda.Event, int] | None = None
-        self.buf = torch.zeros(1, dtype=torch.bool, pin_memory=self.cuda)
+    ``add`` queues three tiny kernels and reads nothing; ``read`` is the one deliberate sync
+    (all ranks' sums, the earliest bad step on any rank). Non-finite losses are not errors with
+    fp16, where GradScaler skips the step (``check_finite=False``)."""
 
-    def check(self, loss: torch.Tensor, step: int) -> int | None:
-        """Returns the step whose loss was non-finite, if one is now known."""
-        bad = ~torch.isfinite(loss.detach()).reshape(1)
-        if not self.cuda:
-            return step if bool(bad) else None
-        found = None
-        if self.pending is not None:
-            buf, event, pstep = self.pending
-            event.synchronize()
-            if bool(buf):
-                found = pstep
-        buf = torch.empty(1, dtype=torch.bool, pin_memory=True)
-        buf.copy_(bad, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self.pending = (buf, event, step)
-        return found
+    def __init__(self, device: torch.device, start_loss: float, start_count: int, check_finite: bool):
+        self.device, self.check_finite = device, check_finite
+        self.acc = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, first bad step]
+        self.acc[0] += start_loss  # a Python scalar: no host-to-device copy
+        self.acc[1] = math.inf
+        self.count = start_count  # micro-batches, a host number
+        self.images = 0
 
-    def flush(self) -> int | None:
-        if self.pending is None:
-            return None
-        buf, event, pstep = self.pending
-        event.synchronize()
-        self.pending = None
-        return pstep if bool(buf) else None
+    def add(self, loss: torch.Tensor, step: int, images: int) -> None:
+        value = loss.detach().double()
+        self.acc[0] += value
+        if self.check_finite:
+            torch.minimum(self.acc[1], torch.where(torch.isfinite(value), math.inf, float(step)), out=self.acc[1])
+        self.count += 1
+        self.images += images
+
+    def read(self) -> tuple[float, int, int, int | None]:
+        """(loss sum, micro-batches, images, first non-finite step or None) over all ranks; resets."""
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        sums[0] = self.acc[0]
+        sums[1], sums[2] = self.count, self.images  # scalar fills: no host-to-device copy
+        all_reduce_sum(sums)
+        bad = all_reduce_min(self.acc[1:2].clone())
+        # Deliberate sync: once per log point, the end of an epoch or a stop.
+        loss_sum, count, images, first_bad = torch.cat([sums, bad]).tolist()
+        self.acc.zero_()
+        self.acc[1] = math.inf
+        self.count, self.images = 0, 0
+        return loss_sum, int(count), int(images), (None if math.isinf(first_bad) else int(first_bad))
+
+
+def _raise_if_bad(first_bad: int | None, ctx: StepContext, epoch: int) -> None:
+    if first_bad is not None:
+        raise NonFiniteLossError(f"loss is NaN/Inf at step {first_bad} (epoch {epoch}); stopped, the last "
+                                 f"good checkpoint is kept. Lower optim.lr or use train.precision=fp32/bf16")
 
 
 def train_one_epoch(ctx: StepContext, pipeline, stage2, prog: EpochProgress, *, steps_per_epoch: int,
@@ -105,18 +120,17 @@ def train_one_epoch(ctx: StepContext, pipeline, stage2, prog: EpochProgress, *, 
     """Runs the rest of ``prog.epoch`` from ``prog.batch``; returns False when asked to stop early.
 
     ``after_step`` is called after each optimizer step (checkpoint timers, stop requests) and
-    returns False to stop. Micro-batches beyond the last full accumulation group are not used.
+    returns False to stop. ``prog.window_loss``/``window_count`` are up to date right after a log
+    point (``prog.step % log_every == 0``) and when this returns, so checkpoints are written only
+    then. Micro-batches beyond the last full accumulation group are not used.
     """
     ctx.model.train()
-    guard = NonFiniteGuard(ctx.device)
     usable = steps_per_epoch * ctx.accum_steps
+    window = LossWindow(ctx.device, prog.window_loss, prog.window_count, check_finite=ctx.precision != "fp16")
     window_start = time.perf_counter()
     window_wait = 0.0
-    window_images = 0
-    window_loss = torch.zeros((), device=ctx.device, dtype=torch.float64)
-    window_loss += prog.window_loss
-    window_count = prog.window_count
     it = iter(pipeline)
+    stopped = False
     while prog.batch < usable:
         t0 = time.perf_counter()
         try:
@@ -137,50 +151,48 @@ def train_one_epoch(ctx: StepContext, pipeline, stage2, prog: EpochProgress, *, 
                 logits = ctx.model(images)
                 loss = ctx.loss_fn(logits.float(), targets)
             ctx.scaler.scale(loss / ctx.accum_steps).backward()
-        bad_step = guard.check(loss, prog.step)
-        if bad_step is not None and ctx.precision != "fp16":
-            raise NonFiniteLossError(f"loss is NaN/Inf at step {bad_step} (epoch {prog.epoch}); stopped, the last "
-                                     f"good checkpoint is kept. Lower optim.lr or use train.precision=fp32/bf16")
-        window_loss += loss.detach().double()
-        window_count += 1
-        window_images += images.shape[0]
+        window.add(loss, prog.step, images.shape[0])
         prog.batch += 1
         if not last_micro:
             continue
         _optimizer_step(ctx)
         prog.step += 1
-        done = prog.batch >= usable
-        if prog.step % log_every == 0 or done:
-            loss_sum = all_reduce_sum(torch.stack([window_loss, torch.tensor(float(window_count), device=ctx.device,
-                                                                             dtype=torch.float64)]))
-            if ctx.device.type == "cuda":
-                torch.cuda.synchronize()
+        if prog.step % log_every == 0 or prog.batch >= usable:
+            loss_sum, count, world_images, first_bad = window.read()
+            _raise_if_bad(first_bad, ctx, prog.epoch)
             elapsed = time.perf_counter() - window_start
-            world_images = float(all_reduce_sum(torch.tensor([float(window_images)], device=ctx.device))[0])
             on_log({"epoch": prog.epoch, "step": prog.step, "lr": ctx.optimizer.param_groups[0]["lr"],
-                    "train_loss": float(loss_sum[0] / max(loss_sum[1], 1.0)),
+                    "train_loss": loss_sum / max(count, 1),
                     "images_per_s": world_images / max(elapsed, 1e-9),
                     "data_wait_frac": min(1.0, window_wait / max(elapsed, 1e-9))})
-            window_loss.zero_()
-            window_count, window_images, window_wait = 0, 0, 0.0
+            window_wait = 0.0
             window_start = time.perf_counter()
-        prog.window_loss, prog.window_count = float(window_loss), window_count
+            prog.window_loss, prog.window_count = 0.0, 0  # what a checkpoint written now must hold
         if not after_step(prog) or (max_steps is not None and prog.step >= max_steps):
-            return False
-    bad_step = guard.flush()
-    if bad_step is not None and ctx.precision != "fp16":
-        raise NonFiniteLossError(f"loss is NaN/Inf at step {bad_step} (epoch {prog.epoch}); stopped, the last "
-                                 f"good checkpoint is kept. Lower optim.lr or check the data")
-    return True
+            stopped = True
+            break
+    # Leaving the epoch (its end, or a stop): read what the window holds into ``prog`` so a
+    # checkpoint written now resumes the running sums exactly. A sync, once per epoch or stop.
+    loss_sum, count, _, first_bad = _read_local(window)
+    _raise_if_bad(first_bad, ctx, prog.epoch)
+    prog.window_loss, prog.window_count = loss_sum, count
+    return not stopped
+
+
+def _read_local(window: LossWindow) -> tuple[float, int, int, int | None]:
+    """This rank's window as it stands (no collective: ranks may leave an epoch at different
+    micro-batches only when the pipeline ran dry, and the sums are per rank in checkpoints)."""
+    loss_sum, first_bad = window.acc.tolist()  # deliberate sync: end of epoch or stop
+    return loss_sum, window.count, window.images, (None if math.isinf(first_bad) else int(first_bad))
 
 
 def _optimizer_step(ctx: StepContext) -> None:
     if ctx.grad_clip > 0:
         ctx.scaler.unscale_(ctx.optimizer)
         torch.nn.utils.clip_grad_norm_(ctx.raw_model.parameters(), ctx.grad_clip)
-    ctx.scaler.step(ctx.optimizer)
+    ctx.scaler.step(ctx.optimizer)  # fp16 only: GradScaler reads its inf flag here (a sync)
     ctx.scaler.update()
-    ctx.optimizer.zero_grad(set_to_none=True)
+    clear_grads(ctx.optimizer)
     if ctx.ema is not None:
         ctx.ema.update(ctx.raw_model)
 

@@ -1,0 +1,190 @@
+"""The CUDA path without a GPU: no host syncs between log points, stage 2 launches a batch-size
+independent number of ops, and ``train.compile`` compiles once per resolution without graph breaks.
+
+Syncs are counted by ``tests/host_sync.py`` (device tensors tracked through every op on CPU). The
+step is the engine's own (``trainer.train_one_epoch``) with A1's settings: RandAugment
+rand-m7-mstd0.5-inc1, mixup 0.2 / CutMix 1.0, BCE with target threshold 0.2 and smoothing 0.1,
+LAMB with its internal clip, stochastic depth, an EMA; stage 2 on its torch backend and LAMB
+with its clip factor on the device, which is what a CUDA batch takes (on CPU the engine picks
+compiled kernels and host-side scalars, which are free there).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from engine.config import load_config
+from engine.train_main import build_step_parts, compile_for_training
+from engine.trainer import EpochProgress, StepContext, train_one_epoch
+from pipelines.augment import Stage2
+from pipelines.augment import randaugment as RA
+from pipelines.base import Batch
+from tests.host_sync import HostSyncCounter
+
+A1_SMALL = ["model.arch=resnet_tiny", "data.num_classes=10", "train.ema_decay=0.99", "train.precision=bf16"]
+
+
+def _a1(*extra):
+    return load_config("recipes/a1.toml", [*A1_SMALL, *extra])
+
+
+def _batches(n: int, batch: int, res: int, classes: int = 10, seed: int = 0) -> list[Batch]:
+    g = torch.Generator().manual_seed(seed)
+    return [Batch(torch.randint(0, 256, (batch, 3, res, res), dtype=torch.uint8, generator=g)
+                  .contiguous(memory_format=torch.channels_last), torch.randint(0, classes, (batch,), generator=g))
+            for _ in range(n)]
+
+
+class _Feed:
+    """Stage 1 stand-in: hands out batches already 'on the device' and labels the counter's events
+    with the index of the micro-batch being processed."""
+
+    def __init__(self, batches, counter: HostSyncCounter | None = None):
+        self.batches, self.counter = batches, counter
+
+    def __iter__(self):
+        for i, b in enumerate(self.batches):
+            if self.counter is not None:
+                self.counter.label = i
+                self.counter.mark(b.images, b.labels)
+            yield b
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def _context(cfg, steps: int, accum: int = 1, model_wrapper=None) -> tuple[StepContext, Stage2]:
+    dev = torch.device("cpu")
+    parts = build_step_parts(cfg, dev, steps)
+    parts.optimizer.clip_on_host = False  # the CUDA branch of Lamb
+    call = model_wrapper(parts.model) if model_wrapper else parts.model
+    ctx = StepContext(model=call, raw_model=parts.model, optimizer=parts.optimizer, loss_fn=parts.loss_fn,
+                      lr_at=parts.lr_at, scaler=parts.scaler, precision=cfg.train.precision, device=dev,
+                      accum_steps=accum, ema=parts.ema)
+    stage2 = Stage2(cfg.augment, cfg.data.num_classes, cfg.loss.label_smoothing, train=True, channels_last=True,
+                    seed=0, backend="torch")
+    return ctx, stage2
+
+
+def _count_syncs(cfg, steps: int, log_every: int, accum: int = 1) -> HostSyncCounter:
+    ctx, stage2 = _context(cfg, steps, accum)
+    counter = HostSyncCounter()
+    with counter:
+        counter.mark(*ctx.raw_model.parameters(), *ctx.raw_model.buffers(),
+                     *ctx.ema.module.parameters(), *ctx.ema.module.buffers())
+        train_one_epoch(ctx, _Feed(_batches(steps * accum, 16, 32), counter), stage2, EpochProgress(),
+                        steps_per_epoch=steps, log_every=log_every, on_log=lambda rec: None,
+                        after_step=lambda p: True)
+    return counter
+
+
+@pytest.mark.parametrize("precision,accum", [("bf16", 1), ("fp32", 2)])
+def test_no_host_sync_between_log_points(precision, accum):
+    """Six optimizer steps, a log point every third: the micro-batches of non-log steps read
+    nothing back and copy nothing in a blocking way; a log point reads once (the reduced loss
+    window); the last micro-batch of the epoch reads once more (the window handed to ``prog``)."""
+    steps, log_every = 6, 3
+    counter = _count_syncs(_a1(f"train.precision={precision}"), steps, log_every, accum)
+    per_micro = {i: counter.count(i) for i in range(steps * accum)}
+    log_micro = {(s + 1) * accum - 1 for s in range(steps) if (s + 1) % log_every == 0}
+    quiet = {i: n for i, n in per_micro.items() if i not in log_micro}
+    assert all(n == 0 for n in quiet.values()), {i: counter.summary(i) for i, n in quiet.items() if n}
+    last = steps * accum - 1
+    assert {i: per_micro[i] for i in log_micro} == {i: (2 if i == last else 1) for i in log_micro}, \
+        {i: counter.summary(i) for i in log_micro}
+    assert set(counter.summary()) == {"read:.tolist()"}
+
+
+def test_the_counter_sees_what_would_sync_on_cuda():
+    """The counter itself: each kind of sync is reported on a device tensor, none for host work."""
+    host = torch.arange(6)
+    with HostSyncCounter() as c:
+        dev = torch.arange(6, dtype=torch.float32, device="cpu")  # explicit device=: a device tensor
+        c.label = "host work"
+        (host > 2).nonzero(), host.tolist(), float(host.sum()), torch.bincount(host)
+        c.label = "device work"
+        y = (dev * 2).sum()
+        float(y)
+        y.item()
+        bool(dev[0] > 1)
+        dev.tolist()
+        dev.cpu()
+        dev.nonzero()
+        dev[dev > 2]
+        torch.bincount(dev.long())
+        dev.repeat_interleave(dev.long())
+        c.label = "copies"
+        host.to(dev.device)
+        host.to(dev.device, non_blocking=True)
+        torch.tensor([1.0, 2.0], device=dev.device)
+    assert c.count("host work") == 0
+    assert c.summary("device work") == {"read:aten._local_scalar_dense.default": 3, "read:.tolist()": 1,
+                                        "read:.cpu()": 1, "shape:nonzero": 1, "shape:index with a boolean mask": 1,
+                                        "shape:bincount": 1, "shape:repeat_interleave": 1}
+    assert c.summary("copies") == {"h2d:Tensor.to(device) without non_blocking": 1,
+                                   "h2d:torch.tensor(host data, device=...)": 1}
+
+
+def _all_ops_params(n: int, policy) -> RA.RandAugmentParams:
+    """Draws where every op fires in every layer with both resampling modes, whatever ``n``, so op
+    counts compare the batch-size dependence alone."""
+    layers, k = policy.num_layers, len(policy.ops)
+    idx = torch.arange(n)
+    op = torch.stack([(idx + 7 * layer) % k for layer in range(layers)])
+    return RA.RandAugmentParams(op=op, apply=torch.ones(layers, n, dtype=torch.bool),
+                                magnitude=torch.full((layers, n), 7.0, dtype=torch.float64),
+                                sign=torch.where(idx % 2 == 0, 1.0, -1.0).double().expand(layers, n).clone(),
+                                bicubic=((idx // k) % 2 == 1).expand(layers, n).clone())
+
+
+def _stage2_ops(n: int, monkeypatch) -> int:
+    cfg = _a1()
+    stage2 = Stage2(cfg.augment, 10, cfg.loss.label_smoothing, train=True, channels_last=True, seed=0,
+                    backend="torch")
+    monkeypatch.setattr(RA, "sample_params", lambda size, policy, gen: _all_ops_params(size, policy))
+    (batch,) = _batches(1, n, 16)
+    stage2(batch)  # warm caches (device constants) as a training loop has
+    with HostSyncCounter() as c:
+        c.mark(batch.images, batch.labels)
+        stage2(batch)
+    assert c.count() == 0, c.summary()
+    return c.device_ops
+
+
+def test_stage2_op_count_does_not_grow_with_the_batch(monkeypatch):
+    """On a GPU every op on device tensors is a kernel launch: a count that grows with the batch
+    would be a Python loop over images. Every op fires at both sizes (30 (layer, op) groups, bilinear and
+    bicubic), so the counts compare batch-size dependence only."""
+    n32, n256 = _stage2_ops(32, monkeypatch), _stage2_ops(256, monkeypatch)
+    print(f"stage 2 ops per call (A1, torch backend): batch 32: {n32}, batch 256: {n256}")
+    assert abs(n256 - n32) <= 5, (n32, n256)
+
+
+def test_compile_once_per_resolution_without_graph_breaks():
+    """``train.compile``: the engine's own ``compile_for_training`` over a progressive schedule
+    32 -> 48 -> 32 px. Dynamo (which decides graph breaks and recompiles, whatever the backend)
+    must capture the whole model step in one graph per resolution and reuse it when a resolution
+    comes back. The backend here is ``aot_eager`` (dynamo + AOTAutograd's backward capture, no
+    code generation): inductor's C++ code generation of the same graphs takes 60-120 s on this
+    project's 2-core CI machine; ``benchmarks/gpu_check.py`` compiles with inductor on a GPU."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = _a1("train.precision=fp32")
+    ctx, stage2 = _context(cfg, 2, model_wrapper=lambda m: compile_for_training(m, backend="aot_eager"))
+    prog = EpochProgress()
+    for res in (32, 48, 32):
+        train_one_epoch(ctx, _Feed(_batches(2, 8, res)), stage2, prog, steps_per_epoch=2, log_every=2,
+                        on_log=lambda rec: None, after_step=lambda p: True)
+        prog.epoch, prog.batch = prog.epoch + 1, 0
+    breaks = sum(counters["graph_break"].values())
+    graphs = counters["stats"]["unique_graphs"]
+    print(f"torch.compile over 32/48/32 px: {graphs} graphs, {breaks} graph breaks, "
+          f"{counters['frames']['ok']} frames compiled")
+    assert breaks == 0, dict(counters["graph_break"])
+    assert graphs == 2 and counters["frames"]["ok"] == 2
+    torch._dynamo.reset()
