@@ -178,7 +178,7 @@ def test_wandb_offline_run_has_config_metrics_and_artifact(fmnist_tree, tmp_path
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_matches_single_process(fmnist_tree, tmp_path):
+def test_torchrun_two_processes_matches_single_process_and_its_export(fmnist_tree, tmp_path):
     common = ("train.epochs=2", "augment.rand_augment=", "augment.mixup_alpha=0", "augment.cutmix_alpha=0",
               "model.drop_path_rate=0", "train.deterministic=false")
     single = tmp_path / "single"
@@ -199,3 +199,14 @@ def test_torchrun_two_processes_matches_single_process(fmnist_tree, tmp_path):
     la = [r["train_loss"] for r in a if "train_loss" in r]
     lb = [r["train_loss"] for r in b if "train_loss" in r]
     assert all(abs(x - y) < 0.15 * x for x, y in zip(la, lb))
+    # BatchNorm statistics are averaged over ranks before evaluation and export (timm's --dist-bn
+    # reduce): the figures the run reported are those of the exported model, evaluated in one
+    # process. Without the reduction each rank evaluates its own statistics and the export is rank 0's.
+    from tests.test_evaluate import evaluate
+
+    got = tmp_path / "export_eval.json"
+    proc = evaluate(ddp / "model.safetensors", "--json", got)
+    assert proc.returncode == 0, proc.stderr
+    export = json.loads(got.read_text())
+    assert export["val_images"] == eb["val_images"] and export["val_top1"] == eb["val_top1"]
+    assert export["val_loss"] == pytest.approx(eb["val_loss"], rel=1e-5)
