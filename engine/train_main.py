@@ -71,7 +71,8 @@ class StopRequest:
 class EMA:
     """Exponential moving average of weights (Polyak averaging), as in ResNet-RS (decay 0.9999).
     Kept in fp32 on the model's device; buffers (BN statistics) are copied, not averaged. An
-    update is two multi-tensor kernels launches' worth of work, no host sync."""
+    update is one multi-tensor lerp over the parameters and one multi-tensor copy of the buffers;
+    nothing is read back (no host sync)."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
