@@ -68,7 +68,11 @@ def pick_samples(root: str | Path, n: int, res: int, crop_pct: float) -> Samples
                              split_dir=bare_class_folder(root))
     total = pipe.num_samples
     picks = sorted({int(i * total / n) for i in range(min(n, total))})
-    items = [pipe.dataset[(i, None)] for i in picks]
+    loaded = [(i, pipe.dataset[(i, None)]) for i in picks]
+    picks = [i for i, (a, _, _) in loaded if a is not None]  # an unreadable image is left out, as in training
+    items = [(a, b) for a, b, _ in (item for _, item in loaded) if a is not None]
+    if not items:
+        raise DataError(f"none of the {len(loaded)} val images picked from {root} could be read")
     images = torch.from_numpy(np.stack([a for a, _ in items])).permute(0, 3, 1, 2)
     names = list(pipe.classes)
     manifest = root / "manifest.json"

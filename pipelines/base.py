@@ -20,6 +20,9 @@ import torch
 class Batch:
     images: torch.Tensor  # uint8 [N, 3, H, W], channels_last memory format, on the device
     labels: torch.Tensor  # int64 [N], on the device
+    # (path, reason) of each image that could not be read; its slot holds another image of this
+    # batch (with that image's label), so N stays fixed. The engine counts these in its metrics.
+    skipped: tuple = ()
 
 
 @runtime_checkable
@@ -34,6 +37,21 @@ class Pipeline(Protocol):
         """Called before each epoch: reseeds shuffling/sampling and sets the output resolution
         (``None`` keeps the current one). Must be cheap; rebuild nothing when the backend allows."""
         ...
+
+
+def random_state(pipeline) -> object | None:
+    """A backend's own random state after the batches handed out so far, for a checkpoint; None
+    when its randomness is a pure function of (seed, epoch, sample), as in the reference pipeline,
+    so that ``set_epoch(epoch, res, start_batch)`` alone resumes it exactly. A backend whose
+    random streams live inside a library (DALI's operators) implements ``random_state()`` and
+    ``load_random_state(state)``."""
+    get = getattr(pipeline, "random_state", None)
+    return get() if get is not None else None
+
+
+def load_random_state(pipeline, state: object | None) -> None:
+    if state is not None and hasattr(pipeline, "load_random_state"):
+        pipeline.load_random_state(state)
 
 
 class MissingBackendError(RuntimeError):

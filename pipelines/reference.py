@@ -13,6 +13,31 @@ Images are decoded with ``Image.open(p).convert('RGB')`` (EXIF orientation ignor
 practice). Output: :class:`pipelines.base.Batch` of uint8 [N, 3, res, res] in channels_last
 memory and int64 labels, on ``device``; stage 2 does the rest.
 
+Which images: on a converted data root, exactly the converter's item list (``items/<split>.tsv``
+named by ``manifest.json``: source paths and labels in storage order, classes from the manifest),
+the images FFCV and DALI read converted copies of; so a ``--classes`` subset trains a subset-sized
+head here too, and files the converter skipped are not read. A manifest from a converter without
+item lists falls back to listing ``<source>/<split>`` (torchvision ``make_dataset``, one warning);
+a conversion from the ILSVRC2012 tars has no source files to read (an error). A plain class-folder
+tree (``split_dir``, e.g. ImageNet-V2) is listed as torchvision's ``ImageFolder`` does.
+
+Unreadable images: a source file damaged or removed after conversion must not end a run (a crash
+at the same step every epoch, with a worker traceback). Its decode error is caught in the worker;
+its batch slot takes another image of the same batch (the next readable one, with its label), so
+the batch size stays fixed (stage 2's mixup pairs samples; compiled steps want static shapes), and
+the batch lists it in ``Batch.skipped``. The main process prints one warning line per path.
+
+Workers ignore SIGINT, and SIGTERM from any process but their parent: a signal sent to the whole
+process group (Ctrl-C, Slurm preemption, which signals every process of the job step, ``kill --
+-PGID``) must reach only the main process, which owns shutdown (a final checkpoint); a worker killed
+first would make the ``DataLoader`` raise instead. SIGTERM from the main process still ends a worker
+at once, with status 0: torch's own worker handler does the same (``handler_SIGTERM`` in
+``torch/csrc/DataLoader.cpp``), because when a traceback keeps a loader alive at exit,
+``multiprocessing``'s exit handler terminates the workers and then joins them, so a worker that
+ignored it would hang the exit forever. Workers also end with the main process (the loader's parent
+watchdog), and SIGKILL still kills them. The sender is told apart with ``sigwaitinfo`` on a thread
+(SIGTERM stays blocked elsewhere in the worker).
+
 Determinism: each sample's randomness comes from its own generator seeded by
 ``(seed, epoch, rank, position in this rank's epoch)``, so results do not depend on worker count
 or timing, repeated copies of an image get different crops, and a resumed run
@@ -20,8 +45,14 @@ or timing, repeated copies of an image get different crops, and a resumed run
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import signal
+import struct
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -32,24 +63,110 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from torchvision.transforms import InterpolationMode
 
 from .base import Batch, DataError
+from .convert.items import decode_items
 from .sampler import ShardSampler
 
 INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+# What PIL and the OS raise for a bad file (missing, truncated, not an image, a broken header, a
+# decompression bomb). Not Exception: a bug or KeyboardInterrupt must still stop the run.
+UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+CONVERT_CMD = "python tools/convert_imagenet.py SRC {root}"
+
+
+def _read_manifest(root: Path) -> dict | None:
+    path = root / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path} ({e}); rerun the converter: {CONVERT_CMD.format(root=root)}") from None
+
+
+def _source_root(root: Path, manifest: dict) -> Path:
+    """The tree the manifest was converted from (``source``; relative to ``root`` if not absolute)."""
+    src = Path(manifest.get("source") or ".")
+    return src if src.is_absolute() else root / src
 
 
 def resolve_split_dir(root: str | Path, split: str) -> Path:
     """``root/<split>``, or ``<source>/<split>`` where ``root/manifest.json`` names a ``source`` tree."""
     root = Path(root)
-    manifest = root / "manifest.json"
-    if manifest.is_file():
-        source = json.loads(manifest.read_text()).get("source")
-        if source:
-            src = Path(source)
-            root = src if src.is_absolute() else root / src
+    manifest = _read_manifest(root)
+    if manifest and manifest.get("source"):
+        root = _source_root(root, manifest)
     split_dir = root / split
     if not split_dir.is_dir():
         raise DataError(f"no class-folder tree at {split_dir} (expected {split_dir}/<class>/<image>)")
     return split_dir
+
+
+def converted_items(root: Path, manifest: dict, split: str) -> tuple[list[tuple[str, int]], list[str]] | None:
+    """The converter's stored items of ``split`` as ``(source path, label)`` in storage order, and the
+    class names; None when the manifest has no item list (written by an older converter)."""
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict):
+        return None
+    entry = splits.get(split)
+    if not isinstance(entry, dict):
+        raise DataError(f"{root} was converted without the {split} split (manifest.json); convert it with "
+                        "--splits train,val")
+    if entry.get("source_kind") == "archive":
+        raise DataError(f"the reference pipeline reads source image files, but the {split} split of {root} was "
+                        "converted from the ILSVRC2012 tars; use data.pipeline=ffcv or dali, or convert "
+                        "extracted folders")
+    info = entry.get("items")
+    if info is None:
+        return None
+    path = root / info["file"]
+    try:
+        data = path.read_bytes()
+        names, labels = decode_items(data)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read the item list {path} ({e}); rerun the converter: "
+                        f"{CONVERT_CMD.format(root=root)}") from None
+    classes = list(entry.get("classes") or ())
+    if len(names) != info["images"] or hashlib.sha256(data).hexdigest() != info["sha256"] or \
+            any(not 0 <= lab < len(classes) for lab in set(labels)):
+        raise DataError(f"{path} does not match {root / 'manifest.json'} (damaged or replaced); check it with "
+                        f"{CONVERT_CMD.format(root=root)} --verify")
+    source = _source_root(root, manifest)
+    return [(str(source / name), label) for name, label in zip(names, labels)], classes
+
+
+def folder_items(split_dir: Path, class_index_folders: bool) -> tuple[list[tuple[str, int]], list[str]]:
+    """torchvision ``ImageFolder``'s listing of a class-folder tree: (path, label) and class names.
+    ``class_index_folders``: folder names are class indices (ImageNet-V2), label = int(name)."""
+    classes, class_to_idx = find_classes(str(split_dir))
+    if class_index_folders:
+        bad = [c for c in classes if not c.isdigit()]
+        if bad:
+            raise DataError(f"class-index folders expected (0, 1, ... as in ImageNet-V2) but {split_dir} has "
+                            f"folder {bad[0]!r}; drop the class-index option for named class folders")
+        class_to_idx = {c: int(c) for c in classes}
+        classes = [str(i) for i in range(max(class_to_idx.values()) + 1)]
+    try:  # ImageNet-V2-style trees may hold a class with no image: allowed there, an error elsewhere
+        samples = make_dataset(str(split_dir), class_to_idx, extensions=IMG_EXTENSIONS,
+                               allow_empty=class_index_folders)
+    except FileNotFoundError as e:
+        raise DataError(f"{split_dir}: {str(e).splitlines()[0]}") from None
+    return samples, classes
+
+
+def split_items(root: str | Path, split: str, rank: int = 0) -> tuple[list[tuple[str, int]], list[str]]:
+    """What ``ReferencePipeline(root, split)`` reads: the converted item list when ``root`` has one,
+    else the class folders of ``<source or root>/<split>`` (with a warning when a manifest exists)."""
+    root = Path(root)
+    manifest = _read_manifest(root)
+    listed = converted_items(root, manifest, split) if manifest is not None else None
+    if listed is not None:
+        return listed
+    split_dir = resolve_split_dir(root, split)
+    if manifest is not None and rank == 0:
+        print(f"warning: {root / 'manifest.json'} has no item list for {split} (older converter): reading every "
+              f"image under {split_dir}, which may differ from the converted images; rerun the converter to "
+              f"record the list: {CONVERT_CMD.format(root=root)}", file=sys.stderr, flush=True)
+    return folder_items(split_dir, False)
 
 
 def bare_class_folder(root: str | Path) -> Path | None:
@@ -110,22 +227,58 @@ class _Folder(torch.utils.data.Dataset):
         return img
 
     def __getitem__(self, item):
+        """``(HWC uint8 array, label, None)``, or ``(None, label, (path, reason))`` when unreadable."""
         index, key = item
         path, label = self.samples[index]
-        with open(path, "rb") as f:
-            img = Image.open(f).convert("RGB")
+        try:
+            img = _decode(path)
+        except UNREADABLE as e:
+            return None, label, (path, _reason(e))
         rng = np.random.default_rng(key) if self.train else None
-        return np.asarray(self.transform(img, rng)), label
+        return np.asarray(self.transform(img, rng)), label, None
+
+
+def _decode(path: str) -> Image.Image:
+    with open(path, "rb") as f:
+        return Image.open(f).convert("RGB")  # Image.open is lazy: convert() decodes, inside the guard
+
+
+def _reason(e: BaseException) -> str:
+    text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return f"{type(e).__name__}: {' '.join(text.split())[:200]}"
 
 
 def _collate(items):
-    images = torch.from_numpy(np.stack([a for a, _ in items]))  # [N, H, W, 3]
-    labels = torch.tensor([b for _, b in items], dtype=torch.int64)
-    return images.permute(0, 3, 1, 2), labels  # NCHW view of NHWC memory: channels_last
+    """Stack a batch; each unreadable image's slot takes the next readable image of the batch
+    (cyclically) with its label. Returns ``(images | None when none was readable, labels, skipped)``."""
+    ok = [i for i, (a, _, _) in enumerate(items) if a is not None]
+    skipped = tuple(s for _, _, s in items if s is not None)
+    if not ok:
+        return None, None, skipped
+    src = [i if items[i][0] is not None else min((j for j in ok if j > i), default=ok[0]) for i in range(len(items))]
+    images = torch.from_numpy(np.stack([items[i][0] for i in src]))  # [N, H, W, 3]
+    labels = torch.tensor([items[i][1] for i in src], dtype=torch.int64)
+    return images.permute(0, 3, 1, 2), labels, skipped  # NCHW view of NHWC memory: channels_last
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn`` (runs after the loader's per-worker seeding and signal handlers):
+    ignore SIGINT, and SIGTERM from any process but the main one (see the module docstring)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):  # not on macOS: there torch's handler lets any SIGTERM end the worker
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+        threading.Thread(target=_exit_on_parent_sigterm, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_on_parent_sigterm(parent: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass  # a group-wide SIGTERM (Slurm, kill -- -PGID): the main process decides
+    os._exit(0)  # status 0, as torch's handler_SIGTERM does, so the loader's SIGCHLD check stays quiet
 
 
 class ReferencePipeline:
-    """torchvision/PIL ``DataLoader`` pipeline over a class-folder tree; implements ``Pipeline``."""
+    """torchvision/PIL ``DataLoader`` pipeline over the converted item list or a class-folder tree;
+    implements ``Pipeline``."""
 
     def __init__(self, root: str, split: str, *, batch_size: int, res: int, crop_pct: float = 0.875,
                  scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, workers: int = 2,
@@ -145,23 +298,11 @@ class ReferencePipeline:
             split_dir = Path(split_dir)
             if not split_dir.is_dir():
                 raise DataError(f"no class-folder tree at {split_dir} (expected {split_dir}/<class>/<image>)")
+            samples, self.classes = folder_items(split_dir, class_index_folders)
         else:
-            split_dir = resolve_split_dir(root, split)
-        self.classes, class_to_idx = find_classes(str(split_dir))
-        if class_index_folders:
-            bad = [c for c in self.classes if not c.isdigit()]
-            if bad:
-                raise DataError(f"class-index folders expected (0, 1, ... as in ImageNet-V2) but {split_dir} has "
-                                f"folder {bad[0]!r}; drop the class-index option for named class folders")
-            class_to_idx = {c: int(c) for c in self.classes}
-            self.classes = [str(i) for i in range(max(class_to_idx.values()) + 1)]
-        try:  # ImageNet-V2-style trees may hold a class with no image: allowed there, an error elsewhere
-            samples = make_dataset(str(split_dir), class_to_idx, extensions=IMG_EXTENSIONS,
-                                   allow_empty=class_index_folders)
-        except FileNotFoundError as e:
-            raise DataError(f"{split_dir}: {str(e).splitlines()[0]}") from None
+            samples, self.classes = split_items(root, split, rank)
         if not samples:
-            raise DataError(f"no images under {split_dir}")
+            raise DataError(f"no images for the {split} split of {split_dir or root}")
         self.num_classes = len(self.classes)
         self.num_samples = len(samples)
         self.batch_size = batch_size
@@ -176,6 +317,7 @@ class ReferencePipeline:
                                     repeats=repeats if self.train else 0, shuffle=self.train)
         self.epoch = 0
         self.start_batch = 0
+        self._warned: set[str] = set()  # unreadable paths already reported
 
     @property
     def res(self) -> int:
@@ -211,10 +353,24 @@ class ReferencePipeline:
         n = len(self.sampler) if self.train else len(self._indices())
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
+    def _report(self, skipped: tuple) -> None:
+        """One warning line per unreadable path (main process, so once per run, not per worker)."""
+        for path, reason in skipped:
+            if path not in self._warned:
+                self._warned.add(path)
+                print(f"warning: skipped unreadable image {path} ({reason}); its batch slot reuses another image",
+                      file=sys.stderr, flush=True)
+
     def __iter__(self):
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=self._batches(), num_workers=self.workers, collate_fn=_collate,
-            pin_memory=self.device.type == "cuda")
+            pin_memory=self.device.type == "cuda", worker_init_fn=_ignore_stop_signals)
         self.start_batch = 0  # a skip applies to one epoch only
-        for images, labels in loader:
-            yield Batch(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+        for images, labels, skipped in loader:
+            if images is None:
+                path, reason = skipped[0]
+                raise DataError(f"no image of a batch of {len(skipped)} could be read (e.g. {path}: {reason}); "
+                                "check the source files")
+            self._report(skipped)
+            yield Batch(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True),
+                        skipped)

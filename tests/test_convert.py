@@ -3,6 +3,7 @@ skip reasons, and pixels read back with FFCV's own Loader and DALI's own webdata
 compared with the reference decode (PIL ``Image.open(p).convert('RGB')``) of each source."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -76,6 +77,23 @@ def test_dali_shards_hold_reference_pixels_and_labels(converted):
     assert train_labels != sorted(train_labels)
     val_labels = [lab for _, _, lab in shard_samples(out, "val")]
     assert val_labels == sorted(val_labels)
+
+
+def test_item_list_names_each_stored_image_in_storage_order(converted):
+    """items/<split>.tsv: the source file (relative to SRC) and label of every stored sample, in
+    the shards' order; skipped files are not listed. The reference pipeline reads exactly these."""
+    from pipelines.convert.items import decode_items
+    src, out, _ = converted
+    for split in ("train", "val"):
+        entry = manifest(out)["splits"][split]
+        data = (out / entry["items"]["file"]).read_bytes()
+        assert entry["items"]["file"] == f"items/{split}.tsv" and entry["items"]["images"] == entry["images"]
+        assert entry["items"]["bytes"] == len(data) and entry["items"]["sha256"] == hashlib.sha256(data).hexdigest()
+        names, labels = decode_items(data)
+        samples = shard_samples(out, split)
+        assert names == [str(source_for_key(src, split, k).relative_to(src)) for k, _, _ in samples]
+        assert labels == [lab for _, _, lab in samples]
+        assert not {n.rsplit("/", 1)[-1] for n in names} & set(BAD_ODD)
 
 
 def test_odd_inputs_match_reference_decode(converted):
@@ -163,6 +181,7 @@ def test_verify_catches_damaged_outputs(converted, tmp_path):
         "missing": lambda o: (o / manifest(o)["splits"]["val"]["shards"][0]["path"]).unlink(),
         "index": lambda o: _edit_index(o / manifest(o)["splits"]["train"]["shards"][0]["index"]),
         "labels": lambda o: _relabel_manifest(o),
+        "items": lambda o: _flip(o / "items" / "val.tsv", 3),
     }
     for name, damage in cases.items():
         copy = tmp_path / name
@@ -174,7 +193,7 @@ def test_verify_catches_damaged_outputs(converted, tmp_path):
         assert proc.returncode == 1, (name, proc.stdout, proc.stderr)
         assert "verify: FAILED" in proc.stdout, name
         expect = {"shard": "shard-00001.tar", "beton": "val.beton", "missing": "missing", "index": "does not match",
-                  "labels": "label sequence differs"}[name]
+                  "labels": "label sequence differs", "items": "items/val.tsv"}[name]
         assert expect in proc.stderr, (name, proc.stderr)
         assert m["splits"]["train"]["images"] == manifest(copy)["splits"]["train"]["images"] or name == "labels"
 

@@ -3,6 +3,8 @@ samples never cross FFCV pages (ffcv's Reader reads them back), our index text e
 output, and the small pure helpers behave."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -117,3 +119,15 @@ def test_decode_matches_reference_convert():
         img.save(buf, format="TIFF" if mode == "CMYK" else "PNG")
         ref = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
         assert np.array_equal(np.asarray(decode_rgb(buf.getvalue())), ref), mode
+
+
+def test_item_list_round_trips_tabs_and_undecodable_names():
+    from pipelines.convert.items import decode_items, encode_items
+
+    names = ["train/a/x.JPEG", "train/a/tab\tin name.JPEG", "train/b/" + os.fsdecode(b"\xff\xfe.JPEG"),
+             "train/b/ spaces and a CR \r"]
+    assert decode_items(encode_items(names, [0, 0, 1, 1])) == (names, [0, 0, 1, 1])
+    with pytest.raises(ValueError, match="line break"):
+        encode_items(["train/a/line\nbreak.JPEG"], [0])
+    with pytest.raises(ValueError, match="line 2"):
+        decode_items(b"train/a/x.JPEG\t0\nno label here\n")

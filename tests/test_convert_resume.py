@@ -59,7 +59,7 @@ def _rerun(src: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 def _outputs(out: Path) -> dict:
     m = manifest(out)
-    return {name: (s["images"], s["labels_sha256"], s["class_counts"], s["ffcv"]["sha256"],
+    return {name: (s["images"], s["labels_sha256"], s["class_counts"], s["ffcv"]["sha256"], s["items"],
                    [(sh["path"], sh["sha256"], sh["index_sha256"]) for sh in s["shards"]], s["skipped"])
             for name, s in m["splits"].items()}
 

@@ -72,6 +72,12 @@ def test_kaggle_layout_flat_val_with_csv(tree):
                                "reason": "no label for this file in the label file"}]
     # same images, same labels as the class-folder val (order is class-major in both)
     assert _labels_by_source(base / "kaggle_out", "val") == _labels_by_source(base / "folders_out", "val")
+    # the reference pipeline reads the flat val folder through the item list, in storage order
+    from pipelines.reference import ReferencePipeline
+    ref = ReferencePipeline(str(base / "kaggle_out"), "val", batch_size=4, res=32, workers=0)
+    assert [lab for _, lab in ref.dataset.samples] == [lab for *_, lab in shard_samples(base / "kaggle_out", "val")]
+    assert all(Path(p).parent == cls_loc / "val" for p, _ in ref.dataset.samples)
+    assert sum(len(b.labels) for b in ref) == len(truth)
 
 
 def _meta_mat(path: Path, leaf_ids: dict[str, int]) -> None:
@@ -138,6 +144,10 @@ def test_original_archives_read_without_extracting(tree):
     assert _labels_by_source(base / "arch_out", "val") == _labels_by_source(base / "folders_out", "val")
     proc = run_tool(arch, base / "arch_out", *ARGS, "--verify")
     assert "verify: ok" in proc.stdout
+    from pipelines.base import DataError
+    from pipelines.reference import ReferencePipeline
+    with pytest.raises(DataError, match="converted from the ILSVRC2012 tars"):  # no source files to read
+        ReferencePipeline(str(base / "arch_out"), "train", batch_size=4, res=32, workers=0)
 
 
 def test_val_only_flat_without_labels_is_a_user_error(tmp_path):

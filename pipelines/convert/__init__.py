@@ -8,6 +8,7 @@ Modules, one job each:
 ``dali_out`` webdataset shard + index writer; ``ffcv_out`` FFCV part store + ``.beton`` writer;
 ``state``    per-chunk completion records, settings fingerprint, atomic file helpers;
 ``manifest`` the ``manifest.json`` that readers and ``--verify`` trust;
+``items``    the stored item list per split (source path + label), what the reference pipeline reads;
 ``convert``  the resumable multi-process driver; ``verify`` re-reads outputs.
 """
 TOOL_VERSION = "1.0.0"

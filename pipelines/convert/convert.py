@@ -4,8 +4,10 @@ Work unit = a *chunk*: ``shard_size`` consecutive items of a split's fixed order
 decodes each item once (:mod:`decode`), encodes one JPEG that feeds every format, and writes the
 chunk's DALI shard + index and FFCV part; then it commits the chunk record (:mod:`state`). The
 parent shows progress, and when all chunks of a split are committed packs the FFCV parts into the
-split's beton and finally writes ``manifest.json``. A rerun of the same command skips committed
-chunks, so ``kill -9`` loses at most the chunks in flight and never duplicates a sample.
+split's beton, writes the split's item list (:mod:`items`: which source file each stored sample
+came from, for the reference pipeline) and finally ``manifest.json``. A rerun of the same command
+skips committed chunks, so ``kill -9`` loses at most the chunks in flight and never duplicates a
+sample; on a conversion finished by a version without item lists it only adds those.
 
 Train order is a seeded shuffle of the sorted items, so every DALI shard holds a mix of classes
 (webdataset readers shuffle only within a small buffer; class-sorted shards would give
@@ -36,10 +38,11 @@ from . import TOOL_VERSION
 from .dali_out import ShardWriter, write_index
 from .decode import SkipImage, decode_rgb, encode_jpeg, resize_to_fit
 from .ffcv_out import MODE_JPG, MODE_RAW, PartWriter, sha256_file, write_beton
-from .manifest import build_manifest, manifest_path, split_paths
-from .sources import Item, discover, read_item
+from .items import ITEMS_DIR, encode_items, items_info, items_path
+from .manifest import SCHEMA, build_manifest, label_digest, manifest_path, split_paths
+from .sources import Item, SplitSource, discover, read_item
 from .state import (STATE_DIR, Lock, StateError, check_plan, chunk_record_path, read_json, remove_temps, tmp_name,
-                    write_json)
+                    write_atomic, write_json)
 
 FORMATS = ("ffcv", "dali")
 WRITE_MODES = ("jpg", "raw", "proportion")
@@ -131,7 +134,7 @@ def process_chunk(task: tuple) -> dict:
     delay = float(os.environ.get(DELAY_ENV, "0") or 0)
     dali, ffcv = "dali" in settings.formats, "ffcv" in settings.formats
     paths = split_paths(out, split, chunk)
-    labels, skipped, handles = [], [], {}
+    labels, names, skipped, handles = [], [], [], {}
     part = shard = None
     tar_tmp, idx_tmp = tmp_name(paths["tar"]), tmp_name(paths["idx"])
     if ffcv:
@@ -163,6 +166,7 @@ def process_chunk(task: tuple) -> dict:
                     payload = jpeg if as_jpeg else img.tobytes()
                     part.add(item.label, MODE_JPG if as_jpeg else MODE_RAW, img.width, img.height, payload)
                 labels.append(item.label)
+                names.append(item.name)
             _tick()
             if delay:
                 time.sleep(delay)
@@ -170,8 +174,8 @@ def process_chunk(task: tuple) -> dict:
         for fd in handles.values():
             os.close(fd)
 
-    record = {"split": split, "chunk": chunk, "images": len(labels), "labels": labels, "skipped": skipped,
-              "shard": None}
+    record = {"split": split, "chunk": chunk, "images": len(labels), "labels": labels, "names": names,
+              "skipped": skipped, "shard": None}
     if ffcv:
         meta_tmp = tmp_name(paths["part_meta"])
         part.close(meta_tmp)
@@ -191,7 +195,7 @@ def process_chunk(task: tuple) -> dict:
 
 # --------------------------------------------------------------------------- parent side
 def _record_ok(out: Path, rec: dict | None, settings: Settings, beton_done: bool) -> bool:
-    if not rec:
+    if not rec or "names" not in rec:  # no record, or one from a version without item lists: redo
         return False
     if "dali" in settings.formats and rec["shard"]:
         tar = out / rec["shard"]["path"]
@@ -206,7 +210,7 @@ def _record_ok(out: Path, rec: dict | None, settings: Settings, beton_done: bool
 
 def _wipe(out: Path) -> None:
     """--overwrite: remove only what this tool writes (OUT may hold other things)."""
-    for name in ("ffcv", "dali"):
+    for name in ("ffcv", "dali", ITEMS_DIR):
         shutil.rmtree(out / name, ignore_errors=True)
     for p in (out / STATE_DIR).iterdir() if (out / STATE_DIR).is_dir() else ():
         if p.name != "lock":
@@ -239,6 +243,46 @@ def _assemble(out: Path, split: str, n_chunks: int, records: list[dict], log) ->
     return info
 
 
+def _write_items(out: Path, split: str, names: list[str], labels: list[int]) -> dict:
+    """Write ``items/<split>.tsv`` atomically; returns the manifest's ``items`` record."""
+    path = items_path(out, split)
+    data = encode_items(names, labels)
+    write_atomic(path, data)
+    return items_info(out, path, data, len(names))
+
+
+def _plan(src: Path, out: Path, settings: Settings, val_labels: Path | None,
+          meta: Path | None) -> tuple[dict[str, SplitSource], dict[str, list[Item]]]:
+    """The sources and each split's item order; refuses an OUT planned from other items or settings."""
+    sources = discover(src, list(settings.splits), list(settings.classes) if settings.classes else None,
+                       settings.limit_per_class, val_labels, meta)
+    order = {name: ordered_items(s.items, settings.shuffle_train and name == "train", settings.seed)
+             for name, s in sources.items()}
+    check_plan(out, {**settings.to_dict(), "source": str(src), "tool_version": TOOL_VERSION,
+                     **{f"items_{name}": fingerprint(items) for name, items in order.items()}})
+    return sources, order
+
+
+def _add_item_lists(out: Path, manifest: dict, order: dict[str, list[Item]], log) -> dict:
+    """A conversion finished by a version without item lists: each split's stored items are its
+    planned order less the skipped files (the plan check above guarantees the same order); the
+    label count and digest must match the manifest's, else the source changed since."""
+    for name, entry in manifest["splits"].items():
+        if "items" in entry:
+            continue
+        gone = {s["path"] for s in entry["skipped"]}
+        kept = [it for it in order.get(name, []) if it.name not in gone]
+        labels = [it.label for it in kept]
+        if len(kept) != entry["images"] or label_digest(labels) != entry["labels_sha256"]:
+            raise StateError(f"{out}: the {name} item list of this conversion cannot be rebuilt (the source "
+                             "changed since); use --overwrite")
+        entry["items"] = _write_items(out, name, [it.name for it in kept], labels)
+    manifest["format"] = SCHEMA
+    write_json(manifest_path(out), manifest)
+    log(f"{out}: recorded the converted item lists ({ITEMS_DIR}/<split>.tsv) in manifest.json")
+    return manifest
+
+
 def convert(src: Path, out: Path, settings: Settings, workers: int, progress: bool = True,
             overwrite: bool = False, val_labels: Path | None = None, meta: Path | None = None,
             log=print) -> dict:
@@ -252,18 +296,14 @@ def convert(src: Path, out: Path, settings: Settings, workers: int, progress: bo
         remove_temps(out)
         done = read_json(manifest_path(out))
         if done is not None:
-            if done.get("settings") == settings.to_dict() and done.get("source") == str(src):
+            if done.get("settings") != settings.to_dict() or done.get("source") != str(src):
+                raise StateError(f"{out} holds a finished conversion with other settings or source; "
+                                 "use a new OUT or --overwrite")
+            if all("items" in s for s in done["splits"].values()):
                 log(f"{out} is already complete (manifest.json); nothing to do")
                 return done
-            raise StateError(f"{out} holds a finished conversion with other settings or source; "
-                             "use a new OUT or --overwrite")
-        sources = discover(src, list(settings.splits), list(settings.classes) if settings.classes else None,
-                           settings.limit_per_class, val_labels, meta)
-        order = {name: ordered_items(s.items, settings.shuffle_train and name == "train", settings.seed)
-                 for name, s in sources.items()}
-        plan = {**settings.to_dict(), "source": str(src), "tool_version": TOOL_VERSION,
-                **{f"items_{name}": fingerprint(items) for name, items in order.items()}}
-        check_plan(out, plan)
+            return _add_item_lists(out, done, _plan(src, out, settings, val_labels, meta)[1], log)
+        sources, order = _plan(src, out, settings, val_labels, meta)
 
         size = settings.shard_size
         records: dict[str, dict[int, dict]] = {name: {} for name in order}
@@ -287,7 +327,9 @@ def convert(src: Path, out: Path, settings: Settings, workers: int, progress: bo
         for name, items in order.items():
             recs = [records[name][c] for c in sorted(records[name])]
             beton = _assemble(out, name, len(recs), recs, log) if "ffcv" in settings.formats else None
-            splits[name] = (sources[name], recs, beton)
+            listed = _write_items(out, name, [n for r in recs for n in r["names"]],
+                                  [lab for r in recs for lab in r["labels"]])
+            splits[name] = (sources[name], recs, beton, listed)
         manifest = build_manifest(src, settings.to_dict(), list(settings.formats), splits)
         write_json(manifest_path(out), manifest)
         shutil.rmtree(out / "ffcv" / ".parts", ignore_errors=True)

@@ -4,9 +4,13 @@ Top level: ``version`` (tool version), ``format`` (this file's schema), ``source
 ``formats``, ``settings``, ``exif_orientation``. Per split (``splits.<name>``): ``images`` written,
 ``classes`` (names in index order), ``class_counts``, ``labels_sha256`` (of the label sequence in
 storage order, the same order in the beton and across the shards), ``skipped`` (``{path, reason}``),
+``source_kind`` (``folders``, ``flat`` or ``archive``), ``items`` (the stored item list,
+``items/<split>.tsv``: ``file``, ``images``, ``bytes``, ``sha256``; one ``<path relative to source><TAB><label>``
+line per stored image in storage order, see :mod:`items`; absent in ``format`` 1 manifests),
 ``ffcv`` (file, bytes, sha256, page size) and ``shards`` (DALI tar ``path`` + ``index``, images, bytes,
 sha256).
-Paths inside are relative to OUT, so a converted folder can be moved.
+Paths of outputs are relative to OUT, so a converted folder can be moved; item paths are relative to
+``source`` (the reference pipeline reads the source files they name).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import numpy as np
 
 from . import TOOL_VERSION
 
-SCHEMA = 1
+SCHEMA = 2  # 2: per-split ``items``
 EXIF_POLICY = "ignored, as PIL Image.open(p).convert('RGB') (the reference loader) ignores it"
 
 
@@ -38,17 +42,17 @@ def label_digest(labels) -> str:
 
 
 def build_manifest(src: Path, settings: dict, formats: list[str], splits: dict) -> dict:
-    """``splits``: name -> (SplitSource, chunk records in order, beton info or None)."""
+    """``splits``: name -> (SplitSource, chunk records in order, beton info or None, items info)."""
     out = {"version": TOOL_VERSION, "format": SCHEMA, "source": str(src), "formats": formats,
            "settings": settings, "exif_orientation": EXIF_POLICY,
            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "splits": {}}
-    for name, (source, records, beton) in splits.items():
+    for name, (source, records, beton, items) in splits.items():
         labels = [lab for r in records for lab in r["labels"]]
         counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(source.classes))
         entry = {"images": len(labels), "classes": source.classes, "num_classes": len(source.classes),
                  "class_counts": counts.tolist(), "labels_sha256": label_digest(labels),
                  "source_kind": source.kind,
-                 "skipped": source.skipped + [s for r in records for s in r["skipped"]]}
+                 "skipped": source.skipped + [s for r in records for s in r["skipped"]], "items": items}
         if beton is not None:
             entry["ffcv"] = beton
         if "dali" in formats:

@@ -13,7 +13,8 @@ assign them. ``--classes`` re-indexes over the chosen subset so a 10-class subse
 10-way head; the manifest records the names in index order.
 
 Every regular file in a class folder is an item, not only ones with image extensions: a
-non-image file is then skipped *and reported*, instead of silently ignored.
+non-image file is then skipped *and reported*, instead of silently ignored. So is a file whose name
+holds a line break: the item list (:mod:`items`, one line per stored image) could not name it.
 """
 from __future__ import annotations
 
@@ -242,4 +243,14 @@ def discover(src: Path, splits: list[str], wanted_classes: list[str] | None = No
             out["val"] = _folder_split("val", val_dir, src, classes, limit_per_class, strict)
     if not out:
         raise SourceError(f"{src}: none of the splits {', '.join(splits)} found")
-    return out
+    return {name: _without_line_breaks(s) for name, s in out.items()}
+
+
+def _without_line_breaks(split: SplitSource) -> SplitSource:
+    """Skip (and report) items whose name has a line break: the item list has one line per image."""
+    bad = [it for it in split.items if "\n" in it.name]
+    if not bad:
+        return split
+    split.items = [it for it in split.items if "\n" not in it.name]
+    split.skipped += [{"path": it.name, "reason": "file name contains a line break (rename it)"} for it in bad]
+    return split

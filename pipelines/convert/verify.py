@@ -4,8 +4,9 @@ Checks per split: file sizes and SHA-256 (any flipped byte), that every sample d
 same library the reference loader uses) to the size its metadata claims, that labels are in range
 and their sequence matches the manifest's digest and per-class counts, that each DALI shard has
 exactly one ``.jpg`` and one ``.cls`` per key and that its index file describes the tar, and that
-the FFCV beton and the DALI shards hold the same label sequence. Decoding runs in ``workers``
-processes, one shard or beton slice per task.
+the FFCV beton and the DALI shards hold the same label sequence, and that the item list
+(``items/<split>.tsv``, what the reference pipeline reads) is intact and lists that same label
+sequence. Decoding runs in ``workers`` processes, one shard or beton slice per task.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from PIL import Image
 
 from .dali_out import read_index
 from .ffcv_out import MODE_JPG, MODE_RAW, read_beton, sha256_file
+from .items import decode_items
 from .manifest import label_digest, manifest_path
 from .state import read_json
 
@@ -133,6 +135,19 @@ def _check_labels(name: str, what: str, labels, entry: dict) -> list[str]:
     return problems
 
 
+def _check_items(out: Path, name: str, entry: dict) -> list[str]:
+    """The item list: file intact, one line per stored image, labels the stored label sequence."""
+    info = entry["items"]
+    problems = _check_file(out, info["file"], info["bytes"], info["sha256"])
+    if problems:
+        return problems
+    try:
+        _, labels = decode_items((out / info["file"]).read_bytes())
+    except (OSError, ValueError) as e:
+        return [f"{info['file']}: unreadable item list ({e})"]
+    return _check_labels(name, "items", labels, entry)
+
+
 def verify(out: Path, workers: int = 1) -> list[str]:
     """All problems found (empty list: the outputs match the manifest)."""
     out = Path(out).resolve()
@@ -143,6 +158,8 @@ def verify(out: Path, workers: int = 1) -> list[str]:
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     with ctx.Pool(max(1, workers)) as pool:
         for name, entry in manifest["splits"].items():
+            if "items" in entry:
+                problems += _check_items(out, name, entry)
             beton_labels = None
             if "ffcv" in entry:
                 b = entry["ffcv"]

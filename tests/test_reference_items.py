@@ -1,0 +1,206 @@
+"""ReferencePipeline on a converted data root: it reads exactly the converter's item list (a
+``--classes`` subset, no skipped files), survives source images damaged after conversion (slot
+reused, ``Batch.skipped``, one warning per path), and its DataLoader workers ignore SIGINT/SIGTERM."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.base import DataError
+from pipelines.convert.convert import Settings, convert
+from pipelines.convert.items import decode_items
+from pipelines.reference import ReferencePipeline, _Folder
+from tests.conftest import write_fmnist_tree
+from tests.test_convert_fixtures import shard_samples
+
+SUBSET = ("c1", "c3", "c5", "c7", "c9")  # every other class: labels must be re-indexed to 0..4
+SETTINGS = Settings(formats=("dali",), classes=SUBSET, shard_size=16)
+WARNING = "warning: skipped unreadable image"
+
+
+def _convert(src: Path, out: Path, settings: Settings) -> dict:
+    return convert(src, out, settings, workers=1, progress=False, log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def subset(tmp_path_factory):
+    """10 classes x 8 train / 4 val, converted with 5 of them; odd files in c1 and c3."""
+    base = tmp_path_factory.mktemp("subset")
+    src = write_fmnist_tree(base / "src", 8, 4)
+    (src / "train" / "c1" / "notes.jpg").write_text("not an image\n")  # the converter skips it
+    shutil.copy(src / "train" / "c3" / "00000.jpg", src / "train" / "c3" / "tab\tname.jpg")  # listed fine
+    shutil.copy(src / "train" / "c3" / "00000.jpg", src / "train" / "c3" / "line\nbreak.jpg")  # cannot be
+    return src, base / "out", _convert(src, base / "out", SETTINGS)
+
+
+def test_subset_conversion_reads_exactly_the_converted_items(subset):
+    src, out, manifest = subset
+    for split in ("train", "val"):
+        entry = manifest["splits"][split]
+        p = ReferencePipeline(str(out), split, batch_size=4, res=32, workers=0)
+        assert p.num_classes == 5 and p.classes == list(SUBSET) == entry["classes"]
+        assert p.num_samples == entry["images"] == sum(entry["class_counts"])
+        labels = [label for _, label in p.dataset.samples]
+        assert Counter(labels) == {k: n for k, n in enumerate(entry["class_counts"])}
+        # storage order: the DALI shards hold the same label sequence
+        assert labels == [label for _, _, label in shard_samples(out, split)]
+        names, listed = decode_items((out / entry["items"]["file"]).read_bytes())
+        assert [path for path, _ in p.dataset.samples] == [str(src / n) for n in names] and listed == labels
+        seen = torch.cat([b.labels for b in p])
+        assert set(seen.tolist()) <= set(range(5)) and not any(b.skipped for b in p)
+    train = [Path(p).relative_to(src) for p, _ in ReferencePipeline(str(out), "train", batch_size=4, res=32,
+                                                                   workers=0).dataset.samples]
+    assert {c.parts[1] for c in train} == set(SUBSET)
+    assert Path("train/c3/tab\tname.jpg") in train and Path("train/c1/notes.jpg") not in train
+    assert not any("\n" in str(c) for c in train)
+    reasons = {s["path"]: s["reason"] for s in manifest["splits"]["train"]["skipped"]}
+    assert "not an image" in reasons["train/c1/notes.jpg"] and "line break" in reasons["train/c3/line\nbreak.jpg"]
+    assert manifest["splits"]["train"]["images"] == 5 * 8 + 1
+
+
+def _copy_root(out: Path, dst: Path, edit) -> Path:
+    dst.mkdir()
+    m = json.loads((out / "manifest.json").read_text())
+    edit(m)
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+def test_manifest_without_item_list_falls_back_with_one_warning(subset, tmp_path, capsys):
+    src, out, _ = subset
+
+    def old(m):
+        for entry in m["splits"].values():
+            del entry["items"]
+
+    root = _copy_root(out, tmp_path / "old", old)
+    p = ReferencePipeline(str(root), "train", batch_size=4, res=32, workers=0)
+    assert p.num_classes == 10  # the whole source tree, as before item lists
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning:") and "rerun the converter" in lines[0]
+
+
+def test_archive_conversion_is_a_one_line_error(subset, tmp_path):
+    def tars(m):
+        m["splits"]["train"]["source_kind"] = "archive"
+
+    root = _copy_root(subset[1], tmp_path / "tars", tars)
+    with pytest.raises(DataError, match="ILSVRC2012 tars") as e:
+        ReferencePipeline(str(root), "train", batch_size=4, res=32, workers=0)
+    assert "\n" not in str(e.value)
+
+
+def test_rerun_adds_item_lists_to_an_older_conversion(subset, tmp_path):
+    src, out, manifest = subset
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    m = json.loads((old / "manifest.json").read_text())
+    for entry in m["splits"].values():
+        del entry["items"]
+    m["format"] = 1
+    (old / "manifest.json").write_text(json.dumps(m))
+    shutil.rmtree(old / "items")
+    got = _convert(src, old, SETTINGS)
+    assert got["splits"]["train"]["items"] == manifest["splits"]["train"]["items"]
+    for split in ("train", "val"):
+        assert (old / "items" / f"{split}.tsv").read_bytes() == (out / "items" / f"{split}.tsv").read_bytes()
+
+
+# ---------------------------------------------------------------- damaged source files
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory):
+    """5 classes x 8 train / 4 val, converted, then three train files and one val file damaged."""
+    base = tmp_path_factory.mktemp("damaged")
+    src = write_fmnist_tree(base / "src", 8, 4, classes=5)
+    _convert(src, base / "out", Settings(formats=("dali",), shard_size=16))
+    bad = {"train": [src / "train" / "c0" / "00001.jpg", src / "train" / "c2" / "00003.jpg",
+                     src / "train" / "c4" / "00005.jpg"], "val": [src / "val" / "c1" / "00002.jpg"]}
+    data = bad["train"][0].read_bytes()
+    bad["train"][0].write_bytes(data[: len(data) // 2])  # truncated
+    bad["train"][1].write_text("<html>404</html>\n")  # replaced by text
+    bad["train"][2].unlink()  # deleted
+    data = bad["val"][0].read_bytes()
+    bad["val"][0].write_bytes(data[: len(data) // 2])
+    return base / "out", {k: {str(p) for p in v} for k, v in bad.items()}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_images_are_replaced_reported_and_warned_once(damaged, workers, capsys):
+    out, bad = damaged
+    for split, batch_size in (("train", 4), ("val", 4)):
+        p = ReferencePipeline(str(out), split, batch_size=batch_size, res=32, workers=workers)
+        for epoch in range(2):
+            p.set_epoch(epoch)
+            batches = list(p)
+            assert len(batches) == len(p) and all(b.images.shape[0] == batch_size for b in batches)
+            assert sum(len(b.labels) for b in batches) == p.num_samples  # 40 train, 20 val: no partial batch
+            assert {path for b in batches for path, _ in b.skipped} == bad[split]
+            for b in (b for b in batches if b.skipped):
+                rows = [(bytes(x.contiguous().numpy()), int(y)) for x, y in zip(b.images, b.labels)]
+                # a failed slot holds another image of the batch, with that image's label
+                assert len(set(rows)) == batch_size - len(b.skipped)
+                assert len({x for x, _ in rows}) == len(set(rows))
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith(WARNING)]
+        assert sorted(line.split()[4] for line in lines) == sorted(bad[split])  # once per path, both epochs
+
+
+def test_batch_with_no_readable_image_is_a_one_line_error(tmp_path):
+    for i in range(2):
+        (tmp_path / "val" / "c0").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "val" / "c0" / f"{i}.jpg").write_text("not an image\n")
+    p = ReferencePipeline(str(tmp_path), "val", batch_size=2, res=32, workers=0)
+    with pytest.raises(DataError, match="no image of a batch") as e:
+        list(p)
+    assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- worker signals
+
+class _SignalsItself(_Folder):
+    """Each DataLoader worker sends SIGTERM and SIGINT to itself before its first image, as a
+    ``kill -- -PGID`` or a Ctrl-C to the process group would."""
+
+    signalled = False
+
+    def __getitem__(self, item):
+        if not _SignalsItself.signalled:
+            _SignalsItself.signalled = True  # per worker: each has its own copy of the class
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().__getitem__(item)
+
+
+def test_workers_ignore_sigterm_and_sigint(damaged):
+    out, _ = damaged
+    p = ReferencePipeline(str(out), "train", batch_size=4, res=32, workers=2)
+    p.dataset.__class__ = _SignalsItself
+    assert sum(len(b.labels) for b in p) == p.num_samples  # no "DataLoader worker killed by signal"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the main process's handlers untouched
+
+
+EXIT_WITH_LIVE_WORKERS = textwrap.dedent("""
+    import signal, sys
+    from pipelines.reference import ReferencePipeline
+    signal.signal(signal.SIGTERM, lambda *a: None)  # as the engine's stop handler does
+    it = iter(ReferencePipeline(sys.argv[1], "train", batch_size=4, res=32, workers=2))
+    next(it)
+    print("ok", flush=True)
+""")  # exits with the loader's workers alive: multiprocessing terminates (SIGTERM) and joins them
+
+
+def test_main_process_still_ends_its_workers_at_exit(damaged):
+    out, _ = damaged
+    proc = subprocess.run([sys.executable, "-c", EXIT_WITH_LIVE_WORKERS, str(out)], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr[-2000:]
