@@ -40,7 +40,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipelines.base import Batch, MissingBackendError
+from pipelines.base import Batch, DataError, MissingBackendError
 
 try:
     from ffcv.fields import IntField, RGBImageField
@@ -152,10 +152,19 @@ def _fields(reader) -> tuple[str, str]:
     image = [n for n, h in reader.handlers.items() if isinstance(h, RGBImageField)]
     label = [n for n, h in reader.handlers.items() if isinstance(h, IntField)]
     if len(image) != 1 or len(label) != 1:
-        from pipelines.base import DataError
         raise DataError(f"{reader.file_name}: expected one RGB image field and one int label field, found "
                         f"{ {n: type(h).__name__ for n, h in reader.handlers.items()} }; re-run the converter")
     return image[0], label[0]
+
+
+def _check_size(beton: Path, entry: dict) -> None:
+    """A .beton cut short (a copy or a disk that filled up) makes FFCV fail deep inside numpy
+    ("negative dimensions are not allowed"); the manifest records the size the converter wrote."""
+    want = entry.get("bytes")
+    have = beton.stat().st_size
+    if want is not None and have != int(want):
+        raise DataError(f"{beton} is {have:,} bytes but the converter wrote {int(want):,} (truncated or changed "
+                        f"since); copy it again or re-run the converter")
 
 
 class FFCVPipeline:
@@ -168,6 +177,7 @@ class FFCVPipeline:
         info = read_split(root, split, "ffcv")
         self.root, self.split, self.train = Path(root), split, split == "train"
         self.beton = require_file(self.root / "ffcv" / f"{split}.beton", self.root, "ffcv")
+        _check_size(self.beton, info.entry)
         self.num_classes, self.num_samples, self.classes = info.num_classes, info.num_samples, info.classes
         self.batch_size, self.res, self.device = batch_size, res, resolve_device(device)
         self.crop_pct = crop_pct
@@ -188,14 +198,18 @@ class FFCVPipeline:
         self._order = SamplerOrder(self.plan)
         from ffcv.reader import Reader
 
-        image_field, label_field = _fields(Reader(str(self.beton)))
+        try:
+            reader = Reader(str(self.beton))
+        except (ValueError, IndexError, KeyError, OSError) as e:  # FFCV's own errors on a damaged header/table
+                raise DataError(f"cannot read {self.beton} ({type(e).__name__}: {e}): damaged; re-run the converter "
+                            f"into a new OUT") from None
+        image_field, label_field = _fields(reader)
         self.loader = Loader(str(self.beton), batch_size=batch_size, num_workers=max(1, workers),
                              order=self._order, os_cache=os_cache, drop_last=self.train, seed=seed,
                              batches_ahead=batches_ahead,
                              pipelines={image_field: image_ops, label_field: label_ops})
         if self.loader.reader.num_samples != self.num_samples:
-            from pipelines.base import DataError
-            raise DataError(f"{self.beton} holds {self.loader.reader.num_samples} images but manifest.json says "
+                raise DataError(f"{self.beton} holds {self.loader.reader.num_samples} images but manifest.json says "
                             f"{self.num_samples}; re-run the converter")
 
     def set_epoch(self, epoch: int, res: int | None = None, start_batch: int = 0) -> None:

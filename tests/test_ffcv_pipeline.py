@@ -47,5 +47,24 @@ def test_missing_data_is_a_one_line_data_error(tmp_path, ids_root):
     check_missing_data("ffcv", tmp_path, ids_root)
 
 
+def test_truncated_or_damaged_beton_is_a_one_line_data_error(tmp_path, ids_root):
+    """FFCV itself fails deep in numpy ("negative dimensions are not allowed") on a cut file."""
+    import shutil
+
+    from pipelines.base import DataError
+
+    root = tmp_path / "conv"
+    shutil.copytree(ids_root, root)
+    beton = root / "ffcv" / "train.beton"
+    data = beton.read_bytes()
+    beton.write_bytes(data[: len(data) // 3])
+    with pytest.raises(DataError, match="truncated or changed") as e:
+        make("ffcv", root, "train")
+    assert "\n" not in str(e.value) and "re-run the converter" in str(e.value)
+    beton.write_bytes(data[:24] + b"\xff" * (len(data) - 24))  # same size, header's table pointer intact, table gone
+    with pytest.raises(DataError, match="cannot read"):
+        make("ffcv", root, "train")
+
+
 def test_missing_ffcv_is_missing_backend_error(monkeypatch):
     check_missing_backend("pipelines.ffcv", "ffcv", monkeypatch)
