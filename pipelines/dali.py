@@ -206,15 +206,36 @@ class DALIPipeline:
         opts = (dict(scale=list(scale), ratio=list(ratio), hflip=hflip, resize_in_dali=gpu or not pil_resize.AVAILABLE)
                 if self.train else dict(res=res, crop_pct=crop_pct))
         # Distinct random streams per rank: repeated copies of an image on different ranks must get
-        # different crops (the point of repeated augmentation).
-        self.pipe = build(self.feed, gpu=gpu, hw_decoder_load=hw_decoder_load, **opts,
-                          batch_size=batch_size, num_threads=max(1, workers),
-                          device_id=self.device.index if gpu else None,
-                          seed=(seed * 1_000_003 + rank * 7919 + 1) % (2**31 - 1),
-                          prefetch_queue_depth=prefetch)
+        # different crops (the point of repeated augmentation). Train graphs keep DALI's checkpoint
+        # of their random operators (crop boxes, flip coins), so a resume continues the very stream.
+        self._build = lambda checkpoint=None: build(
+            self.feed, gpu=gpu, hw_decoder_load=hw_decoder_load, **opts, batch_size=batch_size,
+            num_threads=max(1, workers), device_id=self.device.index if gpu else None,
+            seed=(seed * 1_000_003 + rank * 7919 + 1) % (2**31 - 1), prefetch_queue_depth=prefetch,
+            enable_checkpointing=self.train, checkpoint=checkpoint)
+        self.pipe = self._build()
         self.pipe.build()
         self._fresh = True  # no run() since build/reset: no reset needed before the next epoch
         self._rolling = False  # the last epoch was read to its end and the feed rolled on into the next
+
+    def random_state(self) -> bytes | None:
+        """DALI's checkpoint of the random operators after the batches handed out so far (DALI
+        keeps one per iteration, so batches it prefetched beyond those do not count)."""
+        return self.pipe.checkpoint() if self.train else None
+
+    def load_random_state(self, state: bytes) -> None:
+        """Rebuild the train graph from a :meth:`random_state` (DALI restores a checkpoint only
+        into a new pipeline)."""
+        self._rebuild(state)
+
+    def _rebuild(self, checkpoint: bytes) -> None:
+        self.feed.stop = True  # the old pipeline's prefetch thread must not take more indices
+        old, self.pipe = self.pipe, None
+        del old
+        self.feed.stop = False
+        self.pipe = self._build(checkpoint)
+        self.pipe.build()
+        self._fresh, self._rolling = True, False
 
     def set_epoch(self, epoch: int, res: int | None = None, start_batch: int = 0) -> None:
         """Reseed the order for ``epoch``, skip ``start_batch`` batches (indices only, nothing is
@@ -229,9 +250,15 @@ class DALIPipeline:
     def _restart(self) -> None:
         if self._fresh:
             return
-        # A previous epoch was left early (max_steps, interruption) or the next one differs from
-        # what was queued: let DALI finish the few batches it already prefetched, without feeding
-        # it more, then rewind.
+        if self.train:
+            # A previous epoch was left early (max_steps, interruption) or the next one differs
+            # from what was queued (a new resolution, a resume offset). The batches DALI prefetched
+            # drew crops and flips that nobody used: rebuild from the checkpoint of the batches
+            # handed out, so the random streams depend on those alone, exactly as after a resume.
+            self._rebuild(self.pipe.checkpoint())
+            return
+        # Val: let DALI finish the few batches it already prefetched, without feeding it more,
+        # then rewind.
         self.feed.stop = True
         try:
             while True:

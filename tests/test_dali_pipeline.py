@@ -1,6 +1,6 @@
 """DALI stage 1 (pipelines/dali.py) on data the converter wrote: batch contract, random-resized-crop
-statistics vs timm, shared-sampler order over simulated ranks, resume, progressive resolution
-without a new DALI pipeline, val coverage, the shard index and the error paths. Eval pixel parity:
+statistics vs timm, shared-sampler order over simulated ranks, resume (order and DALI's random
+streams), progressive resolution, val coverage, the shard index and the error paths. Eval pixel parity:
 test_pipeline_parity.py. Pipelines are module-scoped and reused; every check sets its own epoch."""
 from __future__ import annotations
 
@@ -30,9 +30,34 @@ def test_train_batches_and_crop_statistics(coords_root):
 
 
 def test_sharding_resume_and_progressive_resolution(rank_pipes):
-    dali_pipe = rank_pipes[0].pipe
     check_sharding_resume_progressive(rank_pipes, n=48, seed=SEED, repeats=REPEATS, batch_size=BS)
-    assert rank_pipes[0].pipe is dali_pipe  # resolution changed three times, same DALI pipeline
+
+
+def test_random_state_resumes_the_crop_and_flip_streams(coords_root):
+    """A checkpoint's ``random_state`` taken after 2 batches (while DALI has prefetched more),
+    loaded into a new pipeline, gives the same next batches as the uninterrupted pipeline: the
+    crops and flips come from DALI's operators, whose streams only DALI's checkpoint restores."""
+    def run(pipe, epoch, start, n):
+        pipe.set_epoch(epoch, 32, start_batch=start)
+        out = []
+        for batch in pipe:
+            out.append(batch.images.clone())
+            if len(out) == n:
+                break
+        return out
+
+    kw = dict(seed=2, repeats=0, batch_size=4, res=32)  # 16 images: 4 batches per epoch
+    whole = make("dali", coords_root, "train", **kw)
+    expected = run(whole, 0, 0, 4) + run(whole, 1, 0, 2)
+    first = make("dali", coords_root, "train", **kw)
+    got = run(first, 0, 0, 2)
+    state = first.random_state()
+    resumed = make("dali", coords_root, "train", **kw)
+    resumed.load_random_state(state)
+    got += run(resumed, 0, 2, 2) + run(resumed, 1, 0, 2)
+    assert len(got) == len(expected) and all(a.equal(b) for a, b in zip(expected, got))
+    fresh = make("dali", coords_root, "train", **kw)  # without the state: the same images, other crops
+    assert not any(a.equal(b) for a, b in zip(expected[2:4], run(fresh, 0, 2, 2)))
 
 
 def test_val_every_sample_once_across_ranks(ids_root):
@@ -84,16 +109,17 @@ def test_shard_store_matches_tar_members(ids_root):
 
 
 def test_consecutive_epochs_continue_without_a_reset(ids_root):
-    """Whole train epochs at one resolution follow each other in one DALI stream (no drain/reset at
-    the boundary) and still give exactly the sampler's order; a new resolution or a resume offset
-    resets the pipeline once."""
+    """Whole train epochs at one resolution follow each other in one DALI stream (no rebuild at the
+    boundary) and still give exactly the sampler's order; a new resolution or a resume offset
+    rebuilds the pipeline once, from the checkpoint of the batches handed out (so the crops DALI
+    prefetched and nobody used do not move its random streams: as after a resume)."""
     from pipelines.sampler import epoch_indices
     from tests.test_pipeline_parity import ids_of, stored_ids
 
     pipe = make("dali", ids_root, "train", seed=3, repeats=0, batch_size=BS, res=32, hflip=0.0)
     resets = []
-    real_reset = pipe.pipe.reset
-    pipe.pipe.reset = lambda: (resets.append(1), real_reset())[1]
+    real_rebuild = pipe._rebuild
+    pipe._rebuild = lambda cpt: (resets.append(1), real_rebuild(cpt))[1]
     order = stored_ids(ids_root, "train")
 
     def expected(epoch):
