@@ -49,17 +49,42 @@ def _sync(device: torch.device) -> None:
 
 
 class _Repeat:
-    """A stage 1 that hands out the same batch ``n`` times (already on the device)."""
+    """A stage 1 that hands out the same batch (already on the device) and keeps the clock: when
+    batch ``warmup`` is requested every earlier step has been queued, so the device is synchronised
+    and the timed window starts (``inside`` is entered); after ``warmup + steps`` batches it
+    synchronises, stops the clock and ends the epoch. Batch 1's request times the first step."""
 
-    def __init__(self, batch: Batch, n: int):
-        self.batch, self.n = batch, n
+    def __init__(self, batch: Batch, device: torch.device, warmup: int, steps: int, inside=None):
+        self.batch, self.device, self.warmup, self.steps, self.inside = batch, device, warmup, steps, inside
+        self.marks: dict[str, float] = {}
+        self.guard = None
 
     def __iter__(self):
-        for _ in range(self.n):
+        self.marks["start"] = time.perf_counter()
+        for i in range(self.warmup + self.steps + 1):
+            if i == 1:
+                _sync(self.device)
+                self.marks["first"] = time.perf_counter() - self.marks["start"]
+            if i == self.warmup:
+                _sync(self.device)
+                self.marks["t0"] = time.perf_counter()
+                if self.inside is not None:
+                    self.guard = self.inside()
+                    self.guard.__enter__()
+            if i == self.warmup + self.steps:
+                self.close()
+                _sync(self.device)
+                self.marks["t1"] = time.perf_counter()
+                return
             yield self.batch
 
+    def close(self) -> None:
+        if self.guard is not None:
+            guard, self.guard = self.guard, None
+            guard.__exit__(None, None, None)
+
     def __len__(self):
-        return self.n
+        return self.warmup + self.steps + 1
 
 
 class _Prepared:
@@ -103,35 +128,13 @@ def time_engine(ctx: StepContext, batch: Batch, stage2, *, warmup: int, steps: i
                 inside: Callable[[], contextlib.AbstractContextManager] | None = None) -> dict[str, float]:
     """``warmup + steps`` steps of ``train_one_epoch``; seconds of the first step (compilation,
     autotuning) and of the last ``steps``. ``inside`` wraps the timed steps (sync debug mode)."""
-    marks: dict[str, float] = {}
-    guard: list = []
-
-    def after_step(p: EpochProgress) -> bool:
-        if p.step == 1:
-            _sync(ctx.device)
-            marks["first"] = time.perf_counter() - marks["start"]
-        if p.step == warmup:
-            _sync(ctx.device)
-            marks["t0"] = time.perf_counter()
-            if inside is not None:
-                guard.append(inside())
-                guard[-1].__enter__()
-        if p.step == warmup + steps:
-            if guard:
-                guard.pop().__exit__(None, None, None)
-            _sync(ctx.device)
-            marks["t1"] = time.perf_counter()
-            return False
-        return True
-
-    marks["start"] = time.perf_counter()
+    feed = _Repeat(batch, ctx.device, warmup, steps, inside)
     try:
-        train_one_epoch(ctx, _Repeat(batch, warmup + steps), stage2, EpochProgress(), steps_per_epoch=warmup + steps,
-                        log_every=10**9, on_log=lambda rec: None, after_step=after_step)
+        for _ in train_one_epoch(ctx, feed, stage2, EpochProgress(), steps_per_epoch=len(feed), log_every=10**9):
+            pass
     finally:
-        while guard:
-            guard.pop().__exit__(None, None, None)
-    return {"first_s": marks["first"], "seconds": marks["t1"] - marks["t0"]}
+        feed.close()
+    return {"first_s": feed.marks["first"], "seconds": feed.marks["t1"] - feed.marks["t0"]}
 
 
 def timm_peer(cfg: Config, device: torch.device, compiled: bool, compile_backend: str):

@@ -1,42 +1,203 @@
-"""Checkpoints that survive kill -9: atomic writes, ``weights_only=True`` loads, auto-resume.
+"""Checkpoints that survive kill -9, a full disk, flipped bytes and a diverging run.
 
-A checkpoint is written to a temporary file in the same folder, fsync'd, then renamed over its
-final name (rename is atomic on POSIX), and the folder is fsync'd so the rename itself is durable.
-A half-written file therefore never carries a checkpoint name. ``--resume auto`` takes the newest
-checkpoint that loads; a damaged one is reported and skipped.
+Writing: ``atomic_save`` streams ``torch.save`` into a temporary file in the same folder while
+hashing it (sha256), fsyncs it, writes the record ``<checkpoint>.json`` (digest, size, epoch,
+step, tag, ``confirmed``) the same way, then renames the checkpoint over its final name and fsyncs
+the folder (rename is atomic on POSIX). A final name therefore never holds a half-written file,
+and every checkpoint has its record beside it. A full disk raises :class:`DiskFullError` naming
+the folder and the bytes needed; the temporary file is removed and earlier checkpoints are
+untouched. Temporary files left by a killed writer are removed at the next start
+(``clean_stale_temps``).
 
-Everything stored is tensors, numbers, strings, lists and dicts, so ``torch.load(weights_only=True)``
-reads it: no pickled code runs when a user loads a checkpoint from someone else.
+Reading: ``load`` checks size and digest against the record before unpickling (a file changed
+after it was written, e.g. 4 KiB of garbage in the middle, is refused), then loads with
+``weights_only=True``: only tensors, numbers, strings and containers are rebuilt, no pickled code
+runs. Every failure is an :class:`UnreadableCheckpoint` with a one-line reason.
+
+Trust: a checkpoint is written only when its weights and optimizer state are finite (the engine
+checks before saving) and is ``confirmed`` once a later loss check (the next log point, or the
+evaluation of those weights) has passed. When a run stops on a NaN/Inf or diverging loss, the
+checkpoints not yet confirmed are set aside (``reject``: renamed ``*.pt.rejected``), so
+``--resume auto`` (``newest_usable``) continues from the last good one. ``prune`` keeps the newest
+``keep_last`` and, beside them, the newest confirmed checkpoint.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import os
+import pickle
 import random
 import re
+import shutil
+import time
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from engine.fileio import commit, replace_durably
+from engine.fileio import commit, fsync_dir, replace_durably
 
 CKPT_RE = re.compile(r"^ckpt-e(\d+)-s(\d+)\.pt$")
+TEMP_RE = re.compile(r"^\..+\.tmp-(\d+)$")  # ".<final name>.tmp-<pid>", as this module and fileio write them
+HASH_CHUNK = 1 << 22
 
 
-def atomic_save(obj: Any, path: Path) -> None:
+class UnreadableCheckpoint(Exception):
+    """A checkpoint that cannot be used; the message is one line saying why."""
+
+
+class DiskFullError(OSError):
+    """No space left for a file the run must write; the message names the folder and the bytes."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def record_path(path: Path) -> Path:
+    return Path(path).with_name(Path(path).name + ".json")
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+class _HashingWriter:
+    """A file wrapper that hashes and counts what ``torch.save`` writes through it. It keeps the
+    OSError of a failed write: torch.save reports it as an unrelated RuntimeError."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.bytes, self.error = f, hashlib.sha256(), 0, None
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.bytes += len(data)
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def disk_full(folder: Path, needed: int) -> DiskFullError:
+    free = shutil.disk_usage(folder).free if Path(folder).exists() else 0
+    return DiskFullError(errno.ENOSPC, f"no space left on the device of {folder}: about {needed / 2**20:,.0f} MiB "
+                         f"needed, {free / 2**20:,.0f} MiB free; free space there or use another --out")
+
+
+def state_bytes(obj: Any) -> int:
+    """Bytes of the tensors in ``obj`` (what a checkpoint of it needs on disk, roughly)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
+
+
+def atomic_save(obj: Any, path: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``obj`` to ``path`` and its record beside it (see the module doc); returns the record."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    replace_durably(tmp, path)
+    tmp = _temp_name(path)
+    writer = None
+    try:
+        with open(tmp, "wb") as f:
+            writer = _HashingWriter(f)
+            torch.save(obj, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        record = {"file": path.name, "sha256": writer.sha.hexdigest(), "bytes": writer.bytes,
+                  "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "confirmed": False, **(meta or {})}
+        _write_json(record_path(path), record)
+        replace_durably(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        cause = writer.error if writer is not None and writer.error is not None else e
+        if is_disk_full(cause):
+            raise disk_full(path.parent, state_bytes(obj)) from None
+        raise
+    return record
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC (or a quota), also when a library reports it in its own exception type."""
+    if isinstance(e, DiskFullError):
+        return True
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(e) or "os error 28" in str(e)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = _temp_name(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        commit(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full(path.parent, 4096) from None
+        raise
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """The record beside ``path``; None when there is none (a checkpoint from before records)."""
+    rec = record_path(path)
+    if not rec.is_file():
+        return None
+    try:
+        return json.loads(rec.read_text())
+    except (OSError, ValueError) as e:
+        raise UnreadableCheckpoint(f"its record {rec.name} is unreadable ({type(e).__name__})") from None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(path: Path) -> dict[str, Any] | None:
+    """Check ``path`` against its record (size, then sha256); raises UnreadableCheckpoint."""
+    path = Path(path)
+    record = read_record(path)
+    if record is None:
+        return None
+    size = path.stat().st_size
+    if size != record.get("bytes"):
+        raise UnreadableCheckpoint(f"{size:,} bytes where {record.get('bytes'):,} were written (truncated or replaced)")
+    if sha256_file(path) != record.get("sha256"):
+        raise UnreadableCheckpoint("checksum mismatch: the file changed after it was written (disk or copy error)")
+    return record
 
 
 def load(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint's contents, verified against its record and loaded with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnreadableCheckpoint("no such file")
+    verify(path)
+    if not zipfile.is_zipfile(path):
+        raise UnreadableCheckpoint("not a complete checkpoint: torch.save writes a zip archive and this file does "
+                                   "not end like one (truncated, or another kind of file)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UnreadableCheckpoint("it holds objects other than tensors and plain data; refused, since "
+                                   "loading it could run code (only files written by engine.run are accepted)") from None
+    except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnreadableCheckpoint(f"not a complete checkpoint written by torch.save ({first})") from None
 
 
 # --------------------------------------------------------------------------- RNG states
@@ -70,7 +231,7 @@ def checkpoint_name(epoch: int, step: int) -> str:
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
-    """Checkpoints in ``folder``, oldest first by global step."""
+    """Checkpoints in ``folder``, oldest first by global step (rejected ones are not listed)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -78,26 +239,116 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def newest_good(folder: Path, log=print) -> tuple[Path, dict[str, Any]] | None:
+class NoUsableCheckpoint(Exception):
+    """Checkpoints exist but none can be used; the message lists them with the reasons."""
+
+
+def newest_usable(folder: Path, log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that verifies and loads, with its contents; None when the folder holds
+    no checkpoint; :class:`NoUsableCheckpoint` when it holds some and none can be used (a silent
+    fresh start would overwrite the run's exports and prune its own new checkpoints)."""
+    failures = []
     for path in reversed(list_checkpoints(folder)):
         try:
-            return path, load(path)
-        except Exception as e:  # damaged or foreign file: say so and try the next older one
-            log(f"checkpoint {path.name} is unreadable ({type(e).__name__}); trying an older one")
+            state = load(path)
+        except UnreadableCheckpoint as e:
+            failures.append(f"{path.name}: {e}")
+            log(f"checkpoint {path.name} is unusable ({e}); trying an older one")
+            continue
+        return path, state
+    if failures:
+        raise NoUsableCheckpoint(f"{folder} holds {len(failures)} checkpoint(s) and none can be used: "
+                                 + "; ".join(failures))
     return None
 
 
+def confirm(path: Path) -> None:
+    """Mark ``path`` as confirmed by a passed loss check (its record's ``confirmed``)."""
+    record = read_record(path) or {"file": Path(path).name}
+    if not record.get("confirmed"):
+        _write_json(record_path(path), {**record, "confirmed": True})
+
+
+def last_confirmed(folder: Path) -> Path | None:
+    for path in reversed(list_checkpoints(folder)):
+        try:
+            if (read_record(path) or {}).get("confirmed"):
+                return path
+        except UnreadableCheckpoint:
+            continue
+    return None
+
+
+def reject(folder: Path) -> list[Path]:
+    """Set aside every checkpoint newer than the last confirmed one (``*.pt.rejected``, record
+    too): written since the last passed loss check, so they may hold the diverging weights."""
+    keep = last_confirmed(folder)
+    keep_step = -1 if keep is None else int(CKPT_RE.match(keep.name).group(2))
+    moved = []
+    for path in list_checkpoints(folder):
+        if int(CKPT_RE.match(path.name).group(2)) > keep_step:
+            os.replace(path, path.with_name(path.name + ".rejected"))
+            if record_path(path).exists():
+                os.replace(record_path(path), path.with_name(path.name + ".rejected.json"))
+            moved.append(path)
+    if moved:
+        fsync_dir(Path(folder))
+    return moved
+
+
 def prune(folder: Path, keep_last: int) -> None:
+    """Remove all but the newest ``keep_last`` checkpoints and the newest confirmed one."""
     ckpts = list_checkpoints(folder)
-    for path in ckpts[: max(0, len(ckpts) - keep_last)]:
-        path.unlink(missing_ok=True)
+    keep = set(ckpts[len(ckpts) - keep_last:]) if keep_last > 0 else set()
+    confirmed = last_confirmed(folder)
+    if confirmed is not None:
+        keep.add(confirmed)
+    for path in ckpts:
+        if path not in keep:
+            path.unlink(missing_ok=True)
+            record_path(path).unlink(missing_ok=True)
+
+
+def clean_stale_temps(folder: Path) -> tuple[int, int]:
+    """Remove temporary files (``.<name>.tmp-<pid>``) whose writer is no longer running; returns
+    (files, bytes). A killed save leaves one as large as a checkpoint."""
+    folder = Path(folder)
+    count = size = 0
+    if not folder.is_dir():
+        return 0, 0
+    for p in folder.iterdir():
+        m = TEMP_RE.match(p.name)
+        if m and p.is_file() and not _alive(int(m.group(1))):
+            size += p.stat().st_size
+            p.unlink(missing_ok=True)
+            count += 1
+    return count, size
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a temp of ours from before a restart of this pid cannot be in use
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def export_safetensors(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Weights only, for sharing: safetensors holds no code and loads without pickle."""
     from safetensors.torch import save_file
 
+    path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    commit(tmp, Path(path))
+    tmp = _temp_name(path)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        commit(tmp, path)
+    except Exception as e:  # safetensors reports ENOSPC as its own SafetensorError
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full(path.parent, state_bytes(tensors)) from None
+        raise

@@ -74,7 +74,8 @@ class TrainConfig:
     grad_clip: float = 0.0  # global grad-norm clipping; 0 = off (LAMB clips internally, see optim)
     ema_decay: float = 0.0  # 0 = no EMA of weights
     eval_every: int = 1  # epochs between evaluations; the last epoch is always evaluated
-    log_every: int = 50  # steps between metric log points
+    log_every: int = 50  # steps between metric log points (loss checks, checkpoints and stop decisions happen there)
+    loss_limit: float = 1000.0  # a logged mean train loss above this stops the run as diverging; 0 = no limit
     progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
 
 

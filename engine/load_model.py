@@ -40,8 +40,8 @@ def load_config_and_state(path: str | Path, recipe: str | None = None) -> tuple[
         return _from_safetensors(path, recipe)
     try:
         state = ckpt.load(path)
-    except Exception as e:  # truncated, not a torch file, pickled code refused by weights_only
-        raise CheckpointError(f"cannot read {path} as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    except ckpt.UnreadableCheckpoint as e:  # truncated, changed, not a torch file, pickled code refused
+        raise CheckpointError(f"cannot use {path} as a checkpoint: {e}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path} is not a checkpoint written by engine.run (no model/config inside)")
     cfg = config_from_dict(state["config"]) if recipe is None else load_config(recipe)
@@ -57,8 +57,9 @@ def _from_safetensors(path: Path, recipe: str | None) -> tuple[Config, dict[str,
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         weights = load_file(str(path))
-    except Exception as e:
-        raise CheckpointError(f"cannot read {path} as safetensors ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    except Exception as e:  # safetensors' own error types for truncated or foreign files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read {path} as safetensors ({first})") from None
     if recipe is not None:
         cfg = load_config(recipe)
     elif "config" in meta:
@@ -78,6 +79,12 @@ def _from_safetensors(path: Path, recipe: str | None) -> tuple[Config, dict[str,
 
 def build_model(cfg: Config, weights: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
     model = create_model(cfg.model, cfg.data.num_classes)
+    own = model.state_dict()
+    for key, value in weights.items():
+        if key in own and tuple(own[key].shape) != tuple(value.shape):
+            raise CheckpointError(f"weights do not fit model.arch={cfg.model.arch} with {cfg.data.num_classes} classes: "
+                                  f"{key} is {list(value.shape)} in the file, {list(own[key].shape)} in the model; "
+                                  f"pass the recipe the run used with --recipe (or none: the file's own config)")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"weights do not fit model.arch={cfg.model.arch} with {cfg.data.num_classes} classes "

@@ -31,6 +31,27 @@ class RunLogger:
         if cfg.wandb != "off":
             self.wandb = _start_wandb(cfg, self.out, config_dict, run_id)
 
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after ``step`` (a resumed run logs them again, so each step keeps
+        one record); the file is replaced atomically."""
+        if self._metrics is None:
+            return
+        from engine.fileio import commit
+
+        path = self.out / "metrics.jsonl"
+        self._metrics.close()
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except ValueError:
+                continue  # a line cut by kill -9: dropped
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        commit(tmp, path)
+        self._metrics = open(path, "a", buffering=1)
+
     def info(self, msg: str) -> None:
         if self.enabled:
             print(msg, file=sys.stderr, flush=True)

@@ -155,11 +155,17 @@ def measure_data(cfg: Config, batch: int, res: int, *, steps: int, warmup: int,
 
 # --------------------------------------------------------------------------- model and e2e modes
 class _WaitTimer:
-    """Wraps a pipeline and adds up the time spent inside ``next(batch)`` (the data wait)."""
+    """Wraps a pipeline: adds up the time spent inside ``next(batch)`` (the data wait) and times a
+    window of steps by the batches handed out. When batch ``warmup`` (0-based) is requested, every
+    step before it has been queued: the device is synchronised and the clock starts; after
+    ``warmup + steps`` batches it synchronises again, stops the clock and hands out no more (the
+    training loop then ends its epoch). No hook inside the training step is needed."""
 
-    def __init__(self, pipe):
-        self.pipe = pipe
+    def __init__(self, pipe, device: torch.device, warmup: int, steps: int):
+        self.pipe, self.device, self.warmup, self.steps = pipe, device, warmup, steps
         self.wait = 0.0
+        self.handed = 0
+        self.marks: dict[str, float] = {}
 
     def __len__(self) -> int:
         return len(self.pipe)
@@ -167,9 +173,23 @@ class _WaitTimer:
     def set_epoch(self, epoch: int, res: int | None = None) -> None:
         self.pipe.set_epoch(epoch, res)
 
+    def _mark(self, name: str) -> None:
+        _sync(self.device)
+        self.marks[name] = time.perf_counter()
+        self.marks[f"wait_{name}"] = self.wait
+
+    @property
+    def done(self) -> bool:
+        return "end" in self.marks
+
     def __iter__(self):
         it = iter(self.pipe)
-        while True:
+        while not self.done:
+            if self.handed == self.warmup:
+                self._mark("start")
+            if self.handed == self.warmup + self.steps:
+                self._mark("end")
+                return
             t0 = time.perf_counter()
             try:
                 batch = next(it)
@@ -177,6 +197,7 @@ class _WaitTimer:
                 return
             finally:
                 self.wait += time.perf_counter() - t0
+            self.handed += 1
             yield batch
 
 
@@ -193,7 +214,7 @@ def measure_step(cfg: Config, batch: int, res: int, *, steps: int, warmup: int, 
     cfg = _at_point(cfg, batch, res)
     t = cfg.train
     seed_everything(t.seed)
-    pipe = _WaitTimer(_pipeline(cfg, device, synthetic=synthetic))
+    pipe = _WaitTimer(_pipeline(cfg, device, synthetic=synthetic), device, warmup, steps)
     steps_per_epoch = len(pipe)
     parts = build_step_parts(cfg, device, steps_per_epoch)
     call_model = compile_for_training(parts.model) if t.compile else parts.model
@@ -201,34 +222,20 @@ def measure_step(cfg: Config, batch: int, res: int, *, steps: int, warmup: int, 
                       lr_at=parts.lr_at, scaler=parts.scaler, precision=t.precision, device=device, accum_steps=1,
                       grad_clip=t.grad_clip, ema=parts.ema)
     stage2 = _stage2(cfg, seed=t.seed * 1000)
-    window: dict[str, float] = {}
-
-    def after_step(p: EpochProgress) -> bool:
-        if p.step == warmup:
-            _sync(device)
-            window.update(start=time.perf_counter(), wait0=pipe.wait)
-        if p.step == warmup + steps:
-            _sync(device)
-            window.update(end=time.perf_counter(), wait1=pipe.wait)
-            return False
-        return True
-
     prog = EpochProgress()
-    if warmup == 0:
-        after_step(prog)
-    while "end" not in window:
+    while not pipe.done:
         pipe.set_epoch(prog.epoch, res)
-        train_one_epoch(ctx, pipe, stage2, prog, steps_per_epoch=steps_per_epoch, log_every=10**9,
-                        on_log=lambda rec: None, after_step=after_step)
-        if "end" not in window:
-            prog.epoch, prog.batch = prog.epoch + 1, 0
+        for _ in train_one_epoch(ctx, pipe, stage2, prog, steps_per_epoch=steps_per_epoch, log_every=10**9):
+            pass  # records only at the end of an epoch; the clock is kept by the pipeline wrapper
+        prog.epoch, prog.batch = prog.epoch + 1, 0
+    window = pipe.marks
     seconds = window["end"] - window["start"]
     images = steps * batch
     ips = images / max(seconds, 1e-9)
     mode = "model" if synthetic else "e2e"
     what = "synthetic step" if synthetic else "recipe step"
     backend = "synthetic" if synthetic else cfg.data.pipeline
-    wait = min(1.0, (window["wait1"] - window["wait0"]) / max(seconds, 1e-9))
+    wait = min(1.0, (window["wait_end"] - window["wait_start"]) / max(seconds, 1e-9))
     return _row(mode, what, backend, cfg, batch, res, ips, images, seconds, data_wait_frac=wait)
 
 

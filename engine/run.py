@@ -6,6 +6,7 @@ missing backend) print one line to stderr and exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from engine.config import ConfigError, load_config, to_toml
@@ -18,7 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe value (repeatable), e.g. --set optim.lr=0.008")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe as TOML and exit")
     p.add_argument("--out", default=None, help="output folder (checkpoints, metrics.jsonl); default runs/<recipe>")
-    p.add_argument("--resume", default=None, help="'auto' (newest good checkpoint in --out) or a checkpoint path")
+    p.add_argument("--resume", default=None,
+                   help="'auto': continue from the newest usable checkpoint in --out; a ckpt-*.pt path; 'fresh': "
+                        "start over in an --out that holds checkpoints (they are moved into --out/previous-<time>/)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (smoke runs)")
     return p
 
@@ -28,17 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.recipe, args.overrides)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds it: rank 0 says it
+            print(f"error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
         print(to_toml(cfg))
         return 0
-    try:
-        from engine.train_main import train_from_args  # the engine issue provides it
-    except ImportError:
-        print("error: training is not available in this build yet (engine not installed); "
-              "use --print-config to inspect the recipe", file=sys.stderr)
-        return 2
+    from engine.train_main import train_from_args
+
     return train_from_args(cfg, args)
 
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
+import math
 import signal
 import sys
-import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from engine import checkpoint as ckpt
+from engine import run_folder
 from engine.config import Config, ConfigError, to_dict
 from engine.data import build_train_pipeline, build_val_pipeline, check_num_classes
 from engine.distributed import DistInfo, any_rank, barrier, cleanup, init_distributed, reduce_bn_stats
@@ -46,12 +47,21 @@ def batch_composition(global_batch: int, world: int, per_device: int) -> tuple[i
 
 
 class StopRequest:
-    """SIGINT/SIGTERM set a flag that the loop reads after an optimizer step, so a checkpoint is
-    written at a consistent point; a second Ctrl-C interrupts at once."""
+    """SIGINT/SIGTERM set a flag that the loop acts on at a consistent point (after an optimizer
+    step; under DDP at the next log point, where ranks agree), so a checkpoint is written before the
+    process exits with 128 + the signal's number (143 for SIGTERM, 130 for SIGINT).
+
+    A second SIGINT (Ctrl-C twice) interrupts at once. A second SIGTERM does not: under torchrun the
+    whole process group gets the scheduler's SIGTERM and torchrun forwards its own copy to every
+    rank. DataLoader workers ignore both signals (the main process owns shutdown)."""
 
     def __init__(self):
-        self.requested = False
+        self.signal: int | None = None
         self._old = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -59,9 +69,12 @@ class StopRequest:
         return self
 
     def _handler(self, signum, frame):
-        if self.requested:
+        if self.signal is not None and signum == signal.SIGINT == self.signal:
             raise KeyboardInterrupt
-        self.requested = True
+        self.signal = self.signal or signum
+
+    def exit_code(self) -> int:
+        return 128 + int(self.signal or signal.SIGINT)
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -139,23 +152,44 @@ def seed_everything(seed: int) -> None:
 def train_from_args(cfg: Config, args: argparse.Namespace) -> int:
     dist_info = init_distributed()
     out = Path(args.out or Path("runs") / Path(args.recipe).stem)
+    existed = out.exists()
+    say = _printer(dist_info)
     try:
         return _train(cfg, args, dist_info, out)
     except (ConfigError, DataError, MissingBackendError, UnknownModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}", every_rank=False)
         return 2
     except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if dist_info.is_main:
+            say(f"error: {e}; {run_folder.reject_after_failure(out)}", every_rank=False)
         return 3
     except torch.OutOfMemoryError:
         per_device, _ = batch_composition(cfg.train.global_batch_size, dist_info.world_size,
                                           cfg.train.per_device_batch_size)
-        print(f"error: out of GPU memory at per-device batch {per_device}; set "
-              f"train.per_device_batch_size={max(1, per_device // 2)} (gradient accumulation keeps the global "
-              f"batch {cfg.train.global_batch_size})", file=sys.stderr)
+        say(f"error: out of GPU memory at per-device batch {per_device}; set "
+            f"train.per_device_batch_size={max(1, per_device // 2)} (gradient accumulation keeps the global "
+            f"batch {cfg.train.global_batch_size})", every_rank=True)
+        return 2
+    except OSError as e:
+        if not ckpt.is_disk_full(e):
+            raise
+        detail = e.strerror if isinstance(e, ckpt.DiskFullError) else str(ckpt.disk_full(out, 0).strerror)
+        say(f"error: {detail}; earlier checkpoints are intact, continue with --resume auto", every_rank=False)
         return 2
     finally:
         cleanup()
+        if not existed and dist_info.is_main:
+            run_folder.remove_if_empty(out)
+
+
+def _printer(d: DistInfo):
+    """Errors every rank would print alike (config, data, NaN) are printed by rank 0 only."""
+    def say(msg: str, every_rank: bool) -> None:
+        if every_rank and d.enabled:
+            print(f"[rank {d.rank}] {msg}", file=sys.stderr, flush=True)
+        elif d.is_main:
+            print(msg, file=sys.stderr, flush=True)
+    return say
 
 
 def _train(cfg: Config, args, d: DistInfo, out: Path) -> int:
@@ -169,11 +203,6 @@ def _train(cfg: Config, args, d: DistInfo, out: Path) -> int:
         torch.backends.cudnn.allow_tf32 = True
     seed_everything(t.seed + d.rank)
     per_device, accum = batch_composition(t.global_batch_size, d.world_size, t.per_device_batch_size)
-    run_id = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]
-    log = RunLogger(cfg.log, out, to_dict(cfg), enabled=d.is_main, run_id=run_id)
-    log.info(f"batch: global {t.global_batch_size} = {per_device} per device x {d.world_size} processes x "
-             f"{accum} accumulation steps; device {device}; precision {t.precision}")
-
     epochs_total = t.epochs + cfg.optim.cooldown_epochs
     res0 = resolution_for_epoch(t.progressive, 0, epochs_total, t.train_res)
     train_pipe = build_train_pipeline(cfg.data, cfg.augment, res=res0, batch_size=per_device, rank=d.rank,
@@ -185,179 +214,107 @@ def _train(cfg: Config, args, d: DistInfo, out: Path) -> int:
     if steps_per_epoch == 0:
         raise DataError(f"the train set gives {len(train_pipe)} batches per process, fewer than one optimizer step "
                         f"({accum} batches); lower train.global_batch_size")
+    run_folder.prepare(out, args.resume, d, log=print if d.is_main else (lambda m: None))
+    run_id = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]
+    log = RunLogger(cfg.log, out, to_dict(cfg), enabled=d.is_main, run_id=run_id)
+    log.info(f"batch: global {t.global_batch_size} = {per_device} per device x {d.world_size} processes x "
+             f"{accum} accumulation steps; device {device}; precision {t.precision}")
     nc = cfg.data.num_classes
-    out_dtype = torch.float32
     stage2 = Stage2(cfg.augment, nc, cfg.loss.label_smoothing, train=True, channels_last=t.channels_last,
-                    out_dtype=out_dtype, seed=t.seed * 1000 + d.rank)
-    stage2_eval = Stage2(cfg.augment, nc, 0.0, train=False, channels_last=t.channels_last, out_dtype=out_dtype)
-
-    model, optimizer, lr_at, loss_fn, scaler, ema = build_step_parts(cfg, device, steps_per_epoch)
-
-    prog = EpochProgress()
-    best = {"val_top1": -1.0}
-    resumed = _resume(args.resume, out, model, optimizer, scaler, ema, stage2, prog, best, log, d)
+                    seed=t.seed * 1000 + d.rank)
+    stage2_eval = Stage2(cfg.augment, nc, 0.0, train=False, channels_last=t.channels_last)
+    parts = build_step_parts(cfg, device, steps_per_epoch)
+    model, ema = parts.model, parts.ema
+    prog, best = EpochProgress(), {"val_top1": -1.0}
+    resumed = run_folder.resume(args.resume, out, parts, train_pipe, stage2, prog, best, d, log=log.info)
     if resumed:
+        log.truncate_after(prog.step)  # records the interrupted run logged after this checkpoint come again
         log.info(f"resumed from {resumed} at epoch {prog.epoch}, batch {prog.batch}, step {prog.step}")
-
+    saver = run_folder.Checkpointer(out, cfg, d, model, parts.optimizer, parts.scaler, ema, train_pipe, stage2,
+                                     log)
     call_model: nn.Module = model
     if d.enabled:
-        call_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=64,
-            gradient_as_bucket_view=True, broadcast_buffers=False)
+        with warnings.catch_warnings():
+            # broadcast_buffers=False is what we need: each rank keeps its own BatchNorm statistics
+            # (restored per rank on resume), so buffers must not be synced at construction either,
+            # which the suggested forward_sync_buffers=False would still do.
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*deprecated", category=FutureWarning)
+            call_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=64,
+                gradient_as_bucket_view=True, broadcast_buffers=False)
     if t.compile:
         call_model = compile_for_training(call_model)
-    ctx = StepContext(model=call_model, raw_model=model, optimizer=optimizer, loss_fn=loss_fn, lr_at=lr_at,
-                      scaler=scaler, precision=t.precision, device=device, accum_steps=accum,
+    ctx = StepContext(model=call_model, raw_model=model, optimizer=parts.optimizer, loss_fn=parts.loss_fn,
+                      lr_at=parts.lr_at, scaler=parts.scaler, precision=t.precision, device=device, accum_steps=accum,
                       grad_clip=t.grad_clip, ema=ema, is_ddp=d.enabled)
-
-    def save(tag: str) -> Path | None:
-        """Called on every rank at the same step: BatchNorm statistics are averaged over ranks, each
-        rank's RNG, augmentation state and loss window are gathered, the main rank writes (all
-        ranks then hold the same model and optimizer)."""
-        reduce_bn_stats(model, ema.module if ema else None)
-        own = {"stage2": stage2.state_dict(), "rng": ckpt.rng_state(),
-               "window": [prog.window_loss, prog.window_count]}
-        per_rank = gather_objects(own, d)
-        if not d.is_main:
-            return None
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "ema": ema.module.state_dict() if ema else None, "progress": prog.state_dict(),
-                 "per_rank": per_rank, "world_size": d.world_size, "config": to_dict(cfg),
-                 "best": dict(best), "tag": tag}
-        path = out / ckpt.checkpoint_name(prog.epoch, prog.step)
-        ckpt.atomic_save(state, path)
-        ckpt.prune(out, cfg.checkpoint.keep_last)
-        return path
-
-    stop = StopRequest()
-    last_save = time.monotonic()
     final_metrics: dict[str, Any] = {}
-
-    def after_step(p: EpochProgress) -> bool:
-        """False to stop (the loop then saves); mid-epoch checkpoints only at log points, where the
-        loss window has just been read and checked (trainer.train_one_epoch)."""
-        nonlocal last_save
-        at_log = p.step % t.log_every == 0
-        requested = stop.requested
-        if d.enabled:  # acted on at the next agreed check, so ranks stop at the same step
-            requested = any_rank(requested, device) if at_log else False
-        if requested:
-            return False
-        minutes = cfg.checkpoint.every_minutes
-        if minutes > 0 and at_log:
-            due = time.monotonic() - last_save >= 60 * minutes
-            if d.enabled:  # the main rank's clock decides, so every rank saves at the same step
-                due = any_rank(due and d.is_main, device)
-            if due:
-                save("mid-epoch")
-                last_save = time.monotonic()
-        return True
-
-    def on_log(rec: dict[str, Any]) -> None:
-        log.metrics(rec)
-        if cfg.log.progress:
-            log.info(format_progress(rec["epoch"], prog.batch // accum, steps_per_epoch, rec))
-
-    interrupted = False
-    with stop:
-        while prog.epoch < epochs_total:
+    stopped = None
+    with StopRequest() as stop:
+        while prog.epoch < epochs_total and stopped is None:
             epoch = prog.epoch
             res = resolution_for_epoch(t.progressive, epoch, epochs_total, t.train_res)
             stage2.set_magnitude_scale(regularization_scale(t.progressive, epoch, epochs_total))
             train_pipe.set_epoch(epoch, res, start_batch=prog.batch)
             if prog.batch == 0:
                 log.info(f"epoch {epoch}: train res {res}, {steps_per_epoch} steps")
-            finished = train_one_epoch(ctx, train_pipe, stage2, prog, steps_per_epoch=steps_per_epoch,
-                                       log_every=t.log_every, on_log=on_log, after_step=after_step,
-                                       max_steps=args.max_steps)
-            if not finished and stop.requested:
-                path = save("interrupted")
-                log.info(f"stopped on request at epoch {prog.epoch} step {prog.step}; checkpoint {path}; "
-                         f"continue with --resume auto")
-                interrupted = True
+            for rec in train_one_epoch(ctx, train_pipe, stage2, prog, steps_per_epoch=steps_per_epoch,
+                                       log_every=t.log_every, stop=None if d.enabled else stop,
+                                       max_steps=args.max_steps, loss_limit=t.loss_limit):
+                saver.confirm_pending()  # the loss window up to this step has passed its check
+                if "train_loss" in rec:
+                    log.metrics(rec)
+                    if cfg.log.progress:
+                        log.info(format_progress(rec["epoch"], prog.batch // accum, steps_per_epoch, rec))
+                stopped = rec.get("stopped")
+                if stopped is None and d.enabled and any_rank(stop.requested, device):
+                    stopped = "stop requested"  # agreed at this log point, so every rank stops at the same step
+                if stopped is not None:
+                    break
+                if any_rank(saver.due() and d.is_main, device):  # the main rank's clock decides
+                    saver.save(prog, best, "mid-epoch")
+            if stopped == "stop requested":
+                path = saver.save(prog, best, "interrupted")
+                log.info(f"stopped by {signal.Signals(stop.signal).name} at epoch {prog.epoch} step {prog.step}; "
+                         f"checkpoint {path}; continue with --resume auto (exit {stop.exit_code()})")
                 break
-            last_epoch = epoch == epochs_total - 1 or not finished
-            if last_epoch or (epoch + 1) % t.eval_every == 0:
-                reduce_bn_stats(model, ema.module if ema else None)  # every rank evaluates the same model
-                eval_model = ema.module if ema else model
-                val_pipe.set_epoch(epoch)
-                metrics = evaluate(eval_model, val_pipe, stage2_eval, device=device, precision=t.precision)
-                final_metrics = {"epoch": epoch, "step": prog.step, **metrics}
-                log.metrics(final_metrics)
-                log.info(f"epoch {epoch}: val top-1 {metrics['val_top1']:.2f} top-5 {metrics['val_top5']:.2f}")
-                if metrics["val_top1"] > best["val_top1"]:
-                    best.update(val_top1=metrics["val_top1"], epoch=epoch)
-                    if d.is_main and cfg.checkpoint.keep_best:
-                        _export(model if not ema else ema.module, out / "best.safetensors", cfg, metrics, epoch)
+            last_epoch = epoch == epochs_total - 1 or stopped is not None
+            evaluated = last_epoch or (epoch + 1) % t.eval_every == 0
+            if evaluated:
+                final_metrics = _evaluate(model, ema, val_pipe, stage2_eval, cfg, d, out, prog, best, log)
             prog.epoch, prog.batch = epoch + 1, 0
             prog.window_loss, prog.window_count = 0.0, 0
-            if finished and ((epoch + 1) % cfg.checkpoint.every_epochs == 0 or last_epoch):
-                path = save("epoch")
-                last_save = time.monotonic()
+            if stopped is None and ((epoch + 1) % cfg.checkpoint.every_epochs == 0 or last_epoch):
+                path = saver.save(prog, best, "epoch", confirmed=evaluated)
                 if path is not None:
                     log.artifact(path, epoch, {"val_top1": final_metrics.get("val_top1")})
-            if not finished:
-                break
     barrier()
+    interrupted = stopped == "stop requested"
     # A resumed run that had already finished trains and evaluates nothing: keep its export as it is.
     fresh_export = bool(final_metrics) or not (out / "model.safetensors").exists()
     if d.is_main and not interrupted and cfg.checkpoint.export_safetensors and fresh_export:
-        _export(ema.module if ema else model, out / "model.safetensors", cfg, final_metrics, prog.epoch - 1)
-    if final_metrics and d.is_main:
+        run_folder.export(ema.module if ema else model, out / "model.safetensors", cfg, final_metrics, prog.epoch - 1)
+    if final_metrics and d.is_main and not interrupted:
         print(f"final val top-1 {final_metrics['val_top1']:.2f} top-5 {final_metrics['val_top5']:.2f} "
               f"(epoch {final_metrics['epoch']}, step {final_metrics['step']}) -> {out}", flush=True)
     log.close()
-    return 130 if interrupted else 0
+    return stop.exit_code() if interrupted else 0
 
 
-def _export(model: nn.Module, path: Path, cfg: Config, metrics: dict[str, Any], epoch: int) -> None:
-    meta = {"arch": cfg.model.arch, "num_classes": str(cfg.data.num_classes), "epoch": str(epoch),
-            "val_top1": str(metrics.get("val_top1", "")), "eval_res": str(cfg.eval.res),
-            "crop_pct": str(cfg.eval.crop_pct), "config": json.dumps(to_dict(cfg))}
-    ckpt.export_safetensors(model.state_dict(), path, meta)
-
-
-def gather_objects(obj: Any, d: DistInfo) -> list[Any]:
-    if not d.enabled:
-        return [obj]
-    import torch.distributed as dist
-
-    gathered: list[Any] = [None] * d.world_size
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-def _resume(spec: str | None, out: Path, model, optimizer, scaler, ema, stage2, prog: EpochProgress,
-            best: dict, log: RunLogger, d: DistInfo) -> Path | None:
-    if not spec:
-        return None
-    if spec == "auto":
-        found = ckpt.newest_good(out, log=log.info)
-        if found is None:
-            log.info(f"--resume auto: no checkpoint in {out}; starting fresh")
-            return None
-        path, state = found
-    else:
-        path = Path(spec)
-        if not path.is_file():
-            raise DataError(f"--resume {spec}: no such checkpoint file")
-        state = ckpt.load(path)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    if ema is not None and state.get("ema") is not None:
-        ema.module.load_state_dict(state["ema"])
-    for k, v in state["progress"].items():
-        setattr(prog, k, v)
-    best.update(state.get("best", {}))
-    if state["world_size"] == d.world_size:
-        own = state["per_rank"][d.rank]
-        stage2.load_state_dict(own["stage2"])
-        ckpt.set_rng_state(own["rng"])
-        if "window" in own:  # this rank's loss sums since the last log point
-            prog.window_loss, prog.window_count = float(own["window"][0]), int(own["window"][1])
-    else:  # a different process count: the run continues, but not bit-exactly
-        log.info(f"resuming {state['world_size']}-process checkpoint on {d.world_size} processes: "
-                 "augmentation RNG streams restart from the seed")
-    return path
-
+def _evaluate(model, ema, val_pipe, stage2_eval, cfg: Config, d: DistInfo, out: Path, prog: EpochProgress,
+              best: dict, log) -> dict[str, Any]:
+    """Validation of the evaluated weights (the EMA's when kept) after BatchNorm statistics are
+    averaged over ranks; a NaN/Inf validation loss stops the run like a training one."""
+    reduce_bn_stats(model, ema.module if ema else None)  # every rank evaluates the same model
+    eval_model = ema.module if ema else model
+    val_pipe.set_epoch(prog.epoch)
+    metrics = evaluate(eval_model, val_pipe, stage2_eval, device=d.device, precision=cfg.train.precision)
+    if not math.isfinite(metrics["val_loss"]):
+        raise NonFiniteLossError(f"validation loss is NaN/Inf after epoch {prog.epoch}", step=prog.step)
+    record = {"epoch": prog.epoch, "step": prog.step, **metrics}
+    log.metrics(record)
+    log.info(f"epoch {prog.epoch}: val top-1 {metrics['val_top1']:.2f} top-5 {metrics['val_top5']:.2f}")
+    if metrics["val_top1"] > best["val_top1"]:
+        best.update(val_top1=metrics["val_top1"], epoch=prog.epoch)
+        if d.is_main and cfg.checkpoint.keep_best:
+            run_folder.export(eval_model, out / "best.safetensors", cfg, metrics, prog.epoch)
+    return record

@@ -15,7 +15,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -28,7 +28,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class NonFiniteLossError(RuntimeError):
-    """Loss became NaN/Inf outside fp16 loss scaling; the run stops, the last good checkpoint stays."""
+    """Loss became NaN/Inf outside fp16 loss scaling, or its mean passed ``train.loss_limit``, or
+    the weights are no longer finite; the run stops and the last good checkpoint stays."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 @dataclass
@@ -58,7 +63,7 @@ class EpochProgress:
     step: int = 0  # global optimizer steps done
     window_loss: float = 0.0  # loss summed since the last log point (micro-batch means)
     window_count: int = 0
-    skipped_steps: int = 0  # fp16 steps skipped by the grad scaler
+    skipped_images: int = 0  # unreadable images stage 1 replaced so far (Batch.skipped), this run
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -71,58 +76,88 @@ def autocast(ctx: StepContext):
 
 
 class LossWindow:
-    """Loss sum and the first non-finite step since the last log point, kept on the device.
+    """Loss sum, non-finite count and the first non-finite step since the last log point, kept on
+    the device.
 
-    ``add`` queues three tiny kernels and reads nothing; ``read`` is the one deliberate sync
-    (all ranks' sums, the earliest bad step on any rank). Non-finite losses are not errors with
-    fp16, where GradScaler skips the step (``check_finite=False``)."""
+    ``add`` queues a few tiny kernels and reads nothing; ``read`` is the one deliberate sync (all
+    ranks' sums, the earliest bad step on any rank). With fp16, GradScaler skips the steps whose
+    loss overflowed, so non-finite losses are left out of the mean (and counted) instead of
+    stopping the run (``check_finite=False``)."""
 
     def __init__(self, device: torch.device, start_loss: float, start_count: int, check_finite: bool):
         self.device, self.check_finite = device, check_finite
-        self.acc = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, first bad step]
+        self.acc = torch.zeros(3, dtype=torch.float64, device=device)  # [finite loss sum, non-finite, first bad]
         self.acc[0] += start_loss  # a Python scalar: no host-to-device copy
-        self.acc[1] = math.inf
+        self.acc[2] = math.inf
         self.count = start_count  # micro-batches, a host number
         self.images = 0
 
     def add(self, loss: torch.Tensor, step: int, images: int) -> None:
         value = loss.detach().double()
-        self.acc[0] += value
+        finite = torch.isfinite(value)
+        self.acc[0] += torch.where(finite, value, 0.0)
+        self.acc[1] += ~finite
         if self.check_finite:
-            torch.minimum(self.acc[1], torch.where(torch.isfinite(value), math.inf, float(step)), out=self.acc[1])
+            torch.minimum(self.acc[2], torch.where(finite, math.inf, float(step)), out=self.acc[2])
         self.count += 1
         self.images += images
 
     def read(self) -> tuple[float, int, int, int | None]:
-        """(loss sum, micro-batches, images, first non-finite step or None) over all ranks; resets."""
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-        sums[0] = self.acc[0]
-        sums[1], sums[2] = self.count, self.images  # scalar fills: no host-to-device copy
+        """(mean loss, micro-batches, images, first non-finite step or None) over all ranks; resets."""
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        sums[0:2] = self.acc[0:2]
+        sums[2], sums[3] = self.count, self.images  # scalar fills: no host-to-device copy
         all_reduce_sum(sums)
-        bad = all_reduce_min(self.acc[1:2].clone())
+        bad = all_reduce_min(self.acc[2:3].clone())
         # Deliberate sync: once per log point, the end of an epoch or a stop.
-        loss_sum, count, images, first_bad = torch.cat([sums, bad]).tolist()
+        loss_sum, nonfinite, count, images, first_bad = torch.cat([sums, bad]).tolist()
+        self.reset()
+        mean = loss_sum / max(count - nonfinite, 1.0) if count > nonfinite else math.nan
+        return mean, int(count), int(images), (None if math.isinf(first_bad) else int(first_bad))
+
+    def read_local(self) -> tuple[float, int, int | None]:
+        """This rank's (finite loss sum, micro-batches, first non-finite step) as they stand, for a
+        checkpoint written between log points (no collective). A sync, at a stop only."""
+        loss_sum, _, first_bad = self.acc.tolist()
+        return loss_sum, self.count, (None if math.isinf(first_bad) else int(first_bad))
+
+    def reset(self) -> None:
         self.acc.zero_()
-        self.acc[1] = math.inf
+        self.acc[2] = math.inf
         self.count, self.images = 0, 0
-        return loss_sum, int(count), int(images), (None if math.isinf(first_bad) else int(first_bad))
 
 
-def _raise_if_bad(first_bad: int | None, ctx: StepContext, epoch: int) -> None:
+def _check(mean: float, first_bad: int | None, ctx: StepContext, prog: "EpochProgress", loss_limit: float) -> None:
     if first_bad is not None:
-        raise NonFiniteLossError(f"loss is NaN/Inf at step {first_bad} (epoch {epoch}); stopped, the last "
-                                 f"good checkpoint is kept. Lower optim.lr or use train.precision=fp32/bf16")
+        raise NonFiniteLossError(f"loss is NaN/Inf at step {first_bad} (epoch {prog.epoch}); "
+                                 f"{advice(ctx.precision)}", step=first_bad)
+    if loss_limit > 0 and mean > loss_limit:
+        raise NonFiniteLossError(f"mean loss {mean:.3g} up to step {prog.step} (epoch {prog.epoch}) is above "
+                                 f"train.loss_limit={loss_limit:g}: the run is diverging; {advice(ctx.precision)}",
+                                 step=prog.step)
+
+
+def advice(precision: str) -> str:
+    """What to change when a run diverges; fp32 is suggested only to a run that is not fp32."""
+    if precision == "fp32":
+        return "lower optim.lr or lengthen optim.warmup_epochs (the run is already fp32)"
+    return f"lower optim.lr or lengthen optim.warmup_epochs, or try train.precision=fp32 (this run is {precision})"
 
 
 def train_one_epoch(ctx: StepContext, pipeline, stage2, prog: EpochProgress, *, steps_per_epoch: int,
-                    log_every: int, on_log: Callable[[dict[str, Any]], None],
-                    after_step: Callable[[EpochProgress], bool], max_steps: int | None = None) -> bool:
-    """Runs the rest of ``prog.epoch`` from ``prog.batch``; returns False when asked to stop early.
+                    log_every: int, stop: Any = None, max_steps: int | None = None,
+                    loss_limit: float = 0.0) -> Iterator[dict[str, Any]]:
+    """Trains the rest of ``prog.epoch`` from ``prog.batch``, yielding one record at every log point
+    (``prog.step % log_every == 0`` and the epoch's last step); the caller logs it and makes its
+    decisions (checkpoint, stop) there, where the loss window has just been read and checked.
 
-    ``after_step`` is called after each optimizer step (checkpoint timers, stop requests) and
-    returns False to stop. ``prog.window_loss``/``window_count`` are up to date right after a log
-    point (``prog.step % log_every == 0``) and when this returns, so checkpoints are written only
-    then. Micro-batches beyond the last full accumulation group are not used.
+    Stops early when ``stop.requested`` is set (``stop``: any object with that attribute; pass
+    None under DDP, where ranks agree on stopping at log points) or at ``max_steps``: the window is
+    then read into ``prog`` (so a checkpoint written now resumes the running sums exactly) and the
+    last record carries ``"stopped"``. ``prog.window_loss``/``window_count`` are up to date at every
+    yield. Micro-batches beyond the last full accumulation group are not used. Raises
+    :class:`NonFiniteLossError` at the log point that finds a NaN/Inf loss or a mean above
+    ``loss_limit`` (0 = no limit).
     """
     ctx.model.train()
     usable = steps_per_epoch * ctx.accum_steps
@@ -130,7 +165,6 @@ def train_one_epoch(ctx: StepContext, pipeline, stage2, prog: EpochProgress, *, 
     window_start = time.perf_counter()
     window_wait = 0.0
     it = iter(pipeline)
-    stopped = False
     while prog.batch < usable:
         t0 = time.perf_counter()
         try:
@@ -143,6 +177,7 @@ def train_one_epoch(ctx: StepContext, pipeline, stage2, prog: EpochProgress, *, 
             lr = ctx.lr_at(prog.step)
             for group in ctx.optimizer.param_groups:
                 group["lr"] = lr
+        prog.skipped_images += len(getattr(batch, "skipped", ()))
         images, targets = stage2(batch)
         last_micro = micro == ctx.accum_steps - 1
         sync = contextlib.nullcontext() if (last_micro or not ctx.is_ddp) else ctx.model.no_sync()
@@ -157,33 +192,33 @@ def train_one_epoch(ctx: StepContext, pipeline, stage2, prog: EpochProgress, *, 
             continue
         _optimizer_step(ctx)
         prog.step += 1
+        stopping = "stop requested" if stop is not None and stop.requested else None
+        if max_steps is not None and prog.step >= max_steps:
+            stopping = "max_steps"
         if prog.step % log_every == 0 or prog.batch >= usable:
-            loss_sum, count, world_images, first_bad = window.read()
-            _raise_if_bad(first_bad, ctx, prog.epoch)
+            mean, count, world_images, first_bad = window.read()
+            _check(mean, first_bad, ctx, prog, loss_limit)
             elapsed = time.perf_counter() - window_start
-            on_log({"epoch": prog.epoch, "step": prog.step, "lr": ctx.optimizer.param_groups[0]["lr"],
-                    "train_loss": loss_sum / max(count, 1),
-                    "images_per_s": world_images / max(elapsed, 1e-9),
-                    "data_wait_frac": min(1.0, window_wait / max(elapsed, 1e-9))})
+            record = {"epoch": prog.epoch, "step": prog.step, "lr": ctx.optimizer.param_groups[0]["lr"],
+                      "train_loss": mean, "images_per_s": world_images / max(elapsed, 1e-9),
+                      "data_wait_frac": min(1.0, window_wait / max(elapsed, 1e-9)),
+                      "skipped_images": prog.skipped_images}
             window_wait = 0.0
             window_start = time.perf_counter()
-            prog.window_loss, prog.window_count = 0.0, 0  # what a checkpoint written now must hold
-        if not after_step(prog) or (max_steps is not None and prog.step >= max_steps):
-            stopped = True
-            break
-    # Leaving the epoch (its end, or a stop): read what the window holds into ``prog`` so a
-    # checkpoint written now resumes the running sums exactly. A sync, once per epoch or stop.
-    loss_sum, count, _, first_bad = _read_local(window)
-    _raise_if_bad(first_bad, ctx, prog.epoch)
+            prog.window_loss, prog.window_count = 0.0, 0
+            yield record if stopping is None else {**record, "stopped": stopping}
+        elif stopping is not None:
+            loss_sum, count, first_bad = window.read_local()
+            _check(0.0, first_bad, ctx, prog, 0.0)
+            prog.window_loss, prog.window_count = loss_sum, count
+            yield {"epoch": prog.epoch, "step": prog.step, "stopped": stopping}
+        if stopping is not None:
+            return
+    # The pipeline ran dry before the last full step (or the epoch ended at a log point): keep what
+    # the window holds. A sync, once per epoch.
+    loss_sum, count, first_bad = window.read_local()
+    _check(0.0, first_bad, ctx, prog, 0.0)
     prog.window_loss, prog.window_count = loss_sum, count
-    return not stopped
-
-
-def _read_local(window: LossWindow) -> tuple[float, int, int, int | None]:
-    """This rank's window as it stands (no collective: ranks may leave an epoch at different
-    micro-batches only when the pipeline ran dry, and the sums are per rank in checkpoints)."""
-    loss_sum, first_bad = window.acc.tolist()  # deliberate sync: end of epoch or stop
-    return loss_sum, window.count, window.images, (None if math.isinf(first_bad) else int(first_bad))
 
 
 def _optimizer_step(ctx: StepContext) -> None:

@@ -57,8 +57,9 @@ def test_the_engine_steps_with_apex_fused_lamb(with_apex):
     ctx, stage2 = _context(cfg, 2)
     assert uses_apex(ctx.optimizer) and isinstance(ctx.optimizer, FusedLAMB)
     before = [p.detach().clone() for p in ctx.raw_model.parameters()]
-    train_one_epoch(ctx, _Feed(_batches(2, 8, 32)), stage2, EpochProgress(), steps_per_epoch=2, log_every=1,
-                    on_log=lambda rec: None, after_step=lambda p: True)
+    records = list(train_one_epoch(ctx, _Feed(_batches(2, 8, 32)), stage2, EpochProgress(), steps_per_epoch=2,
+                                   log_every=1))
+    assert [r["step"] for r in records] == [1, 2]
     assert all(p.grad is None for p in ctx.raw_model.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(before, ctx.raw_model.parameters()))
 

@@ -11,8 +11,9 @@ from engine import checkpoint as ckpt
 def test_atomic_save_leaves_no_temp_and_loads_weights_only(tmp_path):
     state = {"model": {"w": torch.arange(4.0)}, "progress": {"epoch": 1, "step": 7}, "rng": ckpt.rng_state()}
     path = tmp_path / ckpt.checkpoint_name(1, 7)
-    ckpt.atomic_save(state, path)
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    record = ckpt.atomic_save(state, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, path.name + ".json"]
+    assert record["sha256"] == ckpt.sha256_file(path) and record["bytes"] == path.stat().st_size
     loaded = torch.load(path, weights_only=True)
     assert torch.equal(loaded["model"]["w"], torch.arange(4.0)) and loaded["progress"]["step"] == 7
 
@@ -23,9 +24,9 @@ def test_newest_good_skips_a_damaged_newest_file(tmp_path):
     newest = tmp_path / ckpt.checkpoint_name(0, 30)
     newest.write_bytes(newest.read_bytes()[:20])  # truncated, as after a crash of a non-atomic writer
     messages = []
-    path, state = ckpt.newest_good(tmp_path, log=messages.append)
+    path, state = ckpt.newest_usable(tmp_path, log=messages.append)
     assert state["step"] == 20 and path.name == ckpt.checkpoint_name(0, 20)
-    assert "unreadable" in messages[0]
+    assert "unusable" in messages[0] and "bytes where" in messages[0]
 
 
 def test_weights_only_refuses_pickled_code(tmp_path):

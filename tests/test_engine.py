@@ -75,8 +75,9 @@ def test_run_writes_metrics_checkpoints_and_exports(fmnist_tree, tmp_path):
     assert "batch: global 64 = 64 per device x 1 processes x 1 accumulation steps" in proc.stderr
     names = sorted(p.name for p in out.iterdir())
     assert "model.safetensors" in names and "best.safetensors" in names
-    ckpts = [n for n in names if n.startswith("ckpt-")]
+    ckpts = [n for n in names if n.startswith("ckpt-") and n.endswith(".pt")]
     assert len(ckpts) == 2  # keep_last = 2 of the two epoch checkpoints
+    assert all(f"{n}.json" in names for n in ckpts)  # each with its record (sha256, confirmed)
     state = torch.load(out / ckpts[-1], weights_only=True)
     assert state["progress"]["epoch"] == 2 and state["config"]["train"]["epochs"] == 2
 
@@ -114,24 +115,16 @@ def test_kill_9_mid_epoch_then_resume_auto_is_exact(fmnist_tree, tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     resumed = run_engine(fmnist_tree, out, "train.epochs=3", args=["--resume", "auto"])
     assert "resumed from" in resumed.stderr
-    # records logged by the killed run after its last checkpoint are logged again by the resumed run;
-    # the newest record per log point must equal the uninterrupted run's, timings aside
-    assert comparable(newest_per_point(metrics(out))) == comparable(newest_per_point(metrics(full)))
+    # records the killed run logged after its last checkpoint are dropped and logged again by the
+    # resumed run: one record per log point, equal to the uninterrupted run's, timings aside
+    records = metrics(out)
+    assert len(records) == len(newest_per_point(records)), "duplicate step records after the resume"
+    assert comparable(newest_per_point(records)) == comparable(newest_per_point(metrics(full)))
 
 
 def newest_per_point(records: list[dict]) -> list[dict]:
     latest = {(r["step"], "val_top1" in r): r for r in records}
     return [latest[k] for k in sorted(latest)]
-
-
-def test_nan_loss_stops_with_step_and_keeps_good_checkpoint(fmnist_tree, tmp_path):
-    out = tmp_path / "nan"
-    proc = run_engine(fmnist_tree, out, "optim.name=sgd", "optim.lr=1e30", "optim.warmup_epochs=0",
-                      "checkpoint.every_minutes=0", check=False)
-    assert proc.returncode == 3
-    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(line) == 1 and "NaN/Inf at step" in line[0]
-    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -144,6 +137,7 @@ def test_user_errors_are_one_line(fmnist_tree, tmp_path, extra, message):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error:") and message in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "e").exists(), "a failed start left a run folder behind"
 
 
 def test_ctrl_c_checkpoints_then_resume_continues(fmnist_tree, tmp_path):
@@ -155,9 +149,9 @@ def test_ctrl_c_checkpoints_then_resume_continues(fmnist_tree, tmp_path):
         time.sleep(0.05)
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    stdout, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
-    assert "stopped on request" in err
+    assert "stopped by SIGINT" in err and "final val top-1" not in stdout
     state = torch.load(sorted(out.glob("ckpt-*.pt"))[-1], weights_only=True)
     assert state["tag"] == "interrupted"
     resumed = run_engine(fmnist_tree, out, "train.epochs=20", "train.epochs=2", args=["--resume", "auto"], check=False)

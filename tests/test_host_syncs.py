@@ -74,9 +74,9 @@ def _count_syncs(cfg, steps: int, log_every: int, accum: int = 1) -> HostSyncCou
     with counter:
         counter.mark(*ctx.raw_model.parameters(), *ctx.raw_model.buffers(),
                      *ctx.ema.module.parameters(), *ctx.ema.module.buffers())
-        train_one_epoch(ctx, _Feed(_batches(steps * accum, 16, 32), counter), stage2, EpochProgress(),
-                        steps_per_epoch=steps, log_every=log_every, on_log=lambda rec: None,
-                        after_step=lambda p: True)
+        for _ in train_one_epoch(ctx, _Feed(_batches(steps * accum, 16, 32), counter), stage2, EpochProgress(),
+                                 steps_per_epoch=steps, log_every=log_every):
+            pass
     return counter
 
 
@@ -178,8 +178,8 @@ def test_compile_once_per_resolution_without_graph_breaks():
     ctx, stage2 = _context(cfg, 2, model_wrapper=lambda m: compile_for_training(m, backend="aot_eager"))
     prog = EpochProgress()
     for res in (32, 48, 32):
-        train_one_epoch(ctx, _Feed(_batches(2, 8, res)), stage2, prog, steps_per_epoch=2, log_every=2,
-                        on_log=lambda rec: None, after_step=lambda p: True)
+        for _ in train_one_epoch(ctx, _Feed(_batches(2, 8, res)), stage2, prog, steps_per_epoch=2, log_every=2):
+            pass
         prog.epoch, prog.batch = prog.epoch + 1, 0
     breaks = sum(counters["graph_break"].values())
     graphs = counters["stats"]["unique_graphs"]

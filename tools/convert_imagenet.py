@@ -105,6 +105,27 @@ def settings_from(args: argparse.Namespace) -> Settings:
                     classes=tuple(_csv(classes)) or None)
 
 
+def _disk_full(e: BaseException) -> bool:
+    import errno
+
+    return (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left on device" in str(e)
+
+
+def _needed_bytes(args) -> int:
+    """A rough size of the outputs: the source's bytes once per format (JPEGs re-encoded at about
+    their size; FFCV raw pixels are larger, which --write-mode raw users know)."""
+    total = sum(p.stat().st_size for p in args.src.rglob("*") if p.is_file())
+    return total * max(1, len(_csv(args.formats)))
+
+
+def _free_bytes(path: Path) -> int:
+    import shutil
+
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -119,6 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("convert_imagenet: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as e:
+        if not _disk_full(e):
+            raise
+        print(f"convert_imagenet: error: no space left on the device of {args.out}: the outputs need about "
+              f"{_needed_bytes(args) / 2**20:,.0f} MiB ({_free_bytes(args.out) / 2**20:,.0f} MiB free); free space "
+              f"or choose another OUT, then rerun the same command to resume", file=sys.stderr)
+        return 2
     status = 0
     for name, s in manifest["splits"].items():
         print(f"{name}: {s['images']} images, {s['num_classes']} classes, {len(s['skipped'])} skipped")

@@ -1,0 +1,234 @@
+"""A run folder's checkpoints as the training loop uses them: prepare, save, confirm, reject, resume.
+
+The file-level guarantees (atomic writes, checksums, weights_only loads) are ``engine.checkpoint``'s;
+this module holds the run's policy:
+
+* **Start.** Temporary files of a killed save are removed. A folder that already holds checkpoints
+  is continued only with ``--resume auto`` (or a path); ``--resume fresh`` moves the old run's files
+  into ``previous-<time>/`` and starts over. Without either, the run stops with one line rather than
+  mixing two runs' checkpoints (pruning by step number would delete the new ones).
+* **Save** (every rank, same step). Weights and optimizer state must be finite, or nothing is
+  written. BatchNorm running statistics are averaged over ranks into the checkpoint (timm's
+  ``--dist-bn reduce``) while each rank keeps, and stores per rank, its own: a resumed run then
+  continues exactly as an uninterrupted one, whose ranks never averaged at that step.
+* **Confirm / reject.** A checkpoint is confirmed when the next loss check passes; when a check
+  fails, the checkpoints written since the last confirmed one are set aside (see
+  ``engine.checkpoint``).
+* **Resume.** ``auto``: the newest usable checkpoint; if the folder holds checkpoints and none can be
+  used, one line listing them (never a silent fresh start). A path: that file, or one line saying
+  why not.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine import checkpoint as ckpt
+from engine.config import Config, ConfigError, to_dict
+from engine.distributed import DistInfo, barrier, bn_running_stats, reduce_bn_stats
+from engine.trainer import EpochProgress, NonFiniteLossError, advice
+from pipelines.base import DataError, load_random_state, random_state
+
+RUN_FILES = ("metrics.jsonl", "best.safetensors", "model.safetensors")
+
+
+def prepare(out: Path, resume: str | None, d: DistInfo, log=print) -> None:
+    """Checks and tidies ``out`` before a run writes to it (every rank calls it; rank 0 acts)."""
+    existing = ckpt.list_checkpoints(out)
+    if existing and resume is None:
+        raise ConfigError(f"{out} already holds checkpoints (newest {existing[-1].name}); continue them with "
+                          f"--resume auto, or start over with --resume fresh (moves them into {out}/previous-<time>/)")
+    barrier()  # every rank has looked before rank 0 moves anything
+    if d.is_main:
+        count, size = ckpt.clean_stale_temps(out)
+        if count:
+            log(f"removed {count} temporary file(s) ({size / 2**20:,.0f} MiB) left by an interrupted save in {out}")
+        if resume == "fresh" and out.is_dir():
+            moved = _move_aside(out)
+            if moved:
+                log(f"--resume fresh: moved the previous run's files into {moved}")
+    barrier()
+
+
+def _move_aside(out: Path) -> Path | None:
+    names = [p for p in out.iterdir() if p.is_file() and (p.name in RUN_FILES or p.name.startswith("ckpt-"))]
+    if not names:
+        return None
+    dest = out / time.strftime("previous-%Y%m%d-%H%M%S")
+    dest.mkdir()
+    for p in names:
+        p.rename(dest / p.name)
+    return dest
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """True when every float tensor is finite; one read from the device for all of them."""
+    floats = [t for t in tensors if t.is_floating_point() and t.numel()]
+    if not floats:
+        return True
+    norms = torch.stack([n.float() for n in torch._foreach_norm(floats)])
+    return bool(torch.isfinite(norms).all())  # deliberate sync: once per checkpoint
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+
+
+class Checkpointer:
+    """Saves the run's state at a step every rank reaches together; rank 0 writes the files."""
+
+    def __init__(self, out: Path, cfg: Config, d: DistInfo, model: nn.Module, optimizer, scaler, ema, stage1, stage2,
+                 log):
+        self.out, self.cfg, self.d = out, cfg, d
+        self.model, self.optimizer, self.scaler, self.ema = model, optimizer, scaler, ema
+        self.stage1, self.stage2 = stage1, stage2
+        self.log = log
+        self.pending: list[Path] = []  # written since the last passed loss check
+        self.last_save = time.monotonic()
+
+    def _modules(self) -> tuple[nn.Module, nn.Module | None]:
+        return self.model, (self.ema.module if self.ema else None)
+
+    def due(self) -> bool:
+        """The main rank's clock says a mid-epoch checkpoint is due (every rank must agree: the
+        caller reduces it under DDP)."""
+        minutes = self.cfg.checkpoint.every_minutes
+        return minutes > 0 and time.monotonic() - self.last_save >= 60 * minutes
+
+    def save(self, prog: EpochProgress, best: dict, tag: str, *, confirmed: bool = False) -> Path | None:
+        """Write a checkpoint of the state at ``prog``; returns its path on rank 0."""
+        tensors = [*self.model.parameters(), *self.model.buffers(), *_optimizer_tensors(self.optimizer)]
+        if self.ema is not None:
+            tensors += [*self.ema.module.parameters()]
+        if not all_finite(tensors):
+            raise NonFiniteLossError(f"weights or optimizer state are NaN/Inf at step {prog.step} (epoch {prog.epoch}); "
+                                     f"no checkpoint written; {advice(self.cfg.train.precision)}", step=prog.step)
+        own = [b.detach().clone() for b in bn_running_stats(*self._modules())]
+        reduce_bn_stats(*self._modules())  # the checkpoint holds the average over ranks ...
+        per_rank = gather_objects({"stage1": random_state(self.stage1), "stage2": self.stage2.state_dict(),
+                                   "rng": ckpt.rng_state(),
+                                   "window": [prog.window_loss, prog.window_count],
+                                   "bn": [b.cpu() for b in own] if self.d.enabled else None}, self.d)
+        path = None
+        try:
+            if self.d.is_main:
+                path = self._write(prog, best, tag, per_rank, confirmed)
+        finally:
+            for b, mine in zip(bn_running_stats(*self._modules()), own):
+                b.copy_(mine)  # ... and each rank continues with its own statistics
+        self.last_save = time.monotonic()
+        return path
+
+    def _write(self, prog: EpochProgress, best: dict, tag: str, per_rank: list, confirmed: bool) -> Path:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict(), "ema": self.ema.module.state_dict() if self.ema else None,
+                 "progress": prog.state_dict(), "per_rank": per_rank, "world_size": self.d.world_size,
+                 "config": to_dict(self.cfg), "best": dict(best), "tag": tag}
+        path = self.out / ckpt.checkpoint_name(prog.epoch, prog.step)
+        ckpt.atomic_save(state, path, {"epoch": prog.epoch, "step": prog.step, "tag": tag, "confirmed": confirmed})
+        if not confirmed:
+            self.pending.append(path)
+        ckpt.prune(self.out, self.cfg.checkpoint.keep_last)
+        return path
+
+    def confirm_pending(self) -> None:
+        """A loss check has passed since the pending checkpoints were written."""
+        for path in self.pending:
+            if path.exists():
+                ckpt.confirm(path)
+        self.pending.clear()
+
+
+def reject_after_failure(out: Path) -> str:
+    """Set aside the checkpoints not confirmed by a passed check; a sentence for the error line."""
+    moved = ckpt.reject(out)
+    good = ckpt.last_confirmed(out)
+    aside = f"set aside {len(moved)} checkpoint(s) written since the last passed check (*.pt.rejected); " if moved else ""
+    if good is None:
+        return aside + "no checkpoint of this run has passed a loss check yet, so it must start over (--resume fresh)"
+    return aside + f"the last good checkpoint is {good.name}: fix the cause, then continue with --resume auto"
+
+
+def gather_objects(obj: Any, d: DistInfo) -> list[Any]:
+    if not d.enabled:
+        return [obj]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * d.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def resume(spec: str | None, out: Path, parts, stage1, stage2, prog: EpochProgress, best: dict, d: DistInfo,
+           log=print) -> Path | None:
+    """Loads the checkpoint ``spec`` names (see the module doc) into the run; returns its path."""
+    if spec in (None, "fresh"):
+        return None
+    if spec == "auto":
+        try:
+            found = ckpt.newest_usable(out, log=log)
+        except ckpt.NoUsableCheckpoint as e:
+            raise DataError(f"--resume auto: {e}; fix or remove them, or start over with --resume fresh") from None
+        if found is None:
+            log(f"--resume auto: no checkpoint in {out}; starting fresh")
+            return None
+        path, state = found
+    else:
+        path = Path(spec)
+        try:
+            state = ckpt.load(path)
+        except ckpt.UnreadableCheckpoint as e:
+            raise DataError(f"--resume {spec}: cannot use this file: {e}") from None
+        if not isinstance(state, dict) or not {"model", "optimizer", "progress"} <= set(state):
+            raise DataError(f"--resume {spec}: not a training checkpoint of engine.run (an export or another "
+                            f"file?); pass a ckpt-*.pt from a run folder")
+    _load_into(state, parts, stage1, stage2, prog, best, d, log)
+    return path
+
+
+def _load_into(state: dict, parts, stage1, stage2, prog: EpochProgress, best: dict, d: DistInfo, log) -> None:
+    parts.model.load_state_dict(state["model"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scaler.load_state_dict(state["scaler"])
+    if parts.ema is not None and state.get("ema") is not None:
+        parts.ema.module.load_state_dict(state["ema"])
+    for k, v in state["progress"].items():
+        setattr(prog, k, v)
+    best.update(state.get("best", {}))
+    if state["world_size"] != d.world_size:  # the run continues, but not bit-exactly
+        log(f"resuming a {state['world_size']}-process checkpoint on {d.world_size} processes: augmentation RNG "
+            "streams restart from the seed, BatchNorm statistics start from their average")
+        return
+    own = state["per_rank"][d.rank]
+    load_random_state(stage1, own.get("stage1"))
+    stage2.load_state_dict(own["stage2"])
+    ckpt.set_rng_state(own["rng"])
+    if "window" in own:  # this rank's loss sums since the last log point
+        prog.window_loss, prog.window_count = float(own["window"][0]), int(own["window"][1])
+    if own.get("bn") is not None:  # this rank's own BatchNorm statistics (the checkpoint holds the average)
+        with torch.no_grad():
+            for b, mine in zip(bn_running_stats(parts.model, parts.ema.module if parts.ema else None), own["bn"]):
+                b.copy_(mine)
+
+
+def export(model: nn.Module, path: Path, cfg: Config, metrics: dict[str, Any], epoch: int) -> None:
+    meta = {"arch": cfg.model.arch, "num_classes": str(cfg.data.num_classes), "epoch": str(epoch),
+            "val_top1": str(metrics.get("val_top1", "")), "eval_res": str(cfg.eval.res),
+            "crop_pct": str(cfg.eval.crop_pct), "config": json.dumps(to_dict(cfg))}
+    ckpt.export_safetensors(model.state_dict(), path, meta)
+
+
+def remove_if_empty(out: Path) -> None:
+    """A run that failed before writing anything leaves no folder behind (only an empty
+    metrics.jsonl, if that)."""
+    if not out.is_dir():
+        return
+    files = [p for p in out.rglob("*") if p.is_file()]
+    if all(p.name == "metrics.jsonl" and p.stat().st_size == 0 for p in files):
+        shutil.rmtree(out, ignore_errors=True)
