@@ -24,6 +24,7 @@ class RunLogger:
         self.cfg, self.out, self.enabled = cfg, Path(out), enabled
         self.wandb = None
         self._metrics = None
+        self.records = 0  # records in metrics.jsonl (a checkpoint stores it: see truncate)
         if not enabled:
             return
         self.out.mkdir(parents=True, exist_ok=True)
@@ -31,9 +32,11 @@ class RunLogger:
         if cfg.wandb != "off":
             self.wandb = _start_wandb(cfg, self.out, config_dict, run_id)
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records of steps after ``step`` (a resumed run logs them again, so each step keeps
-        one record); the file is replaced atomically."""
+    def truncate(self, records: int, step: int) -> None:
+        """Keep what a resumed checkpoint had seen: its first ``records`` records (``records`` < 0:
+        a checkpoint that did not count them, then the records of steps up to ``step``). A resumed
+        run logs the rest again, so each log point keeps one record; the file is replaced
+        atomically. A line cut by kill -9 is dropped."""
         if self._metrics is None:
             return
         from engine.fileio import commit
@@ -43,13 +46,15 @@ class RunLogger:
         kept = []
         for line in path.read_text().splitlines():
             try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
+                record = json.loads(line)
             except ValueError:
-                continue  # a line cut by kill -9: dropped
+                continue
+            if (len(kept) < records) if records >= 0 else (record.get("step", 0) <= step):
+                kept.append(line)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text("".join(f"{line}\n" for line in kept))
         commit(tmp, path)
+        self.records = len(kept)
         self._metrics = open(path, "a", buffering=1)
 
     def info(self, msg: str) -> None:
@@ -60,6 +65,7 @@ class RunLogger:
         if not self.enabled:
             return
         self._metrics.write(json.dumps(record) + "\n")
+        self.records += 1
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 

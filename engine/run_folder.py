@@ -118,6 +118,7 @@ class Checkpointer:
         path = None
         try:
             if self.d.is_main:
+                prog.records = self.log.records  # the log up to here belongs to this state
                 path = self._write(prog, best, tag, per_rank, confirmed)
         finally:
             for b, mine in zip(bn_running_stats(*self._modules()), own):

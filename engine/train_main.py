@@ -227,8 +227,10 @@ def _train(cfg: Config, args, d: DistInfo, out: Path) -> int:
     model, ema = parts.model, parts.ema
     prog, best = EpochProgress(), {"val_top1": -1.0}
     resumed = run_folder.resume(args.resume, out, parts, train_pipe, stage2, prog, best, d, log=log.info)
+    # Records an interrupted run logged after its last checkpoint (all of them, when it wrote none
+    # and this run starts fresh) are logged again: one record per step.
+    log.truncate(prog.records, prog.step)
     if resumed:
-        log.truncate_after(prog.step)  # records the interrupted run logged after this checkpoint come again
         log.info(f"resumed from {resumed} at epoch {prog.epoch}, batch {prog.batch}, step {prog.step}")
     saver = run_folder.Checkpointer(out, cfg, d, model, parts.optimizer, parts.scaler, ema, train_pipe, stage2,
                                      log)

@@ -64,6 +64,7 @@ class EpochProgress:
     window_loss: float = 0.0  # loss summed since the last log point (micro-batch means)
     window_count: int = 0
     skipped_images: int = 0  # unreadable images stage 1 replaced so far (Batch.skipped), this run
+    records: int = -1  # metrics.jsonl records when this state was saved (-1: not counted)
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

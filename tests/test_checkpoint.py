@@ -58,3 +58,27 @@ def test_safetensors_export(tmp_path):
 
     ckpt.export_safetensors({"a": torch.ones(2, 2)}, tmp_path / "m.safetensors", {"arch": "x"})
     assert torch.equal(load_file(str(tmp_path / "m.safetensors"))["a"], torch.ones(2, 2))
+
+
+def test_resumed_log_keeps_what_the_checkpoint_saw(tmp_path):
+    """A checkpoint written at the epoch's last log point (step 10), before that epoch's eval
+    record: a run killed after the eval resumes there and evaluates again, so the eval record of
+    step 10 must go (a step rule would keep it and the step would hold two eval records)."""
+    import json
+
+    from engine.config import LogConfig
+    from engine.logging import RunLogger
+
+    lines = [{"step": 8, "train_loss": 1.0}, {"step": 10, "train_loss": 0.9}, {"step": 10, "val_top1": 50.0},
+             {"step": 12, "train_loss": 0.8}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 14, "tra')
+    log = RunLogger(LogConfig(wandb="off"), tmp_path, {}, enabled=True, run_id="x")
+    log.truncate(2, 10)  # the checkpoint counted 2 records
+    log.metrics({"step": 10, "val_top1": 51.0})
+    log.close()
+    kept = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == lines[:2] + [{"step": 10, "val_top1": 51.0}] and log.records == 3
+    old = RunLogger(LogConfig(wandb="off"), tmp_path, {}, enabled=True, run_id="x")
+    old.truncate(-1, 8)  # a checkpoint from before records were counted: by step
+    old.close()
+    assert [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()] == lines[:1]
