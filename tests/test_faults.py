@@ -1,0 +1,61 @@
+"""What a multi-day run meets, run through the real CLI (benchmarks/faults.py holds the cases; this
+module runs them on one shared small data set, the benchmark adds kill -9 at random points and the
+FFCV stop).
+
+* group SIGTERM under ``torchrun --nproc_per_node 2`` (gloo) mid-epoch, reference and DALI: one
+  stop line, one checkpoint at a step both ranks agree on, exit 143, no DataLoader worker crash,
+  and ``--resume auto`` ends bit-identical to an uninterrupted torchrun run;
+* a diverging learning rate (loss limit, and weights that overflow): exit 3, nothing non-finite
+  usable, the message names the last good checkpoint, no fp32 advice to an fp32 run;
+* the newest checkpoint damaged in the middle (same size): refused by its checksum, the previous
+  one used, final weights identical; every checkpoint unusable: one line, then ``--resume fresh``;
+* ENOSPC on a small tmpfs (root only) while training and converting: one line with the bytes;
+* a stale temp file, ``--resume`` of a text file / cut checkpoint, a config error under torchrun.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from benchmarks.faults import Faults
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory):
+    return Faults(tmp_path_factory.mktemp("faults"))
+
+
+def check(row) -> None:
+    assert row.ok, f"{row.case}\n  expected: {row.expected}\n  observed: {row.observed}"
+
+
+@pytest.mark.parametrize("pipeline", ["reference", "dali"])
+def test_group_sigterm_under_torchrun_stops_once_and_resumes_exactly(faults, pipeline):
+    if pipeline == "dali":
+        pytest.importorskip("nvidia.dali")
+    check(faults.sigterm(pipeline))
+
+
+@pytest.mark.parametrize("nan", [False, True], ids=["loss-limit", "weights-overflow"])
+def test_diverging_run_keeps_only_finite_checkpoints_and_names_the_last_good(faults, nan):
+    check(faults.diverge(nan=nan))
+
+
+def test_checkpoint_damaged_in_the_middle_is_refused_and_the_previous_used(faults):
+    check(faults.corrupt())
+
+
+def test_all_checkpoints_unusable_is_one_line_then_resume_fresh(faults):
+    check(faults.all_bad())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_full_disk_is_one_line_with_the_bytes(faults):
+    for row in faults.enospc():
+        check(row)
+
+
+def test_stale_temp_removed_and_bad_resume_and_torchrun_config_error_are_one_line(faults):
+    for row in (faults.stale_temp(), faults.bad_resume(), faults.torchrun_config()):
+        check(row)
