@@ -46,18 +46,18 @@ def _assert_params_close(pa, pb, rtol=1e-5):
         torch.testing.assert_close(p, q, rtol=rtol, atol=1e-6)
 
 
-def test_lamb_matches_timm_resnet50_100_steps_with_clipping():
-    """100 LAMB steps on a timm ResNet-50 with decay / no-decay groups; grad norms straddle
-    max_grad_norm = 1 so both the clipped and the unclipped path run."""
+def test_lamb_matches_timm_resnet18_30_steps_with_clipping():
+    """30 LAMB steps on a timm ResNet-18 (11.7 M parameters in 62 tensors, decay / no-decay groups);
+    grad norms straddle max_grad_norm = 1 so both the clipped and the unclipped path run."""
     torch.manual_seed(0)
-    model = timm.create_model("resnet50", num_classes=1000)
+    model = timm.create_model("resnet18", num_classes=1000)
     pa = list(model.parameters())
     initial = [p.detach().clone() for p in pa]
     gen = torch.Generator().manual_seed(1)
     bank = [[torch.randn(p.shape, generator=gen) * 2e-4 for p in pa] for _ in range(2)]  # global norm ~1
     scales = [0.3, 3.0, 1.0, 0.6, 8.0]
 
-    grads = [torch.empty_like(p) for p in pa]  # reused buffers: no 100 MB allocation per step
+    grads = [torch.empty_like(p) for p in pa]  # reused buffers: no 50 MB allocation per step
 
     def grad_fn(k, params):
         # Fixed random directions plus a term that follows the weights, so later grads depend on the trajectory.
@@ -67,9 +67,9 @@ def test_lamb_matches_timm_resnet50_100_steps_with_clipping():
         return grads
 
     pa, pb, norms, ours = _run_pair(model, dict(lr=5e-3, weight_decay=0.01), dict(lr=5e-3, weight_decay=0.01),
-                                    100, grad_fn)
+                                    30, grad_fn)
     assert min(norms) < 1.0 < max(norms)  # the clip path ran in some steps and not in others
-    assert all(g["step"] == 100 for g in ours.param_groups)
+    assert all(g["step"] == 30 for g in ours.param_groups)
     _assert_params_close(pa, pb)
     moved = max(_rel_err(p.detach(), q) for p, q in zip(pa, initial))
     assert moved > 1e-3  # the weights did change (a no-op optimizer would fail above anyway)
