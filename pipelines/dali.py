@@ -25,13 +25,16 @@ to the A100/H100 hardware JPEG decoder) and resize/flip/crop run on the GPU; wit
 everything runs on CPU with ``device_id=None``.
 
 Progressive resolution: the output size is an *argument input* fed per iteration by the same
-external source, so ``set_epoch(epoch, res)`` takes effect at the next epoch with no new pipeline.
-Epoch boundaries: while a train epoch runs, the feed already holds the next epoch's order (the
-sampler's order is a pure function of seed and epoch) and rolls on into it, so DALI's prefetch
-queue stays full across the boundary. When ``set_epoch`` then asks for exactly that epoch from
-its start at the same resolution, iteration simply continues; anything else (a new resolution,
-a resume offset, an epoch left early) drains the feed with ``StopIteration`` and ``reset()``s the
-pipeline, so the batches DALI prefetched always belong to the epoch being read.
+external source, so ``set_epoch(epoch, res)`` needs no new graph. Epoch boundaries: while a train
+epoch runs, the feed already holds the next epoch's order (the sampler's order is a pure function
+of seed and epoch) and rolls on into it, so DALI's prefetch queue stays full across the boundary.
+When ``set_epoch`` then asks for exactly that epoch from its start at the same resolution,
+iteration simply continues. Anything else (a new resolution, a resume offset, an epoch left
+early) rebuilds the train pipeline from DALI's checkpoint of the batches handed out
+(``enable_checkpointing``; DALI docs, "Checkpointing"): the crops and flips DALI drew for batches
+it prefetched and nobody used are forgotten, exactly as after a resume, whose checkpoint carries
+the same state (``random_state``). So a resumed run draws the very crops an uninterrupted one
+does. The val pipeline has no random operator: it drains the feed and ``reset()``s.
 
 Batches are copied out of DALI's buffers into fresh torch tensors (NHWC memory viewed as NCHW,
 i.e. channels_last), so a yielded batch is never overwritten by later iterations.
