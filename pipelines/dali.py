@@ -44,6 +44,7 @@ from __future__ import annotations
 import collections
 import math
 import mmap
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -215,21 +216,41 @@ class DALIPipeline:
             self.feed, gpu=gpu, hw_decoder_load=hw_decoder_load, **opts, batch_size=batch_size,
             num_threads=max(1, workers), device_id=self.device.index if gpu else None,
             seed=(seed * 1_000_003 + rank * 7919 + 1) % (2**31 - 1), prefetch_queue_depth=prefetch,
-            enable_checkpointing=self.train, checkpoint=checkpoint)
+            enable_checkpointing=self.checkpointing, checkpoint=checkpoint)
+        self.checkpointing = self.train
         self.pipe = self._build()
         self.pipe.build()
+        if self.checkpointing:
+            self._probe_checkpointing()
         self._fresh = True  # no run() since build/reset: no reset needed before the next epoch
         self._rolling = False  # the last epoch was read to its end and the feed rolled on into the next
+
+    def _probe_checkpointing(self) -> None:
+        """Every operator of this graph must save its state (the CPU graph's do, tested here; the
+        GPU decoder's could not be tried without a GPU). If one cannot, train without DALI's
+        checkpoints rather than fail: one warning, and a resume then draws fresh crops."""
+        try:
+            self.pipe.checkpoint()
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            warnings.warn(f"DALI cannot checkpoint this train graph ({first[:200]}); training goes on, but a "
+                          "resume will not reproduce the crops an uninterrupted run draws", RuntimeWarning,
+                          stacklevel=3)
+            self.checkpointing = False
+            self.pipe = None
+            self.pipe = self._build()
+            self.pipe.build()
 
     def random_state(self) -> bytes | None:
         """DALI's checkpoint of the random operators after the batches handed out so far (DALI
         keeps one per iteration, so batches it prefetched beyond those do not count)."""
-        return self.pipe.checkpoint() if self.train else None
+        return self.pipe.checkpoint() if self.checkpointing else None
 
     def load_random_state(self, state: bytes) -> None:
         """Rebuild the train graph from a :meth:`random_state` (DALI restores a checkpoint only
         into a new pipeline)."""
-        self._rebuild(state)
+        if self.checkpointing:
+            self._rebuild(state)
 
     def _rebuild(self, checkpoint: bytes) -> None:
         self.feed.stop = True  # the old pipeline's prefetch thread must not take more indices
@@ -253,14 +274,14 @@ class DALIPipeline:
     def _restart(self) -> None:
         if self._fresh:
             return
-        if self.train:
+        if self.checkpointing:
             # A previous epoch was left early (max_steps, interruption) or the next one differs
             # from what was queued (a new resolution, a resume offset). The batches DALI prefetched
             # drew crops and flips that nobody used: rebuild from the checkpoint of the batches
             # handed out, so the random streams depend on those alone, exactly as after a resume.
             self._rebuild(self.pipe.checkpoint())
             return
-        # Val: let DALI finish the few batches it already prefetched, without feeding it more,
+        # Val (or a graph DALI cannot checkpoint): let DALI finish the few batches it already prefetched, without feeding it more,
         # then rewind.
         self.feed.stop = True
         try:

@@ -60,6 +60,24 @@ def test_random_state_resumes_the_crop_and_flip_streams(coords_root):
     assert not any(a.equal(b) for a, b in zip(expected[2:4], run(fresh, 0, 2, 2)))
 
 
+def test_a_graph_dali_cannot_checkpoint_still_trains(ids_root, monkeypatch):
+    """If an operator cannot save its state (possible for the GPU decoder, untried here), the
+    pipeline warns once and trains without DALI's checkpoints, never fails."""
+    from nvidia.dali import Pipeline
+
+    def refuse(self, filename=None):
+        raise RuntimeError("Checkpointing is not implemented for this operator")
+
+    monkeypatch.setattr(Pipeline, "checkpoint", refuse)
+    with pytest.warns(RuntimeWarning, match="cannot checkpoint this train graph"):
+        pipe = make("dali", ids_root, "train", batch_size=BS, res=32)
+    assert pipe.random_state() is None
+    for epoch, res, start in ((0, 32, 0), (1, 48, 0), (2, 48, 2)):  # resolution change, resume offset
+        pipe.set_epoch(epoch, res, start_batch=start)
+        sizes = [b.images.shape[-1] for b in pipe]
+        assert sizes == [res] * (len(pipe) - start)
+
+
 def test_val_every_sample_once_across_ranks(ids_root):
     pipes = [make("dali", ids_root, "val", rank=r, world_size=2, batch_size=4, res=32) for r in range(2)]
     check_val_sharding(pipes, n=21)
