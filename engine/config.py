@@ -66,7 +66,7 @@ class TrainConfig:
     global_batch_size: int = 2048
     per_device_batch_size: int = 0  # 0 = global / world size; smaller values use gradient accumulation
     train_res: int = 224
-    precision: str = "bf16"
+    precision: str = "auto"  # auto: bf16 on CUDA GPUs with native bf16, fp16 + loss scaling on older ones (V100), fp32 on CPU
     channels_last: bool = True
     compile: bool = False
     seed: int = 0
@@ -159,7 +159,7 @@ class Config:
 # Closed sets of values; checked after loading so a typo in a value is caught too.
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.pipeline": ("ffcv", "dali", "reference", "synthetic"),
-    "train.precision": ("bf16", "fp16", "fp32"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.progressive.kind": ("none", "linear", "stages"),
     "optim.name": ("lamb", "sgd", "adamw"),
     "optim.schedule": ("cosine", "step_free_linear", "constant"),

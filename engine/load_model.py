@@ -66,7 +66,7 @@ def _from_safetensors(path: Path, recipe: str | None) -> tuple[Config, dict[str,
         cfg = config_from_dict(json.loads(meta["config"]))
     elif "arch" in meta:
         print(f"note: {path} carries no run config (an export from before it was stored); the rest of the settings "
-              "are defaults (e.g. train.precision=bf16): pass --recipe RECIPE.toml for the run's own", file=sys.stderr)
+              "are defaults (e.g. train.precision=auto): pass --recipe RECIPE.toml for the run's own", file=sys.stderr)
         cfg = Config()
         cfg = replace(cfg, model=replace(cfg.model, arch=meta["arch"]),
                       data=replace(cfg.data, num_classes=int(meta.get("num_classes", cfg.data.num_classes))),

@@ -32,6 +32,7 @@ import torch
 
 from engine.config import Config
 from engine.data import build_train_pipeline, check_num_classes
+from engine.precision import resolve_precision
 from engine.trainer import EpochProgress, StepContext, train_one_epoch
 from pipelines.augment import Stage2
 from pipelines.base import DataError
@@ -51,11 +52,12 @@ FAR_BELOW_CEILING = 0.80  # e2e below 80% of the synthetic model step at the sam
 # --------------------------------------------------------------------------- settings
 def apply_toggles(cfg: Config, *, amp: bool | None, channels_last: bool | None, compile: bool | None,
                   device: torch.device) -> Config:
-    """The recipe with the profiler's toggles applied. ``amp=None`` keeps the recipe's precision;
+    """The recipe with the profiler's toggles applied. ``amp=None`` keeps the recipe's precision
+    (``auto`` resolved for ``device``, engine/precision.py);
     ``True`` keeps it if it is already bf16/fp16, else bf16; ``False`` is fp32. ``compile=None`` is
     the recipe's ``train.compile`` on CUDA and off on CPU (compiling takes minutes on a small CPU)."""
     t = cfg.train
-    precision = t.precision
+    precision = resolve_precision(t.precision, device)
     if amp is True and precision == "fp32":
         precision = "bf16"
     elif amp is False:

@@ -11,6 +11,7 @@ import math
 import signal
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -25,6 +26,7 @@ from engine.distributed import DistInfo, any_rank, barrier, cleanup, init_distri
 from engine.logging import RunLogger, format_progress
 from engine.losses import build_loss
 from engine.optim import build_optimizer
+from engine.precision import resolve_precision
 from engine.progressive import regularization_scale, resolution_for_epoch
 from engine.schedule import build_schedule
 from engine.trainer import EpochProgress, NonFiniteLossError, StepContext, evaluate, train_one_epoch
@@ -193,6 +195,9 @@ def _printer(d: DistInfo):
 
 
 def _train(cfg: Config, args, d: DistInfo, out: Path) -> int:
+    requested = cfg.train.precision
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if d.is_main else (lambda m: None)
+    cfg = replace(cfg, train=replace(cfg.train, precision=resolve_precision(requested, d.device, warn=say)))
     t, device = cfg.train, d.device
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -218,7 +223,8 @@ def _train(cfg: Config, args, d: DistInfo, out: Path) -> int:
     run_id = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]
     log = RunLogger(cfg.log, out, to_dict(cfg), enabled=d.is_main, run_id=run_id)
     log.info(f"batch: global {t.global_batch_size} = {per_device} per device x {d.world_size} processes x "
-             f"{accum} accumulation steps; device {device}; precision {t.precision}")
+             f"{accum} accumulation steps; device {device}; precision {t.precision}"
+             + (" (auto)" if requested == "auto" else ""))
     nc = cfg.data.num_classes
     stage2 = Stage2(cfg.augment, nc, cfg.loss.label_smoothing, train=True, channels_last=t.channels_last,
                     seed=t.seed * 1000 + d.rank)

@@ -249,14 +249,16 @@ def test_spread_note_only_when_repeats_disagree():
     assert note.startswith("note: repeats of 1 of 2 model/e2e points differ more than 2x (up to 8.0x)")
 
 
-def test_toggles():
+def test_toggles(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100 stand-in
+
     def toggled(cfg, device="cpu", **kw):
         return profiling.apply_toggles(cfg, **{"amp": None, "channels_last": None, "compile": None, **kw},
                                        device=torch.device(device)).train
 
     cfg = load_config(ROOT / "recipes" / "a3.toml")
-    assert toggled(cfg).precision == cfg.train.precision == "bf16"
-    assert toggled(cfg, amp=False).precision == "fp32"
+    assert cfg.train.precision == "auto" and toggled(cfg).precision == "fp32" and toggled(cfg, amp=True).precision == "bf16"
+    assert toggled(cfg, "cuda").precision == "bf16" and toggled(cfg, "cuda", amp=False).precision == "fp32"
     assert toggled(load_config(ROOT / "recipes" / "demo.toml"), amp=True).precision == "bf16"  # an fp32 recipe
     assert toggled(cfg, channels_last=False).channels_last is False
     compiled = load_config(ROOT / "recipes" / "a3.toml", ["train.compile=true"])

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from engine.config import CHOICES, ConfigError  # noqa: E402
 from engine.data import build_val_pipeline, check_num_classes  # noqa: E402
 from engine.load_model import CheckpointError, load_model  # noqa: E402
+from engine.precision import resolve_precision  # noqa: E402
 from engine.trainer import evaluate  # noqa: E402
 from pipelines.augment import Stage2  # noqa: E402
 from pipelines.base import DataError, MissingBackendError  # noqa: E402
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> dict:
                                workers=args.workers if args.workers is not None else cfg.data.workers),
                   eval=replace(cfg.eval, res=args.res or cfg.eval.res, crop_pct=args.crop_pct or cfg.eval.crop_pct,
                                batch_size=args.batch_size or cfg.eval.batch_size))
-    precision = args.precision or cfg.train.precision
+    precision = args.precision or resolve_precision(cfg.train.precision, device, warn=lambda m: None)
     if precision == "fp16" and device.type == "cpu":
         raise ConfigError("fp16 autocast is for CUDA; use --precision fp32 or bf16 on CPU")
     pipe = _val_pipeline(cfg, args, device)
