@@ -8,13 +8,13 @@ Removing Data Bottlenecks"; docs: https://docs.ffcv.io).
 Per batch (train), all inside FFCV:
 :class:`PILRandomResizedCropDecoder` (decode + FFCV's timm/torchvision random-resized-crop box
 sampling with ``scale``/``ratio``, 10 attempts then the centre fallback; the crop resized with PIL's
-bilinear filter like the reference pipeline, not FFCV's OpenCV INTER_AREA) →
+bilinear filter, not FFCV's OpenCV INTER_AREA; timm's per-image bilinear/bicubic choice not yet) →
 ``RandomHorizontalFlip`` → ``ToTensor`` → ``ToDevice`` (``non_blocking=True``, CUDA only) →
 ``ToTorchImage(channels_last=True)``: an NHWC uint8 buffer viewed as NCHW, the layout stage 2 expects.
-Val: :class:`TimmCenterCropDecoder` — decode, cut the source window that timm's eval transform
-(resize the shorter side to ``floor(res / crop_pct)``, centre-crop ``res``) shows, resize it to
-``res``: the two steps fused into one resize. Sub-pixel window placement and the resize filter
-(INTER_AREA vs bicubic) differ; tests/test_pipeline_parity.py bounds the difference.
+Val: :class:`TimmEvalDecoder` — decode, then PIL's bicubic resize of the source box that timm's
+eval transform (resize the shorter side to ``floor(res / crop_pct)``, centre-crop ``res``) shows:
+the two steps fused into one resize with the same filter taps; tests/test_pipeline_parity.py
+bounds the difference to the reference pipeline.
 
 Order: FFCV accepts a custom ``TraversalOrder``; :class:`SamplerOrder` returns the shared sampler's
 indices (pipelines/sampler.py: DDP sharding + repeated augmentation), so FFCV's own
@@ -59,44 +59,70 @@ from pipelines import pil_resize
 from pipelines._stage1_common import EpochPlan, read_split, require_file, resolve_device
 
 
-def timm_center_window(height, width, _scale, params):
-    """The source-pixel window (top, left, h, w) that timm's eval transform ends up showing:
-    ``Resize(S)`` of the shorter side (longer side ``int(S * long / short)``, torchvision
+def timm_eval_box(height, width, res, short_side):
+    """The source box ``(x0, y0, x1, y1)`` (float pixel edges) that timm's eval transform shows:
+    ``Resize(short_side)`` of the shorter side (longer side ``int(S * long / short)``, torchvision's
     truncation) then ``CenterCrop(res)`` at ``round((side - res) / 2)`` (round half to even), mapped
-    back to source pixels and rounded to whole pixels, since FFCV crops integer windows.
-    ``params = (res, S)``. Compiled by numba inside FFCV's decoder."""
-    res, s = params[0], params[1]
+    back onto the source. PIL's resize of that box to ``res`` computes exactly the filter taps of
+    the whole-image resize that the crop keeps. Compiled by numba inside the decoder."""
     h, w = np.float64(height), np.float64(width)
     short = min(h, w)
-    out_h, out_w = np.floor(s * h / short), np.floor(s * w / short)
+    out_h, out_w = np.floor(short_side * h / short), np.floor(short_side * w / short)
     top, left = np.round((out_h - res) / 2), np.round((out_w - res) / 2)
-    i0, i1 = int(np.round(top * h / out_h)), int(np.round((top + res) * h / out_h))
-    j0, j1 = int(np.round(left * w / out_w)), int(np.round((left + res) * w / out_w))
-    return i0, j0, i1 - i0, j1 - j0
+    sy, sx = h / out_h, w / out_w
+    return left * sx, top * sy, (left + res) * sx, (top + res) * sy
 
 
-class TimmCenterCropDecoder(ResizedCropRGBImageDecoder):
-    """Eval decoder: decode, cut :func:`timm_center_window`, resize it to ``res`` (OpenCV
-    INTER_AREA inside FFCV). FFCV's own ``CenterCropRGBImageDecoder`` cuts ``int(crop_pct * shorter
-    side)`` pixels at ``(side - c) // 2``, which lands up to a pixel or two away from timm's window
-    (measured: up to 11 uint8 levels mean difference on photos, vs ~3 with this window)."""
+class TimmEvalDecoder(ResizedCropRGBImageDecoder):
+    """Eval decoder: decode, then PIL's BICUBIC resize of :func:`timm_eval_box` to ``res``
+    (``pipelines/pil_resize.py``): the pixels of timm's ``Resize(floor(res / crop_pct), bicubic)`` +
+    ``CenterCrop(res)``, within a grey level or two (Pillow's pass order), instead of FFCV's
+    OpenCV INTER_AREA of a whole-pixel window. FFCV's memory declaration; only the per-image code
+    differs."""
 
     def __init__(self, res: int, crop_pct: float):
         super().__init__((res, res))
-        self.scale = None
-        self.ratio = (float(res), float(math.floor(res / crop_pct)))  # FFCV passes it to the crop function
+        self.res, self.short_side = res, int(math.floor(res / crop_pct))
 
     @property
-    def get_crop_generator(self):
-        return timm_center_window
+    def get_crop_generator(self):  # abstract in FFCV's base; this decoder computes its box itself
+        return timm_eval_box
+
+    def generate_code(self):
+        read = self.memory_read
+        loop = Compiler.get_iterator()
+        decode_jpeg = Compiler.compile(imdecode)
+        box_of = Compiler.compile(timm_eval_box)
+        resample = pil_resize.resample_into
+        jpg = IMAGE_MODES["jpg"]
+        res, short_side = self.res, self.short_side
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            out, scratch = my_storage
+            for k in loop(len(batch_indices)):
+                field = metadata[batch_indices[k]]
+                data = read(field["data_ptr"], storage_state)
+                h, w = np.uint32(field["height"]), np.uint32(field["width"])
+                if field["mode"] == jpg:  # else raw pixels, stored as they are
+                    decode_jpeg(data, scratch[k], h, w, h, w, 0, 0, 1, 1, False, False)
+                    image = scratch[k].reshape(-1)[:3 * h * w].reshape(h, w, 3)
+                else:
+                    image = data.reshape(h, w, 3)
+                x0, y0, x1, y1 = box_of(h, w, res, short_side)
+                resample(image, x0, y0, x1, y1, out[k], False, True)
+            return out[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
 
 
 class PILRandomResizedCropDecoder(RandomResizedCropRGBImageDecoder):
     """FFCV's random-resized-crop decoder (its box sampling: ``scale``/``ratio``, 10 attempts,
     centre fallback) with the crop resized by PIL's bilinear filter (``pipelines/pil_resize.py``)
-    instead of OpenCV INTER_AREA: the filter the reference pipeline and timm's loader use, and
-    ~3x cheaper than FFCV's resize on CPU (benchmarks/results/pipelines_cpu.md). Same memory
-    declaration as FFCV's decoder; only the per-image code differs."""
+    instead of OpenCV INTER_AREA, ~3x cheaper than FFCV's resize on CPU
+    (benchmarks/results/pipelines_cpu.md). Not yet timm's train interpolation: timm's default
+    ``random`` picks bilinear or bicubic per image (the reference pipeline does); this is bilinear
+    for every crop. Same memory declaration as FFCV's decoder; only the per-image code differs."""
 
     def generate_code(self):
         read = self.memory_read
@@ -188,7 +214,7 @@ class FFCVPipeline:
             self.decoder = decoder((res, res), scale=tuple(scale), ratio=tuple(ratio))
             image_ops = [self.decoder] + ([RandomHorizontalFlip(hflip)] if hflip > 0 else [])
         else:
-            self.decoder = TimmCenterCropDecoder(res, crop_pct)
+            self.decoder = TimmEvalDecoder(res, crop_pct)
             image_ops = [self.decoder]
         cuda = self.device.type == "cuda"
         # On CPU ToDevice would only add a memcpy into another reused buffer: leave it out.

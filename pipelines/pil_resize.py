@@ -1,4 +1,5 @@
-"""Pillow's bilinear resize, compiled, for a batch of crops of different sizes (+ horizontal flip).
+"""Pillow's bilinear resize, compiled, for a batch of crops of different sizes (+ horizontal flip);
+and Pillow's bicubic resize of a fractional box (``resample``), for FFCV's eval decoder.
 
 Why: it is the resize torchvision's ``RandomResizedCrop`` runs on PIL images, i.e. what the
 reference pipeline (and timm's loader) does to every train crop, and DALI's CPU ``fn.resize`` is
@@ -44,11 +45,27 @@ if AVAILABLE:
         return out_height < in_height
 
     @_jit
-    def _coefficients(in_size, out_size):
-        """Per output index: first input index, tap count, and the fixed-point weights."""
-        scale = in_size / out_size
+    def _filter(x, cubic):
+        """Pillow's triangle (BILINEAR) or Keys cubic with a = -0.5 (BICUBIC) filter."""
+        x = abs(x)
+        if cubic:
+            if x < 1.0:
+                return (1.5 * x - 2.5) * x * x + 1.0
+            if x < 2.0:
+                return (((x - 5.0) * x + 8.0) * x - 4.0) * -0.5
+            return 0.0
+        return 1.0 - x if x < 1.0 else 0.0
+
+    @_jit
+    def _coefficients(in_size, out_size, in0=0.0, in1=-1.0, cubic=False):
+        """Per output index: first input index, tap count, and the fixed-point weights, for the
+        source span ``[in0, in1)`` (default: all of it) resized to ``out_size``. Taps may reach
+        outside the span, up to the image's edges, as in Pillow's ``resize(box=...)``."""
+        if in1 < 0.0:
+            in1 = float(in_size)
+        scale = (in1 - in0) / out_size
         filterscale = max(scale, 1.0)
-        support = filterscale  # the triangle filter's support is 1, stretched when downscaling
+        support = filterscale * (2.0 if cubic else 1.0)  # the filter's support, stretched when downscaling
         ksize = int(math.ceil(support)) * 2 + 1
         first = np.empty(out_size, np.int64)
         count = np.empty(out_size, np.int64)
@@ -56,13 +73,12 @@ if AVAILABLE:
         w = np.empty(ksize, np.float64)
         inv = 1.0 / filterscale
         for o in range(out_size):
-            center = (o + 0.5) * scale
+            center = in0 + (o + 0.5) * scale
             lo = max(int(center - support + 0.5), 0)  # int(): truncation, as C's cast
             n = min(int(center + support + 0.5), in_size) - lo
             total = 0.0
             for t in range(n):
-                d = abs((t + lo - center + 0.5) * inv)
-                w[t] = 1.0 - d if d < 1.0 else 0.0
+                w[t] = _filter((t + lo - center + 0.5) * inv, cubic)
                 total += w[t]
             for t in range(n):
                 k = w[t] / total if total != 0.0 else w[t]
@@ -103,36 +119,46 @@ if AVAILABLE:
                 out[m] = _clip8(acc[m])
 
     @_jit
-    def _resize1(src, out, flip):
-        """``src`` [h, w, 3] uint8 -> ``out`` [H, W, 3] uint8, Pillow BILINEAR, optionally mirrored.
+    def _resample(src, x0, y0, x1, y1, out, flip, cubic):
+        """The box ``[x0, x1) x [y0, y1)`` of ``src`` [h, w, 3] uint8 (float pixel edges) ->
+        ``out`` [H, W, 3] uint8 with Pillow's BILINEAR or BICUBIC filter, optionally mirrored.
 
         Both passes run as the vertical loop (whole rows, which vectorizes); the horizontal one on
         the transposed image: 2.5-3x faster than a loop over each output pixel's taps, and the same
-        integer sums. The vertical pass goes first when it shrinks the image (the horizontal pass
-        then sees fewer rows), else second, as Pillow 13 also chooses (see the module doc)."""
+        integer sums. BILINEAR: the vertical pass goes first when it shrinks the image (the
+        horizontal pass then sees fewer rows), else second (see the module doc)."""
         h, w = src.shape[0], src.shape[1]
         oh, ow = out.shape[0], out.shape[1]
-        xf, xn, xk = _coefficients(w, ow)
-        yf, yn, yk = _coefficients(h, oh)
-        shrink = vertical_first(h, oh)
+        xf, xn, xk = _coefficients(w, ow, x0, x1, cubic)
+        yf, yn, yk = _coefficients(h, oh, y0, y1, cubic)
+        # BICUBIC (eval): horizontal first, Pillow's order whenever both passes run (tests); with
+        # its overshoot clipped to uint8 between the passes, the order matters more than for BILINEAR.
+        shrink = not cubic and vertical_first(y1 - y0, oh)
         if shrink:
-            rows, y0 = oh, 0
+            rows, r0 = oh, 0
             tmp = np.empty((oh, w, 3), np.uint8)
             _vertical(src.reshape(h, w * 3), 0, yf, yn, yk, tmp.reshape(oh, w * 3))
         else:
-            y0 = yf[0]
-            rows = yf[oh - 1] + yn[oh - 1] - y0  # only the rows the vertical pass will read
-            tmp = src[y0:y0 + rows]
-        t = np.empty((w, rows, 3), np.uint8)
-        _transpose_into(tmp, t, False)
+            r0 = yf[0]
+            rows = yf[oh - 1] + yn[oh - 1] - r0  # only the rows the vertical pass will read
+            tmp = src[r0:r0 + rows]
+        c0 = xf[0]  # only the columns the horizontal pass will read
+        cols = xf[ow - 1] + xn[ow - 1] - c0
+        t = np.empty((cols, rows, 3), np.uint8)
+        _transpose_into(tmp[:, c0:c0 + cols], t, False)
         u = np.empty((ow, rows, 3), np.uint8)
-        _vertical(t.reshape(w, rows * 3), 0, xf, xn, xk, u.reshape(ow, rows * 3))  # the horizontal pass
+        _vertical(t.reshape(cols, rows * 3), c0, xf, xn, xk, u.reshape(ow, rows * 3))  # the horizontal pass
         if shrink:
             _transpose_into(u, out, flip)
         else:
             back = np.empty((rows, ow, 3), np.uint8)
             _transpose_into(u, back, flip)
-            _vertical(back.reshape(rows, ow * 3), y0, yf, yn, yk, out.reshape(oh, ow * 3))
+            _vertical(back.reshape(rows, ow * 3), r0, yf, yn, yk, out.reshape(oh, ow * 3))
+
+    @_jit
+    def _resize1(src, out, flip):
+        """All of ``src`` resized into ``out`` with Pillow's BILINEAR filter, optionally mirrored."""
+        _resample(src, 0.0, 0.0, float(src.shape[1]), float(src.shape[0]), out, flip, False)
 
     @njit(nogil=True, cache=True, error_model="numpy", parallel=True)
     def _resize_batch(flat, offsets, heights, widths, flips, out):
@@ -144,6 +170,16 @@ if AVAILABLE:
 
 if AVAILABLE:
     resize_into = _resize1  # the compiled per-image loop, callable from other numba code (FFCV's decoder)
+    resample_into = _resample  # any box, BILINEAR or BICUBIC: FFCV's eval decoder (timm's resize + centre crop)
+
+
+def resample(src: np.ndarray, box: tuple[float, float, float, float], out: np.ndarray, cubic: bool = True,
+             flip: bool = False) -> np.ndarray:
+    """PIL's ``Image.resize(out size, BICUBIC or BILINEAR, box=box)`` of ``src`` [h, w, 3] uint8
+    into ``out`` [H, W, 3] (PIL's two passes, see the module doc: within 1 of PIL)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    _resample(np.ascontiguousarray(src), x0, y0, x1, y1, out, bool(flip), bool(cubic))
+    return out
 
 
 def resize_one(src: np.ndarray, out: np.ndarray, flip: bool = False) -> np.ndarray:
