@@ -76,8 +76,8 @@ def timm_eval_box(height, width, res, short_side):
 class TimmEvalDecoder(ResizedCropRGBImageDecoder):
     """Eval decoder: decode, then PIL's BICUBIC resize of :func:`timm_eval_box` to ``res``
     (``pipelines/pil_resize.py``): the pixels of timm's ``Resize(floor(res / crop_pct), bicubic)`` +
-    ``CenterCrop(res)``, within a grey level or two (Pillow's pass order), instead of FFCV's
-    OpenCV INTER_AREA of a whole-pixel window. FFCV's memory declaration; only the per-image code
+    ``CenterCrop(res)`` (identical on the same decoded pixels: tests/test_pipeline_parity.py),
+    instead of FFCV's OpenCV INTER_AREA of a whole-pixel window. FFCV's memory declaration; only the per-image code
     differs."""
 
     def __init__(self, res: int, crop_pct: float):
@@ -89,31 +89,42 @@ class TimmEvalDecoder(ResizedCropRGBImageDecoder):
         return timm_eval_box
 
     def generate_code(self):
-        read = self.memory_read
-        loop = Compiler.get_iterator()
-        decode_jpeg = Compiler.compile(imdecode)
         box_of = Compiler.compile(timm_eval_box)
         resample = pil_resize.resample_into
-        jpg = IMAGE_MODES["jpg"]
         res, short_side = self.res, self.short_side
 
-        def decode(batch_indices, my_storage, metadata, storage_state):
-            out, scratch = my_storage
-            for k in loop(len(batch_indices)):
-                field = metadata[batch_indices[k]]
-                data = read(field["data_ptr"], storage_state)
-                h, w = np.uint32(field["height"]), np.uint32(field["width"])
-                if field["mode"] == jpg:  # else raw pixels, stored as they are
-                    decode_jpeg(data, scratch[k], h, w, h, w, 0, 0, 1, 1, False, False)
-                    image = scratch[k].reshape(-1)[:3 * h * w].reshape(h, w, 3)
-                else:
-                    image = data.reshape(h, w, 3)
-                x0, y0, x1, y1 = box_of(h, w, res, short_side)
-                resample(image, x0, y0, x1, y1, out[k], False, True)
-            return out[:len(batch_indices)]
+        def place(image, out):
+            x0, y0, x1, y1 = box_of(image.shape[0], image.shape[1], res, short_side)
+            resample(image, x0, y0, x1, y1, out, False, True)
 
-        decode.is_parallel = True
-        return decode
+        return _decode_each(self, Compiler.compile(place))
+
+
+def _decode_each(decoder, place):
+    """FFCV's per-batch decode loop (read, JPEG decode or raw pixels) with ``place(image, out)``,
+    a compiled function, writing each decoded image into its output slot: the one part in which
+    this module's decoders differ."""
+    read = decoder.memory_read
+    loop = Compiler.get_iterator()
+    decode_jpeg = Compiler.compile(imdecode)
+    jpg = IMAGE_MODES["jpg"]
+
+    def decode(batch_indices, my_storage, metadata, storage_state):
+        out, scratch = my_storage
+        for k in loop(len(batch_indices)):
+            field = metadata[batch_indices[k]]
+            data = read(field["data_ptr"], storage_state)
+            h, w = np.uint32(field["height"]), np.uint32(field["width"])
+            if field["mode"] == jpg:  # else raw pixels, stored as they are
+                decode_jpeg(data, scratch[k], h, w, h, w, 0, 0, 1, 1, False, False)
+                image = scratch[k].reshape(-1)[:3 * h * w].reshape(h, w, 3)
+            else:
+                image = data.reshape(h, w, 3)
+            place(image, out[k])
+        return out[:len(batch_indices)]
+
+    decode.is_parallel = True
+    return decode
 
 
 class PILRandomResizedCropDecoder(RandomResizedCropRGBImageDecoder):
@@ -125,31 +136,15 @@ class PILRandomResizedCropDecoder(RandomResizedCropRGBImageDecoder):
     for every crop. Same memory declaration as FFCV's decoder; only the per-image code differs."""
 
     def generate_code(self):
-        read = self.memory_read
-        loop = Compiler.get_iterator()
-        decode_jpeg = Compiler.compile(imdecode)
         crop_box = Compiler.compile(self.get_crop_generator)
         resize = pil_resize.resize_into
-        jpg = IMAGE_MODES["jpg"]
         scale, ratio = np.array(self.scale), np.array(self.ratio)
 
-        def decode(batch_indices, my_storage, metadata, storage_state):
-            out, scratch = my_storage
-            for k in loop(len(batch_indices)):
-                field = metadata[batch_indices[k]]
-                data = read(field["data_ptr"], storage_state)
-                h, w = np.uint32(field["height"]), np.uint32(field["width"])
-                if field["mode"] == jpg:  # else raw pixels, stored as they are
-                    decode_jpeg(data, scratch[k], h, w, h, w, 0, 0, 1, 1, False, False)
-                    image = scratch[k].reshape(-1)[:3 * h * w].reshape(h, w, 3)
-                else:
-                    image = data.reshape(h, w, 3)
-                top, left, ch, cw = crop_box(h, w, scale, ratio)
-                resize(np.ascontiguousarray(image[top:top + ch, left:left + cw]), out[k], False)
-            return out[:len(batch_indices)]
+        def place(image, out):
+            top, left, ch, cw = crop_box(np.uint32(image.shape[0]), np.uint32(image.shape[1]), scale, ratio)
+            resize(np.ascontiguousarray(image[top:top + ch, left:left + cw]), out, False)
 
-        decode.is_parallel = True
-        return decode
+        return _decode_each(self, Compiler.compile(place))
 
 
 class SamplerOrder(TraversalOrder):
