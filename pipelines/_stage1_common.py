@@ -56,19 +56,27 @@ def _split_entry(manifest: dict, split: str, fmt: str) -> dict | None:
     return entry
 
 
+def load_manifest(root: Path, hint: str) -> dict | None:
+    """``root/manifest.json`` parsed; None when there is none; :class:`DataError` (ending with
+    ``hint``, what to run) when it cannot be read."""
+    path = root / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path} ({e}); {hint}") from None
+
+
 def read_split(root: str | Path, split: str, fmt: str) -> SplitInfo:
     """Read ``manifest.json`` for ``split``; raise :class:`DataError` (one line, how to fix) when
     the converted data is missing or the manifest lacks the split."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     root = Path(root)
-    path = root / "manifest.json"
-    if not path.is_file():
+    manifest = load_manifest(root, CONVERT_HINT.format(root=root, fmt=fmt))
+    if manifest is None:
         raise _missing(root, "manifest.json", fmt)
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {path} ({e}); " + CONVERT_HINT.format(root=root, fmt=fmt)) from None
     formats = manifest.get("formats")
     if formats is not None and fmt not in formats:
         raise DataError(f"{root} was converted without the {fmt} format (has {list(formats)}); "

@@ -46,7 +46,6 @@ or timing, repeated copies of an image get different crops, and a resumed run
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import signal
@@ -62,6 +61,7 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms import InterpolationMode
 
+from ._stage1_common import load_manifest
 from .base import Batch, DataError
 from .convert.items import decode_items
 from .sampler import ShardSampler
@@ -74,13 +74,7 @@ CONVERT_CMD = "python tools/convert_imagenet.py SRC {root}"
 
 
 def _read_manifest(root: Path) -> dict | None:
-    path = root / "manifest.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {path} ({e}); rerun the converter: {CONVERT_CMD.format(root=root)}") from None
+    return load_manifest(root, f"rerun the converter: {CONVERT_CMD.format(root=root)}")
 
 
 def _source_root(root: Path, manifest: dict) -> Path:
