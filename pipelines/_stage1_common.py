@@ -83,7 +83,7 @@ def read_split(root: str | Path, split: str, fmt: str) -> SplitInfo:
                         + CONVERT_HINT.format(root=root, fmt=fmt))
     entry = _split_entry(manifest, split, fmt)
     if entry is None or "images" not in entry:
-        raise DataError(f"{path} has no '{split}' split; " + CONVERT_HINT.format(root=root, fmt=fmt))
+        raise DataError(f"{root / 'manifest.json'} has no '{split}' split; " + CONVERT_HINT.format(root=root, fmt=fmt))
     classes = tuple(entry.get("classes") or manifest.get("classes") or ())
     num_samples = int(entry["images"])
     if num_samples <= 0:

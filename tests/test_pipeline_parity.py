@@ -427,3 +427,18 @@ def check_missing_backend(module: str, backend_pkg: str, monkeypatch) -> None:
     with pytest.raises(MissingBackendError, match="install"):
         build_train_pipeline(data, AugmentConfig(), res=32, batch_size=8, rank=0, world_size=1,
                              device=torch.device("cpu"), seed=0)
+
+
+def test_manifest_without_the_split_is_a_one_line_data_error(tmp_path):
+    import json
+
+    from pipelines._stage1_common import read_split
+    from pipelines.base import DataError
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"splits": {"train": {"images": 3}}}))
+    with pytest.raises(DataError, match=r"manifest.json has no 'val' split; run the converter first") as e:
+        read_split(tmp_path, "val", "ffcv")
+    assert "\n" not in str(e.value)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"cannot read .*manifest.json .*; run the converter first"):
+        read_split(tmp_path, "train", "ffcv")
