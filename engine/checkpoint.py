@@ -136,16 +136,23 @@ def is_disk_full(e: BaseException) -> bool:
     return "No space left on device" in str(e) or "os error 28" in str(e)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def _write_via_temp(path: Path, write: Callable[[Path], None], needed: int) -> None:
+    """``write(tmp)`` a temporary file beside ``path``, then commit it over ``path``; on any failure
+    the temporary file goes, and a full disk (also as a library's own error type) is
+    :class:`DiskFullError` with ``needed`` bytes."""
     tmp = _temp_name(path)
     try:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        write(tmp)
         commit(tmp, path)
-    except OSError as e:
+    except Exception as e:
         tmp.unlink(missing_ok=True)
         if is_disk_full(e):
-            raise disk_full(path.parent, 4096) from None
+            raise disk_full(path.parent, needed) from None
         raise
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    _write_via_temp(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n"), 4096)
 
 
 def read_record(path: Path) -> dict[str, Any] | None:
@@ -341,14 +348,6 @@ def export_safetensors(state_dict: dict[str, torch.Tensor], path: Path, metadata
     """Weights only, for sharing: safetensors holds no code and loads without pickle."""
     from safetensors.torch import save_file
 
-    path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    tmp = _temp_name(path)
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        commit(tmp, path)
-    except Exception as e:  # safetensors reports ENOSPC as its own SafetensorError
-        tmp.unlink(missing_ok=True)
-        if is_disk_full(e):
-            raise disk_full(path.parent, state_bytes(tensors)) from None
-        raise
+    # safetensors reports ENOSPC as its own SafetensorError: _write_via_temp recognizes it too
+    _write_via_temp(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata), state_bytes(tensors))
