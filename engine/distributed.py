@@ -99,6 +99,15 @@ def reduce_bn_stats(*modules: nn.Module | None) -> None:
         b.copy_(avg)
 
 
+def gather_objects(obj, d: DistInfo) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without a process group."""
+    if not d.enabled:
+        return [obj]
+    gathered: list = [None] * d.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -31,7 +31,7 @@ from torch import nn
 
 from engine import checkpoint as ckpt
 from engine.config import Config, ConfigError, to_dict
-from engine.distributed import DistInfo, barrier, bn_running_stats, reduce_bn_stats
+from engine.distributed import DistInfo, barrier, bn_running_stats, gather_objects, reduce_bn_stats
 from engine.trainer import EpochProgress, NonFiniteLossError, advice
 from pipelines.base import DataError, load_random_state, random_state
 
@@ -154,16 +154,6 @@ def reject_after_failure(out: Path) -> str:
     if good is None:
         return aside + "no checkpoint of this run has passed a loss check yet, so it must start over (--resume fresh)"
     return aside + f"the last good checkpoint is {good.name}: fix the cause, then continue with --resume auto"
-
-
-def gather_objects(obj: Any, d: DistInfo) -> list[Any]:
-    if not d.enabled:
-        return [obj]
-    import torch.distributed as dist
-
-    gathered: list[Any] = [None] * d.world_size
-    dist.all_gather_object(gathered, obj)
-    return gathered
 
 
 def resume(spec: str | None, out: Path, parts, stage1, stage2, prog: EpochProgress, best: dict, d: DistInfo,
