@@ -237,9 +237,7 @@ class DALIPipeline:
                           "resume will not reproduce the crops an uninterrupted run draws", RuntimeWarning,
                           stacklevel=3)
             self.checkpointing = False
-            self.pipe = None
-            self.pipe = self._build()
-            self.pipe.build()
+            self._rebuild(None)
 
     def random_state(self) -> bytes | None:
         """DALI's checkpoint of the random operators after the batches handed out so far (DALI
@@ -252,11 +250,8 @@ class DALIPipeline:
         if self.checkpointing:
             self._rebuild(state)
 
-    def _rebuild(self, checkpoint: bytes) -> None:
-        self.feed.stop = True  # the old pipeline's prefetch thread must not take more indices
-        old, self.pipe = self.pipe, None
-        del old
-        self.feed.stop = False
+    def _rebuild(self, checkpoint: bytes | None) -> None:
+        self.pipe = None  # the old pipeline (threads, buffers) goes before the new one is built
         self.pipe = self._build(checkpoint)
         self.pipe.build()
         self._fresh, self._rolling = True, False
@@ -279,10 +274,10 @@ class DALIPipeline:
             # from what was queued (a new resolution, a resume offset). The batches DALI prefetched
             # drew crops and flips that nobody used: rebuild from the checkpoint of the batches
             # handed out, so the random streams depend on those alone, exactly as after a resume.
-            self._rebuild(self.pipe.checkpoint())
+            self._rebuild(self.random_state())
             return
-        # Val (or a graph DALI cannot checkpoint): let DALI finish the few batches it already prefetched, without feeding it more,
-        # then rewind.
+        # Val (or a graph DALI cannot checkpoint): let DALI finish the few batches it already
+        # prefetched, without feeding it more, then rewind.
         self.feed.stop = True
         try:
             while True:
