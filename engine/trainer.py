@@ -209,14 +209,18 @@ def train_one_epoch(ctx: StepContext, pipeline, stage2, prog: EpochProgress, *, 
             prog.window_loss, prog.window_count = 0.0, 0
             yield record if stopping is None else {**record, "stopped": stopping}
         elif stopping is not None:
-            loss_sum, count, first_bad = window.read_local()
-            _check(0.0, first_bad, ctx, prog, 0.0)
-            prog.window_loss, prog.window_count = loss_sum, count
+            _keep_window(window, ctx, prog)
             yield {"epoch": prog.epoch, "step": prog.step, "stopped": stopping}
         if stopping is not None:
             return
     # The pipeline ran dry before the last full step (or the epoch ended at a log point): keep what
     # the window holds. A sync, once per epoch.
+    _keep_window(window, ctx, prog)
+
+
+def _keep_window(window: LossWindow, ctx: StepContext, prog: EpochProgress) -> None:
+    """This rank's loss sums since the last log point into ``prog`` (a checkpoint written now
+    resumes them exactly), after checking them for a non-finite loss."""
     loss_sum, count, first_bad = window.read_local()
     _check(0.0, first_bad, ctx, prog, 0.0)
     prog.window_loss, prog.window_count = loss_sum, count
