@@ -131,3 +131,25 @@ def test_item_list_round_trips_tabs_and_undecodable_names():
         encode_items(["train/a/line\nbreak.JPEG"], [0])
     with pytest.raises(ValueError, match="line 2"):
         decode_items(b"train/a/x.JPEG\t0\nno label here\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_part_writer_reports_a_full_disk_as_enospc(tmp_path):
+    """The converter's one-line disk-full message keys on ENOSPC; numpy's np.save into a file
+    reported a full tmpfs as "N requested and M written" with no errno (seen in CI)."""
+    import errno
+    import subprocess
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12k", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("mount -t tmpfs failed here")
+    try:
+        w = ffcv_out.PartWriter(mnt / "p.bin")
+        for i in range(300):  # bins take 2 of 3 pages; the 8.7 KB of metadata get 1
+            w.add(i, ffcv_out.MODE_JPG, 1, 1, b"x" * 20)
+        with pytest.raises(OSError) as info:
+            w.close(mnt / "p.npy")
+        assert info.value.errno == errno.ENOSPC
+    finally:
+        subprocess.run(["umount", str(mnt)])

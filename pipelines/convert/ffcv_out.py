@@ -17,6 +17,7 @@ spelled out here because importing ``ffcv`` costs ~10 s; a test checks them agai
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +55,12 @@ class PartWriter:
 
     def close(self, meta_path: Path) -> None:
         self.f.close()
+        buf = io.BytesIO()
+        np.save(buf, np.array(self.rows, dtype=PART_META))
+        # np.save into a real file writes with fwrite and reports a full disk as
+        # "OSError: N requested and M written" without an errno; a Python write raises ENOSPC.
         with open(meta_path, "wb") as f:
-            np.save(f, np.array(self.rows, dtype=PART_META))
+            f.write(buf.getbuffer())
 
 
 def _page_size_for(largest: int) -> int:
