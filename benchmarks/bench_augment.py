@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.config import AugmentConfig  # noqa: E402
+from common.config import AugmentConfig  # noqa: E402
 from pipelines.augment import Stage2  # noqa: E402
 from pipelines.base import Batch  # noqa: E402
 from tests.photos import photo_crops  # noqa: E402

@@ -19,7 +19,7 @@ import timm
 import torch
 from timm.optim import Lamb as TimmLamb
 
-from engine.config import OptimConfig
+from common.config import OptimConfig
 from engine.optim import build_optimizer, param_groups, uses_apex
 
 

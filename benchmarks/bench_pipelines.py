@@ -44,7 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.config import AugmentConfig  # noqa: E402
+from common.config import AugmentConfig  # noqa: E402
 from pipelines.base import Batch  # noqa: E402
 
 

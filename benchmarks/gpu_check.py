@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import torch
 
-from engine.config import Config, load_config
+from common.config import Config, load_config
 from engine.train_main import build_step_parts, compile_for_training
 from engine.trainer import DTYPES, EpochProgress, StepContext, train_one_epoch
 from pipelines.augment import Stage2

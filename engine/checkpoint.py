@@ -39,7 +39,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from engine.fileio import commit, fsync_dir, replace_durably
+from common.fileio import commit, fsync_dir, replace_durably
 
 CKPT_RE = re.compile(r"^ckpt-e(\d+)-s(\d+)\.pt$")
 TEMP_RE = re.compile(r"^\..+\.tmp-(\d+)$")  # ".<final name>.tmp-<pid>", as this module and fileio write them

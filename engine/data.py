@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import AugmentConfig, DataConfig, EvalConfig
+from common.config import AugmentConfig, DataConfig, EvalConfig
 from pipelines.base import DataError, MissingBackendError
 
 INSTALL_HINT = {

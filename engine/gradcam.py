@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.config import Config
+from common.config import Config
 from pipelines.augment import Stage2
 from pipelines.base import Batch, DataError
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from engine import checkpoint as ckpt
-from engine.config import Config, ConfigError, config_from_dict, load_config
+from common.config import Config, ConfigError, config_from_dict, load_config
 from models.factory import create_model
 
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from engine.config import LogConfig
+from common.config import LogConfig
 
 
 class RunLogger:
@@ -39,7 +39,7 @@ class RunLogger:
         atomically. A line cut by kill -9 is dropped."""
         if self._metrics is None:
             return
-        from engine.fileio import commit
+        from common.fileio import commit
 
         path = self.out / "metrics.jsonl"
         self._metrics.close()

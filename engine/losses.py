@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.config import LossConfig
+from common.config import LossConfig
 
 
 def _check_classes(num_classes: int | None, logits: Tensor, target: Tensor) -> None:

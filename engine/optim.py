@@ -44,7 +44,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-from engine.config import OptimConfig
+from common.config import OptimConfig
 
 # Elements per chunk of whole parameters on CPU: p, g, m, v and two temporaries of ~1 MiB each
 # stay in L2/L3 between the passes of one update. Measured on a 2-core EPYC (benchmarks/bench_optim.py).

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from engine.config import ConfigError
+from common.config import ConfigError
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 import torch
 
-from engine.config import Config
+from common.config import Config
 from engine.data import build_train_pipeline, check_num_classes
 from engine.precision import resolve_precision
 from engine.trainer import EpochProgress, StepContext, train_one_epoch

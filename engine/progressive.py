@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.config import ProgressiveConfig
+from common.config import ProgressiveConfig
 
 
 def _round(res: float, multiple: int) -> int:

@@ -1,4 +1,4 @@
-"""CLI entry: ``python -m engine.run RECIPE [--set k=v ...] [--print-config] [--out DIR] ...``.
+"""CLI entry: ``python -m engine.run RECIPE [--set k=v ...] [--print-config] [--help-config] [--out DIR] ...``.
 
 Works as a single process or under ``torchrun``. User-caused errors (bad recipe, missing data,
 missing backend) print one line to stderr and exit with status 2; no traceback.
@@ -9,15 +9,17 @@ import argparse
 import os
 import sys
 
-from engine.config import ConfigError, load_config, to_toml
+from common.config import ConfigError, explain, load_config, to_toml
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.run", description=__doc__.splitlines()[0])
-    p.add_argument("recipe", help="recipe TOML, e.g. recipes/a1.toml")
+    p.add_argument("recipe", nargs="?", help="recipe TOML, e.g. recipes/a1.toml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a recipe value (repeatable), e.g. --set optim.lr=0.008")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe as TOML and exit")
+    p.add_argument("--help-config", action="store_true",
+                   help="list every recipe key with its value (the recipe's, else the default) and what it does")
     p.add_argument("--out", default=None, help="output folder (checkpoints, metrics.jsonl); default runs/<recipe>")
     p.add_argument("--resume", default=None,
                    help="'auto': continue from the newest usable checkpoint in --out; a ckpt-*.pt path; 'fresh': "
@@ -27,13 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.recipe is None:
+        if args.help_config:
+            print(explain())
+            return 0
+        parser.error("the recipe is required, e.g. python -m engine.run recipes/a3.toml")
     try:
         cfg = load_config(args.recipe, args.overrides)
     except ConfigError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds it: rank 0 says it
             print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.help_config:
+        print(explain(cfg))
+        return 0
     if args.print_config:
         print(to_toml(cfg))
         return 0

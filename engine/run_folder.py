@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from engine import checkpoint as ckpt
-from engine.config import Config, ConfigError, to_dict
+from common.config import Config, ConfigError, to_dict
 from engine.distributed import DistInfo, barrier, bn_running_stats, gather_objects, reduce_bn_stats
 from engine.trainer import EpochProgress, NonFiniteLossError, advice
 from pipelines.base import DataError, load_random_state, random_state

@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from engine.config import OptimConfig
+from common.config import OptimConfig
 
 
 def build_schedule(cfg: OptimConfig, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:

@@ -58,8 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.config import ConfigError, load_config, toml_value
-from engine.fileio import commit
+from common.config import ConfigError, load_config, toml_value
+from common.fileio import commit
 
 EXECUTORS = ("local", "slurm", "submitit-local")
 KEYS = {

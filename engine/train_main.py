@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from engine import checkpoint as ckpt
 from engine import run_folder
-from engine.config import Config, ConfigError, to_dict
+from common.config import Config, ConfigError, to_dict
 from engine.data import build_train_pipeline, build_val_pipeline, check_num_classes
 from engine.distributed import DistInfo, any_rank, barrier, cleanup, init_distributed, reduce_bn_stats
 from engine.logging import RunLogger, format_progress

@@ -16,7 +16,7 @@ import torch.nn as nn
 from timm.layers import BlurPool2d
 from timm.models.resnet import BasicBlock, ResNet
 
-from engine.config import ModelConfig
+from common.config import ModelConfig
 
 
 def _resnet_tiny(**kwargs) -> nn.Module:

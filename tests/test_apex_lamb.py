@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import engine.optim as optim
-from engine.config import OptimConfig, load_config
+from common.config import OptimConfig, load_config
 from engine.optim import Lamb, build_optimizer, uses_apex
 from tests.apex_standin import FusedLAMB
 

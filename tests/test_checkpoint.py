@@ -66,7 +66,7 @@ def test_resumed_log_keeps_what_the_checkpoint_saw(tmp_path):
     step 10 must go (a step rule would keep it and the step would hold two eval records)."""
     import json
 
-    from engine.config import LogConfig
+    from common.config import LogConfig
     from engine.logging import RunLogger
 
     lines = [{"step": 8, "train_loss": 1.0}, {"step": 10, "train_loss": 0.9}, {"step": 10, "val_top1": 50.0},

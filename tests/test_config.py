@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import (Config, ConfigError, all_keys, config_from_dict, load_config, to_dict, to_toml)
+from common.config import (Config, ConfigError, all_keys, config_from_dict, load_config, to_dict, to_toml)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -208,3 +208,34 @@ def test_defaults_cover_every_key():
     keys = all_keys()
     assert "train.progressive.kind" in keys and "optim.lr" in keys
     assert set(to_dict(Config())) == {"model", "data", "train", "eval", "optim", "augment", "loss", "checkpoint", "log"}
+
+
+def test_help_config_lists_every_key_with_a_help_string():
+    """ffcv-imagenet's fastargs habit: each recipe key says what it does (`--help-config`)."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from common.config import Config, all_keys
+
+    def fields(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            yield f"{prefix}{f.name}", f
+            if dataclasses.is_dataclass(f.type) or isinstance(f.default_factory, type):
+                sub = f.default_factory if isinstance(f.default_factory, type) else None
+                if sub and dataclasses.is_dataclass(sub):
+                    yield from fields(sub, f"{prefix}{f.name}.")
+
+    missing = [name for name, f in fields(Config) if len(f.metadata.get("help", "").strip()) < 10]
+    assert not missing, f"keys without a help string: {missing}"
+    out = subprocess.run([sys.executable, "-m", "engine.run", "recipes/a1.toml", "--help-config"],
+                         capture_output=True, text=True, check=True).stdout
+    sections, listed = "", set()
+    for line in out.splitlines():
+        if line.startswith("["):
+            sections = line[1:line.index("]")]
+        elif " = " in line:
+            listed.add(f"{sections}.{line.split(' = ')[0]}")
+            assert "  # " in line, line
+    assert listed == set(all_keys())
+    assert 'rand_augment = "rand-m7-mstd0.5-inc1"' in out  # the recipe's values, not the defaults

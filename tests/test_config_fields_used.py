@@ -1,12 +1,12 @@
 """Every recipe key is read by some code (DESIGN.md: catches a key that is set but never used).
 
 Static check: for each leaf key ``section.name`` the attribute access ``.name`` must appear in a
-source file outside engine/config.py, in the package that owns that section.
+source file outside common/config.py, in the package that owns that section.
 """
 import re
 from pathlib import Path
 
-from engine.config import all_keys
+from common.config import all_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [p for d in ("engine", "pipelines", "models", "tools") for p in (ROOT / d).rglob("*.py")

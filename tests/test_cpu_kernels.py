@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import AugmentConfig
+from common.config import AugmentConfig
 from pipelines.augment import Stage2, apply_mix, normalize, parse_rand_augment, sample_mix_params, sample_params
 from pipelines.augment import apply_params, cpu_kernels
 from pipelines.augment.buffers import BufferPool

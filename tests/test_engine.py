@@ -55,7 +55,7 @@ def test_batch_composition():
     assert batch_composition(2048, 8, 0) == (256, 1)
     assert batch_composition(2048, 8, 64) == (64, 4)
     assert batch_composition(256, 1, 32) == (32, 8)
-    from engine.config import ConfigError
+    from common.config import ConfigError
     with pytest.raises(ConfigError, match="not a multiple"):
         batch_composition(2048, 8, 48)
 

@@ -15,7 +15,7 @@ import dataclasses
 import pytest
 import torch
 
-from engine.config import load_config
+from common.config import load_config
 from engine.train_main import build_step_parts, compile_for_training
 from engine.trainer import EpochProgress, StepContext, train_one_epoch
 from pipelines.augment import Stage2

@@ -5,7 +5,7 @@ from timm.data.mixup import mixup_target
 from timm.loss import BinaryCrossEntropy as TimmBCE
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from engine.config import LossConfig
+from common.config import LossConfig
 from engine.losses import build_loss
 
 C = 37

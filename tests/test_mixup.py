@@ -10,7 +10,7 @@ from scipy.stats import ks_2samp
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
 
-from engine.config import AugmentConfig
+from common.config import AugmentConfig
 from pipelines.augment import apply_mix, mix_targets, mixup_cutmix, sample_mix_params
 
 A3 = AugmentConfig(mixup_alpha=0.1, cutmix_alpha=1.0, mix_prob=1.0, switch_prob=0.5, mix_mode="batch")

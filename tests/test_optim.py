@@ -8,7 +8,7 @@ import torchvision
 from timm.optim import Lamb as TimmLamb
 from torch import nn
 
-from engine.config import OptimConfig
+from common.config import OptimConfig
 from engine.optim import Lamb, build_optimizer, param_groups, uses_apex
 
 

@@ -343,7 +343,7 @@ def check_sharding_resume_progressive(pipes, *, n: int, seed: int, repeats: int,
     indices for that rank, in order, less the last partial batch; resuming with ``start_batch``
     yields exactly the rest of that order; an epoch abandoned early does not leak into the next;
     and a progressive schedule's resolution takes effect at its epoch."""
-    from engine.config import ProgressiveConfig
+    from common.config import ProgressiveConfig
     from engine.progressive import resolution_for_epoch
     from pipelines.sampler import epoch_indices
 
@@ -413,7 +413,7 @@ def check_missing_backend(module: str, backend_pkg: str, monkeypatch) -> None:
     (engine/data.py's one-line install hint), never a silent fallback."""
     import importlib
 
-    from engine.config import AugmentConfig, DataConfig
+    from common.config import AugmentConfig, DataConfig
     from engine.data import build_train_pipeline
     from pipelines.base import MissingBackendError
 

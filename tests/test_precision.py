@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import ConfigError, load_config
+from common.config import ConfigError, load_config
 from engine.precision import resolve_precision
 
 CUDA = torch.device("cuda", 0)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from engine import profiling
-from engine.config import load_config
+from common.config import load_config
 from pipelines.synthetic import SyntheticPipeline
 
 ROOT = Path(__file__).resolve().parents[1]

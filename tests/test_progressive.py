@@ -1,7 +1,7 @@
 """Progressive resolution schedules against the formulas in their sources."""
 import numpy as np
 
-from engine.config import ProgressiveConfig, load_config
+from common.config import ProgressiveConfig, load_config
 from engine.progressive import regularization_scale, resolution_for_epoch
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from timm.scheduler import create_scheduler_v2
 
-from engine.config import OptimConfig
+from common.config import OptimConfig
 from engine.schedule import apply_lr, build_schedule, total_steps
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import AugmentConfig
+from common.config import AugmentConfig
 from pipelines.augment import Stage2, normalize
 from pipelines.base import Batch
 from tests.photos import photo_crops

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from engine.config import CHOICES, ConfigError  # noqa: E402
+from common.config import CHOICES, ConfigError  # noqa: E402
 from engine.data import build_val_pipeline, check_num_classes  # noqa: E402
 from engine.load_model import CheckpointError, load_model  # noqa: E402
 from engine.precision import resolve_precision  # noqa: E402

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from engine.config import ConfigError, LogConfig  # noqa: E402
+from common.config import ConfigError, LogConfig  # noqa: E402
 from engine.gradcam import (LayerError, class_name, explain, flat_map_note, overlay, pick_samples,  # noqa: E402
                             target_layer)
 from engine.load_model import CheckpointError, load_model  # noqa: E402

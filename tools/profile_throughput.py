@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from engine import profiling  # noqa: E402
-from engine.config import ConfigError, load_config, to_dict  # noqa: E402
+from common.config import ConfigError, load_config, to_dict  # noqa: E402
 from engine.data import check_data_root  # noqa: E402
 from models.factory import UnknownModelError  # noqa: E402
 from pipelines.base import DataError, MissingBackendError  # noqa: E402

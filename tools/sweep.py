@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.config import ConfigError  # noqa: E402
+from common.config import ConfigError  # noqa: E402
 from engine.sweep import (EXECUTORS, SweepError, check_data, pending, plan, prepare_subset, read_sweep,  # noqa: E402
                           run_local, run_submitit, subset_folder, trial_summary)
 from engine.sweep_report import write_report  # noqa: E402

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.config import AugmentConfig
+from common.config import AugmentConfig
 
 from .transfer import to_device
 

@@ -18,7 +18,7 @@ import dataclasses
 
 import torch
 
-from engine.config import AugmentConfig
+from common.config import AugmentConfig
 from pipelines.base import Batch
 
 from .erasing import random_erasing

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.fileio import commit
+from common.fileio import commit
 
 from . import TOOL_VERSION
 from .dali_out import ShardWriter, write_index

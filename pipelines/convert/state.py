@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from engine.fileio import commit
+from common.fileio import commit
 
 STATE_DIR = ".convert"
 

@@ -26,134 +26,164 @@ class ConfigError(ValueError):
     """A user-caused configuration problem; its message is one line."""
 
 
+def key(default: Any, help: str) -> Any:
+    """A recipe key: its default and the one-line help ``--help-config`` prints."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=type(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 # --------------------------------------------------------------------------- sections
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"
-    drop_path_rate: float = 0.0
-    drop_rate: float = 0.0  # dropout before the classifier (ResNet-RS uses 0.25)
-    zero_init_last: bool = True  # zero-init the last BN gamma of each residual block
-    blurpool: bool = False  # anti-aliased downsampling (ffcv-imagenet's rn50 configs)
+    """The network: a timm architecture and its regularization options (models/)."""
+
+    arch: str = key("resnet50", "timm model name: resnet50, resnet101, resnetrs50, resnet18 ... (built without downloads)")
+    drop_path_rate: float = key(0.0, "stochastic depth rate of the residual branches (RSB A1: 0.05, A2: 0.05, A3: 0.0)")
+    drop_rate: float = key(0.0, "dropout before the classifier (ResNet-RS: 0.25)")
+    zero_init_last: bool = key(True, "zero-init the last BN gamma of each residual block (timm's zero_init_last)")
+    blurpool: bool = key(False, "anti-aliased downsampling in strided convs (ffcv-imagenet's rn50 configs)")
 
 
 @dataclass
 class DataConfig:
-    pipeline: str = "reference"
-    root: str = "data/imagenet"
-    num_classes: int = 1000
-    workers: int = 8  # decode workers per process
+    """Where the converted data lives and which stage-1 backend reads it (pipelines/)."""
+
+    pipeline: str = key("reference", "stage-1 backend: ffcv | dali | reference (PIL, the semantic oracle) | synthetic")
+    root: str = key("data/imagenet", "folder written by tools/convert_imagenet.py (holds manifest.json)")
+    num_classes: int = key(1000, "classes of the classifier head; must match the converted data")
+    workers: int = key(8, "decode workers (FFCV/DALI threads, reference loader processes) per process")
 
 
 @dataclass
 class ProgressiveConfig:
-    """Progressive resolution. ``linear`` is ffcv-imagenet's ramp, ``stages`` is
-    EfficientNetV2 / ResNet-RS style: equal-length stages whose resolution (and
+    """Progressive resolution: the training resolution grows over the run.
+
+    ``linear`` is ffcv-imagenet's ramp, ``stages`` is EfficientNetV2 / ResNet-RS style: equal-length stages whose resolution (and
     optionally regularization) grows from ``start_res`` to ``end_res``."""
 
-    kind: str = "none"  # none | linear | stages
-    start_res: int = 160
-    end_res: int = 192
-    start_epoch: int = 0
-    end_epoch: int = 0
-    num_stages: int = 4
-    round_to: int = 32
-    scale_regularization: bool = False  # stages: grow RandAugment magnitude / mixup alpha with res
+    kind: str = key("none", "none | linear (ffcv-imagenet's ramp) | stages (EfficientNetV2 / ResNet-RS)")
+    start_res: int = key(160, "training resolution at the start of the ramp")
+    end_res: int = key(192, "training resolution at the end of the ramp")
+    start_epoch: int = key(0, "linear: epoch where the ramp starts")
+    end_epoch: int = key(0, "linear: epoch where the ramp ends")
+    num_stages: int = key(4, "stages: number of equal-length stages")
+    round_to: int = key(32, "resolutions are rounded to a multiple of this")
+    scale_regularization: bool = key(False, "stages: grow RandAugment magnitude and mixup alpha with resolution")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 100
-    global_batch_size: int = 2048
-    per_device_batch_size: int = 0  # 0 = global / world size; smaller values use gradient accumulation
-    train_res: int = 224
-    precision: str = "auto"  # auto: bf16 on CUDA GPUs with native bf16, fp16 + loss scaling on older ones (V100), fp32 on CPU
-    channels_last: bool = True
-    compile: bool = False
-    seed: int = 0
-    deterministic: bool = False
-    grad_clip: float = 0.0  # global grad-norm clipping; 0 = off (LAMB clips internally, see optim)
-    ema_decay: float = 0.0  # 0 = no EMA of weights
-    eval_every: int = 1  # epochs between evaluations; the last epoch is always evaluated
-    log_every: int = 50  # steps between metric log points (loss checks, checkpoints and stop decisions happen there)
-    loss_limit: float = 1000.0  # a logged mean train loss above this stops the run as diverging; 0 = no limit
-    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
+    """The training loop (engine/)."""
+
+    epochs: int = key(100, "epochs to train (RSB A1: 600, A2: 300, A3: 100)")
+    global_batch_size: int = key(2048, "images per optimizer step over all processes")
+    per_device_batch_size: int = key(0, "images per forward pass; 0 = global / world size, smaller accumulates gradients")
+    train_res: int = key(224, "training resolution when train.progressive.kind = none (RSB A3: 160)")
+    precision: str = key("auto", "auto (bf16 on GPUs with native bf16, fp16 + loss scaling on V100/T4, fp32 on CPU) | bf16 | fp16 | fp32")
+    channels_last: bool = key(True, "channels-last memory format for model and images (faster convs with AMP)")
+    compile: bool = key(False, "torch.compile the model (one graph per resolution)")
+    seed: int = key(0, "seed of weights, sampling and augmentation (each rank derives its own stream)")
+    deterministic: bool = key(False, "deterministic cuDNN algorithms (slower; for debugging)")
+    grad_clip: float = key(0.0, "global grad-norm clipping; 0 = off (LAMB clips internally: optim.max_grad_norm)")
+    ema_decay: float = key(0.0, "decay of an EMA of the weights, evaluated beside the model; 0 = no EMA")
+    eval_every: int = key(1, "epochs between evaluations; the last epoch is always evaluated")
+    log_every: int = key(50, "steps between log points (metrics, loss checks, mid-epoch checkpoints, stop decisions)")
+    loss_limit: float = key(1000.0, "a logged mean train loss above this stops the run as diverging; 0 = no limit")
+    progressive: ProgressiveConfig = key(ProgressiveConfig(), "progressive resolution (table [train.progressive])")
 
 
 @dataclass
 class EvalConfig:
-    res: int = 224
-    crop_pct: float = 0.95
-    batch_size: int = 256
+    """Validation: timm's resize-then-center-crop transform."""
+
+    res: int = key(224, "validation crop size (RSB evaluates at 224)")
+    crop_pct: float = key(0.95, "center-crop fraction: images are resized to res / crop_pct, then cropped to res")
+    batch_size: int = key(256, "validation images per forward pass per process")
 
 
 @dataclass
 class OptimConfig:
-    name: str = "lamb"
-    lr: float = 5e-3
-    weight_decay: float = 0.01
-    momentum: float = 0.9  # sgd
-    nesterov: bool = False  # sgd
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # lamb / adamw
-    eps: float = 1e-6
-    max_grad_norm: float = 1.0  # LAMB's internal global-norm clip (timm and apex default 1.0)
-    warmup_epochs: float = 5.0
-    warmup_lr: float = 1e-4
-    min_lr: float = 1e-6
-    cooldown_epochs: int = 0
-    schedule: str = "cosine"
-    peak_epoch: float = 2.0  # 'step_free_linear' (ffcv) schedule: epoch of the peak lr
+    """Optimizer and learning-rate schedule (engine/optim.py, engine/schedule.py)."""
+
+    name: str = key("lamb", "lamb (RSB A1-A3; apex FusedLAMB on CUDA when installed) | sgd | adamw")
+    lr: float = key(5e-3, "peak learning rate (RSB A1: 5e-3 at batch 2048, A3: 8e-3)")
+    weight_decay: float = key(0.01, "weight decay; norms and biases (ndim <= 1) get none")
+    momentum: float = key(0.9, "sgd: momentum")
+    nesterov: bool = key(False, "sgd: Nesterov momentum")
+    betas: list[float] = key([0.9, 0.999], "lamb / adamw: the two moment decays")
+    eps: float = key(1e-6, "lamb / adamw: denominator epsilon")
+    max_grad_norm: float = key(1.0, "lamb: global grad-norm clip inside the optimizer (timm and apex default 1.0)")
+    warmup_epochs: float = key(5.0, "epochs of linear warmup from optim.warmup_lr to optim.lr")
+    warmup_lr: float = key(1e-4, "learning rate at the first step of warmup")
+    min_lr: float = key(1e-6, "learning rate at the end of the cosine")
+    cooldown_epochs: int = key(0, "epochs at optim.min_lr after the schedule ends (timm's cooldown)")
+    schedule: str = key("cosine", "cosine (per step, after warmup) | step_free_linear (ffcv's triangle) | constant")
+    peak_epoch: float = key(2.0, "step_free_linear: epoch of the peak learning rate")
 
 
 @dataclass
 class AugmentConfig:
-    rand_augment: str = ""
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    mix_prob: float = 1.0
-    switch_prob: float = 0.5
-    mix_mode: str = "batch"
-    repeated_aug: int = 0
-    hflip: float = 0.5
-    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random-resized-crop area
-    ratio: list[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])  # aspect ratio
-    random_erasing: float = 0.0
+    """Training augmentation, the same in every backend (pipelines/augment/, stage 2)."""
+
+    rand_augment: str = key("", "timm RandAugment string, e.g. 'rand-m7-mstd0.5-inc1' (RSB A1); '' = off")
+    mixup_alpha: float = key(0.0, "mixup Beta(alpha, alpha); 0 = off (RSB A1: 0.2, A3: 0.1)")
+    cutmix_alpha: float = key(0.0, "CutMix Beta(alpha, alpha); 0 = off (RSB: 1.0)")
+    mix_prob: float = key(1.0, "probability that a batch (or pair/element) is mixed at all")
+    switch_prob: float = key(0.5, "probability of CutMix instead of mixup when both are on")
+    mix_mode: str = key("batch", "batch | pair | elem: granularity of the mixing decision (timm's mode)")
+    repeated_aug: int = key(0, "repeated augmentation count (RSB A1/A2: 3); 0 = off")
+    hflip: float = key(0.5, "probability of a horizontal flip")
+    scale: list[float] = key([0.08, 1.0], "random-resized-crop area range, as fractions of the image")
+    ratio: list[float] = key([0.75, 4.0 / 3.0], "random-resized-crop aspect-ratio range")
+    random_erasing: float = key(0.0, "probability of random erasing per image; 0 = off")
 
 
 @dataclass
 class LossConfig:
-    name: str = "bce"
-    label_smoothing: float = 0.0
-    bce_target_thresh: float = 0.0  # 0 = soft targets kept; >0 binarizes targets at this threshold
+    """The training loss (engine/losses.py)."""
+
+    name: str = key("bce", "bce (RSB: binary cross-entropy on mixed targets) | ce (soft-target cross-entropy)")
+    label_smoothing: float = key(0.0, "label smoothing of the targets (ResNet-RS: 0.1)")
+    bce_target_thresh: float = key(0.0, "bce: binarize targets above this threshold (RSB A1: 0.2); 0 = soft targets")
 
 
 @dataclass
 class CheckpointConfig:
-    every_epochs: int = 1
-    every_minutes: float = 30.0  # also save mid-epoch this often; 0 = only at epoch ends
-    keep_last: int = 2
-    keep_best: bool = True
-    export_safetensors: bool = True
+    """Checkpoints in the run folder (engine/checkpoint.py, engine/run_folder.py)."""
+
+    every_epochs: int = key(1, "epochs between end-of-epoch checkpoints")
+    every_minutes: float = key(30.0, "also save mid-epoch at a log point this often; 0 = only at epoch ends")
+    keep_last: int = key(2, "end-of-epoch checkpoints to keep (older ones are removed)")
+    keep_best: bool = key(True, "also write the weights of the best validation top-1 as best.safetensors")
+    export_safetensors: bool = key(True, "write the final weights (the EMA's when kept) as model.safetensors for timm")
 
 
 @dataclass
 class LogConfig:
-    wandb: str = "off"  # off | offline | online
-    project: str = "rsb-trainer"
-    run_name: str = ""
-    progress: bool = True
+    """Console, metrics.jsonl and Weights & Biases."""
+
+    wandb: str = key("off", "off | offline | online: log to Weights & Biases")
+    project: str = key("rsb-trainer", "W&B project")
+    run_name: str = key("", "W&B run name; '' = the output folder's name")
+    progress: bool = key(True, "show a progress line per log point on the console")
 
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+    """A whole recipe: one table per section."""
+
+    model: ModelConfig = key(ModelConfig(), "[model] the network")
+    data: DataConfig = key(DataConfig(), "[data] converted data and backend")
+    train: TrainConfig = key(TrainConfig(), "[train] the training loop")
+    eval: EvalConfig = key(EvalConfig(), "[eval] validation")
+    optim: OptimConfig = key(OptimConfig(), "[optim] optimizer and schedule")
+    augment: AugmentConfig = key(AugmentConfig(), "[augment] training augmentation")
+    loss: LossConfig = key(LossConfig(), "[loss] the loss")
+    checkpoint: CheckpointConfig = key(CheckpointConfig(), "[checkpoint] checkpoints")
+    log: LogConfig = key(LogConfig(), "[log] logging")
 
 
 # Closed sets of values; checked after loading so a typo in a value is caught too.
@@ -416,6 +446,33 @@ def to_toml(cfg: Config) -> str:
 
 def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def explain(cfg: Config | None = None) -> str:
+    """Every key with its value (the defaults, or ``cfg``'s) and its help, as commented TOML:
+    what ``python -m engine.run --help-config`` prints (ffcv-imagenet's fastargs sections do this)."""
+    lines: list[str] = []
+
+    def table(cls: type, values: Any, name: str) -> None:
+        lines.append(f"[{name}]  # {(cls.__doc__ or '').strip().splitlines()[0]}")
+        nested = []
+        for f in dataclasses.fields(cls):
+            value = getattr(values, f.name)
+            if dataclasses.is_dataclass(value):
+                nested.append((f, value))
+                continue
+            lines.append(f"{f.name} = {toml_value(value)}  # {f.metadata['help']}")
+            choices = CHOICES.get(f"{name}.{f.name}")
+            if choices and not all(c in f.metadata["help"] for c in choices):
+                lines[-1] += f" (one of {', '.join(choices)})"
+        lines.append("")
+        for f, value in nested:
+            table(type(value), value, f"{name}.{f.name}")
+
+    cfg = cfg or Config()
+    for f in dataclasses.fields(Config):
+        table(type(getattr(cfg, f.name)), getattr(cfg, f.name), f.name)
+    return "\n".join(lines)
 
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
