@@ -29,13 +29,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from common.config import Config, load_config
-from engine.train_main import build_step_parts, compile_for_training
-from engine.trainer import DTYPES, EpochProgress, StepContext, train_one_epoch
+from engine.train_main import compile_for_training
+from engine.trainer import DTYPES, EpochProgress, StepContext, build_step, train_one_epoch
 from pipelines.augment import Stage2
 from pipelines.base import Batch
 
@@ -117,11 +117,10 @@ def make_stage2(cfg: Config, backend: str = "auto") -> Stage2:
 
 
 def engine_context(cfg: Config, device: torch.device, compiled: bool, compile_backend: str) -> StepContext:
-    parts = build_step_parts(cfg, device, steps_per_epoch=1000)
-    call = compile_for_training(parts.model, backend=compile_backend) if compiled else parts.model
-    return StepContext(model=call, raw_model=parts.model, optimizer=parts.optimizer, loss_fn=parts.loss_fn,
-                       lr_at=parts.lr_at, scaler=parts.scaler, precision=cfg.train.precision, device=device,
-                       accum_steps=1, grad_clip=cfg.train.grad_clip, ema=parts.ema)
+    ctx = build_step(cfg, device, steps_per_epoch=1000)
+    if compiled:
+        ctx.model = compile_for_training(ctx.raw_model, backend=compile_backend)
+    return ctx
 
 
 def time_engine(ctx: StepContext, batch: Batch, stage2, *, warmup: int, steps: int,

@@ -48,9 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(to_toml(cfg))
         return 0
-    from engine.train_main import train_from_args
+    from pathlib import Path
 
-    return train_from_args(cfg, args)
+    from engine.train_main import train
+
+    out = Path(args.out) if args.out else Path("runs") / Path(args.recipe).stem
+    return train(cfg, out, resume=args.resume, max_steps=args.max_steps)
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ def resume(spec: str | None, out: Path, parts, stage1, stage2, prog: EpochProgre
 
 
 def _load_into(state: dict, parts, stage1, stage2, prog: EpochProgress, best: dict, d: DistInfo, log) -> None:
-    parts.model.load_state_dict(state["model"])
+    parts.raw_model.load_state_dict(state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scaler.load_state_dict(state["scaler"])
     if parts.ema is not None and state.get("ema") is not None:
@@ -204,7 +204,7 @@ def _load_into(state: dict, parts, stage1, stage2, prog: EpochProgress, best: di
         prog.window_loss, prog.window_count = float(own["window"][0]), int(own["window"][1])
     if own.get("bn") is not None:  # this rank's own BatchNorm statistics (the checkpoint holds the average)
         with torch.no_grad():
-            for b, mine in zip(bn_running_stats(parts.model, parts.ema.module if parts.ema else None), own["bn"]):
+            for b, mine in zip(bn_running_stats(parts.raw_model, parts.ema.module if parts.ema else None), own["bn"]):
                 b.copy_(mine)
 
 

@@ -5,7 +5,6 @@ kept on any device count: per-device batch x world size x accumulation steps = g
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import math
 import signal
@@ -13,7 +12,7 @@ import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -24,13 +23,10 @@ from common.config import Config, ConfigError, to_dict
 from engine.data import build_train_pipeline, build_val_pipeline, check_num_classes
 from engine.distributed import DistInfo, any_rank, barrier, cleanup, init_distributed, reduce_bn_stats
 from engine.logging import RunLogger, format_progress
-from engine.losses import build_loss
-from engine.optim import build_optimizer
 from engine.precision import resolve_precision
 from engine.progressive import regularization_scale, resolution_for_epoch
-from engine.schedule import build_schedule
-from engine.trainer import EpochProgress, NonFiniteLossError, StepContext, evaluate, train_one_epoch
-from models.factory import UnknownModelError, create_model
+from engine.trainer import EpochProgress, NonFiniteLossError, StepContext, build_step, evaluate, train_one_epoch
+from models.factory import UnknownModelError
 from pipelines.augment import Stage2
 from pipelines.base import DataError, MissingBackendError
 
@@ -83,62 +79,16 @@ class StopRequest:
             signal.signal(sig, old)
 
 
-class EMA:
-    """Exponential moving average of weights (Polyak averaging), as in ResNet-RS (decay 0.9999).
-    Kept in fp32 on the model's device; buffers (BN statistics) are copied, not averaged. An
-    update is one multi-tensor lerp over the parameters and one multi-tensor copy of the buffers;
-    nothing is read back (no host sync)."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.module = _clone_model(model)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        ema_p = [p for p in self.module.parameters()]
-        src_p = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(ema_p, src_p, 1.0 - self.decay)
-        torch._foreach_copy_(list(self.module.buffers()), list(model.buffers()))
-
-
-def _clone_model(model: nn.Module) -> nn.Module:
-    import copy
-
-    clone = copy.deepcopy(model)
-    for p in clone.parameters():
-        p.requires_grad_(False)
-    return clone.eval()
-
-
-class StepParts(NamedTuple):
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    lr_at: Callable[[int], float]
-    loss_fn: nn.Module
-    scaler: torch.amp.GradScaler
-    ema: EMA | None
-
-
-def build_step_parts(cfg: Config, device: torch.device, steps_per_epoch: int) -> StepParts:
-    """What a training step needs, built from the recipe as every run builds it (the engine, and
-    the throughput profiler, which must time the very same step)."""
-    t = cfg.train
-    model = create_model(cfg.model, cfg.data.num_classes).to(device)
-    if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return StepParts(model=model, optimizer=build_optimizer(model, cfg.optim),
-                     lr_at=build_schedule(cfg.optim, t.epochs, steps_per_epoch),
-                     loss_fn=build_loss(cfg.loss, cfg.data.num_classes).to(device),
-                     scaler=torch.amp.GradScaler(device.type, enabled=t.precision == "fp16"),
-                     ema=EMA(model, t.ema_decay) if t.ema_decay > 0 else None)
-
-
 def compile_for_training(module: nn.Module, backend: str = "inductor") -> nn.Module:
     """``torch.compile`` as the engine uses it: static shapes, so a progressive-resolution run
     compiles once per training resolution and reuses each graph (``dynamic=None`` would switch to
     a dynamic-shape graph at the second resolution). Evaluation runs the uncompiled module.
     ``backend`` is for tests (the default is what training uses)."""
     return torch.compile(module, dynamic=False, backend=backend)
+
+
+def build_step_parts(cfg: Config, device: torch.device, steps_per_epoch: int) -> StepContext:
+    return build_step(cfg, device, steps_per_epoch)  # TEMPORARY alias while toolkit/profiling moves
 
 
 def seed_everything(seed: int) -> None:
@@ -151,110 +101,84 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_from_args(cfg: Config, args: argparse.Namespace) -> int:
-    dist_info = init_distributed()
-    out = Path(args.out or Path("runs") / Path(args.recipe).stem)
+def train(cfg: Config, out: Path, resume: str | None = None, max_steps: int | None = None) -> int:
+    """Train the recipe ``cfg`` into the run folder ``out``; returns the exit status: 0, 2 for a user
+    error (one line: config, data, out of memory, full disk), 3 for a diverged run, 128 + signal
+    when stopped by SIGTERM/SIGINT (after an ``interrupted`` checkpoint)."""
+    d = init_distributed()
     existed = out.exists()
-    say = _printer(dist_info)
     try:
-        return _train(cfg, args, dist_info, out)
+        return _train(cfg, d, out, resume, max_steps)
     except (ConfigError, DataError, MissingBackendError, UnknownModelError) as e:
-        say(f"error: {e}", every_rank=False)
+        _say(d, f"error: {e}")
         return 2
     except NonFiniteLossError as e:
-        if dist_info.is_main:
-            say(f"error: {e}; {run_folder.reject_after_failure(out)}", every_rank=False)
+        if d.is_main:
+            _say(d, f"error: {e}; {run_folder.reject_after_failure(out)}")
         return 3
     except torch.OutOfMemoryError:
-        per_device, _ = batch_composition(cfg.train.global_batch_size, dist_info.world_size,
-                                          cfg.train.per_device_batch_size)
-        say(f"error: out of GPU memory at per-device batch {per_device}; set "
-            f"train.per_device_batch_size={max(1, per_device // 2)} (gradient accumulation keeps the global "
-            f"batch {cfg.train.global_batch_size})", every_rank=True)
+        per_device, _ = batch_composition(cfg.train.global_batch_size, d.world_size, cfg.train.per_device_batch_size)
+        _say(d, f"error: out of GPU memory at per-device batch {per_device}; set "
+                f"train.per_device_batch_size={max(1, per_device // 2)} (gradient accumulation keeps the global "
+                f"batch {cfg.train.global_batch_size})", every_rank=True)
         return 2
     except OSError as e:
         if not ckpt.is_disk_full(e):
             raise
         detail = e.strerror if isinstance(e, ckpt.DiskFullError) else str(ckpt.disk_full(out, 0).strerror)
-        say(f"error: {detail}; earlier checkpoints are intact, continue with --resume auto", every_rank=False)
+        _say(d, f"error: {detail}; earlier checkpoints are intact, continue with --resume auto")
         return 2
     finally:
         cleanup()
-        if not existed and dist_info.is_main:
+        if not existed and d.is_main:
             run_folder.remove_if_empty(out)
 
 
-def _printer(d: DistInfo):
-    """Errors every rank would print alike (config, data, NaN) are printed by rank 0 only."""
-    def say(msg: str, every_rank: bool) -> None:
-        if every_rank and d.enabled:
-            print(f"[rank {d.rank}] {msg}", file=sys.stderr, flush=True)
-        elif d.is_main:
-            print(msg, file=sys.stderr, flush=True)
-    return say
+def _say(d: DistInfo, msg: str, every_rank: bool = False) -> None:
+    """An error line on stderr. Errors every rank finds alike (config, data, NaN) are printed by
+    rank 0 only; ``every_rank`` ones (out of memory) carry the rank."""
+    if every_rank and d.enabled:
+        print(f"[rank {d.rank}] {msg}", file=sys.stderr, flush=True)
+    elif d.is_main:
+        print(msg, file=sys.stderr, flush=True)
 
 
-def _train(cfg: Config, args, d: DistInfo, out: Path) -> int:
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _quiet(msg: str) -> None:
+    """Where rank 0 alone reports: the other ranks' sink."""
+
+
+def _train(cfg: Config, d: DistInfo, out: Path, resume: str | None, max_steps: int | None) -> int:
+    """The run top to bottom: set-up, resume, the epoch loop (log points, mid-epoch checkpoints,
+    stop decisions, evaluation, end-of-epoch checkpoints), the export."""
     requested = cfg.train.precision
-    say = (lambda m: print(m, file=sys.stderr, flush=True)) if d.is_main else (lambda m: None)
-    cfg = replace(cfg, train=replace(cfg.train, precision=resolve_precision(requested, d.device, warn=say)))
+    cfg = _set_up_device(cfg, d)
     t, device = cfg.train, d.device
-    if t.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    seed_everything(t.seed + d.rank)
     per_device, accum = batch_composition(t.global_batch_size, d.world_size, t.per_device_batch_size)
     epochs_total = t.epochs + cfg.optim.cooldown_epochs
-    res0 = resolution_for_epoch(t.progressive, 0, epochs_total, t.train_res)
-    train_pipe = build_train_pipeline(cfg.data, cfg.augment, res=res0, batch_size=per_device, rank=d.rank,
-                                      world_size=d.world_size, device=device, seed=t.seed,
-                                      channels_last=t.channels_last)
-    val_pipe = build_val_pipeline(cfg.data, cfg.eval, rank=d.rank, world_size=d.world_size, device=device)
-    check_num_classes(cfg.data, train_pipe)
-    steps_per_epoch = len(train_pipe) // accum
-    if steps_per_epoch == 0:
-        raise DataError(f"the train set gives {len(train_pipe)} batches per process, fewer than one optimizer step "
-                        f"({accum} batches); lower train.global_batch_size")
-    run_folder.prepare(out, args.resume, d, log=print if d.is_main else (lambda m: None))
-    run_id = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]
-    log = RunLogger(cfg.log, out, to_dict(cfg), enabled=d.is_main, run_id=run_id)
+    train_pipe, val_pipe, steps_per_epoch = _pipelines(cfg, d, per_device, accum, epochs_total)
+    run_folder.prepare(out, resume, d, log=print if d.is_main else _quiet)
+    log = RunLogger(cfg.log, out, to_dict(cfg), enabled=d.is_main, run_id=_run_id(out))
     log.info(f"batch: global {t.global_batch_size} = {per_device} per device x {d.world_size} processes x "
              f"{accum} accumulation steps; device {device}; precision {t.precision}"
              + (" (auto)" if requested == "auto" else ""))
-    nc = cfg.data.num_classes
-    stage2 = Stage2(cfg.augment, nc, cfg.loss.label_smoothing, train=True, channels_last=t.channels_last,
-                    seed=t.seed * 1000 + d.rank)
-    stage2_eval = Stage2(cfg.augment, nc, 0.0, train=False, channels_last=t.channels_last)
-    parts = build_step_parts(cfg, device, steps_per_epoch)
-    model, ema = parts.model, parts.ema
+    stage2 = Stage2(cfg.augment, cfg.data.num_classes, cfg.loss.label_smoothing, train=True,
+                    channels_last=t.channels_last, seed=t.seed * 1000 + d.rank)
+    stage2_eval = Stage2(cfg.augment, cfg.data.num_classes, 0.0, train=False, channels_last=t.channels_last)
+    ctx = build_step(cfg, device, steps_per_epoch)
     prog, best = EpochProgress(), {"val_top1": -1.0}
-    resumed = run_folder.resume(args.resume, out, parts, train_pipe, stage2, prog, best, d, log=log.info)
+    resumed = run_folder.resume(resume, out, ctx, train_pipe, stage2, prog, best, d, log=log.info)
     # Records an interrupted run logged after its last checkpoint (all of them, when it wrote none
     # and this run starts fresh) are logged again: one record per step.
     log.truncate(prog.records, prog.step)
     if resumed:
         log.info(f"resumed from {resumed} at epoch {prog.epoch}, batch {prog.batch}, step {prog.step}")
-    saver = run_folder.Checkpointer(out, cfg, d, model, parts.optimizer, parts.scaler, ema, train_pipe, stage2,
-                                     log)
-    call_model: nn.Module = model
-    if d.enabled:
-        with warnings.catch_warnings():
-            # broadcast_buffers=False is what we need: each rank keeps its own BatchNorm statistics
-            # (restored per rank on resume), so buffers must not be synced at construction either,
-            # which the suggested forward_sync_buffers=False would still do.
-            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*deprecated", category=FutureWarning)
-            call_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=64,
-                gradient_as_bucket_view=True, broadcast_buffers=False)
-    if t.compile:
-        call_model = compile_for_training(call_model)
-    ctx = StepContext(model=call_model, raw_model=model, optimizer=parts.optimizer, loss_fn=parts.loss_fn,
-                      lr_at=parts.lr_at, scaler=parts.scaler, precision=t.precision, device=device, accum_steps=accum,
-                      grad_clip=t.grad_clip, ema=ema, is_ddp=d.enabled)
+    saver = run_folder.Checkpointer(out, cfg, d, ctx.raw_model, ctx.optimizer, ctx.scaler, ctx.ema, train_pipe,
+                                    stage2, log)
+    _wrap_for_training(ctx, d, accum, t.compile)
     final_metrics: dict[str, Any] = {}
     stopped = None
     with StopRequest() as stop:
@@ -267,7 +191,7 @@ def _train(cfg: Config, args, d: DistInfo, out: Path) -> int:
                 log.info(f"epoch {epoch}: train res {res}, {steps_per_epoch} steps")
             for rec in train_one_epoch(ctx, train_pipe, stage2, prog, steps_per_epoch=steps_per_epoch,
                                        log_every=t.log_every, stop=None if d.enabled else stop,
-                                       max_steps=args.max_steps, loss_limit=t.loss_limit):
+                                       max_steps=max_steps, loss_limit=t.loss_limit):
                 saver.confirm_pending()  # the loss window up to this step has passed its check
                 if "train_loss" in rec:
                     log.metrics(rec)
@@ -288,7 +212,7 @@ def _train(cfg: Config, args, d: DistInfo, out: Path) -> int:
             last_epoch = epoch == epochs_total - 1 or stopped is not None
             evaluated = last_epoch or (epoch + 1) % t.eval_every == 0
             if evaluated:
-                final_metrics = _evaluate(model, ema, val_pipe, stage2_eval, cfg, d, out, prog, best, log)
+                final_metrics = _evaluate(ctx, val_pipe, stage2_eval, cfg, d, out, prog, best, log)
             prog.epoch, prog.batch = epoch + 1, 0
             prog.window_loss, prog.window_count = 0.0, 0
             if stopped is None and ((epoch + 1) % cfg.checkpoint.every_epochs == 0 or last_epoch):
@@ -296,22 +220,81 @@ def _train(cfg: Config, args, d: DistInfo, out: Path) -> int:
                 if path is not None:
                     log.artifact(path, epoch, {"val_top1": final_metrics.get("val_top1")})
     barrier()
-    interrupted = stopped == "stop requested"
+    return _finish(cfg, d, out, ctx, prog, final_metrics, stop if stopped == "stop requested" else None, log)
+
+
+def _set_up_device(cfg: Config, d: DistInfo) -> Config:
+    """The recipe with ``train.precision`` resolved for this device; cuDNN flags and seeds set."""
+    t = cfg.train
+    precision = resolve_precision(t.precision, d.device, warn=_stderr if d.is_main else _quiet)
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif d.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    seed_everything(t.seed + d.rank)
+    return replace(cfg, train=replace(t, precision=precision))
+
+
+def _pipelines(cfg: Config, d: DistInfo, per_device: int, accum: int, epochs_total: int):
+    """(train pipeline at the first epoch's resolution, val pipeline, optimizer steps per epoch)."""
+    t = cfg.train
+    res0 = resolution_for_epoch(t.progressive, 0, epochs_total, t.train_res)
+    train_pipe = build_train_pipeline(cfg.data, cfg.augment, res=res0, batch_size=per_device, rank=d.rank,
+                                      world_size=d.world_size, device=d.device, seed=t.seed,
+                                      channels_last=t.channels_last)
+    val_pipe = build_val_pipeline(cfg.data, cfg.eval, rank=d.rank, world_size=d.world_size, device=d.device)
+    check_num_classes(cfg.data, train_pipe)
+    steps_per_epoch = len(train_pipe) // accum
+    if steps_per_epoch == 0:
+        raise DataError(f"the train set gives {len(train_pipe)} batches per process, fewer than one optimizer step "
+                        f"({accum} batches); lower train.global_batch_size")
+    return train_pipe, val_pipe, steps_per_epoch
+
+
+def _run_id(out: Path) -> str:
+    """The W&B run id: the same for every resume of one run folder."""
+    return hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]
+
+
+def _wrap_for_training(ctx: StepContext, d: DistInfo, accum: int, compile: bool) -> None:
+    """DDP (when distributed) and torch.compile around ``ctx.raw_model``; the step calls ``ctx.model``."""
+    ctx.accum_steps, ctx.is_ddp = accum, d.enabled
+    if d.enabled:
+        with warnings.catch_warnings():
+            # broadcast_buffers=False is what we need: each rank keeps its own BatchNorm statistics
+            # (restored per rank on resume), so buffers must not be synced at construction either,
+            # which the suggested forward_sync_buffers=False would still do.
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*deprecated", category=FutureWarning)
+            ctx.model = nn.parallel.DistributedDataParallel(
+                ctx.raw_model, device_ids=[d.device.index] if d.device.type == "cuda" else None, bucket_cap_mb=64,
+                gradient_as_bucket_view=True, broadcast_buffers=False)
+    if compile:
+        ctx.model = compile_for_training(ctx.model)
+
+
+def _finish(cfg: Config, d: DistInfo, out: Path, ctx: StepContext, prog: EpochProgress, final_metrics: dict,
+            stopped_by: StopRequest | None, log) -> int:
+    """The export and the final line; the exit status (128 + signal when a stop was requested)."""
     # A resumed run that had already finished trains and evaluates nothing: keep its export as it is.
     fresh_export = bool(final_metrics) or not (out / "model.safetensors").exists()
-    if d.is_main and not interrupted and cfg.checkpoint.export_safetensors and fresh_export:
-        run_folder.export(ema.module if ema else model, out / "model.safetensors", cfg, final_metrics, prog.epoch - 1)
-    if final_metrics and d.is_main and not interrupted:
+    if d.is_main and stopped_by is None and cfg.checkpoint.export_safetensors and fresh_export:
+        run_folder.export(ctx.ema.module if ctx.ema else ctx.raw_model, out / "model.safetensors", cfg, final_metrics,
+                          prog.epoch - 1)
+    if final_metrics and d.is_main and stopped_by is None:
         print(f"final val top-1 {final_metrics['val_top1']:.2f} top-5 {final_metrics['val_top5']:.2f} "
               f"(epoch {final_metrics['epoch']}, step {final_metrics['step']}) -> {out}", flush=True)
     log.close()
-    return stop.exit_code() if interrupted else 0
+    return stopped_by.exit_code() if stopped_by is not None else 0
 
 
-def _evaluate(model, ema, val_pipe, stage2_eval, cfg: Config, d: DistInfo, out: Path, prog: EpochProgress,
+def _evaluate(ctx: StepContext, val_pipe, stage2_eval, cfg: Config, d: DistInfo, out: Path, prog: EpochProgress,
               best: dict, log) -> dict[str, Any]:
     """Validation of the evaluated weights (the EMA's when kept) after BatchNorm statistics are
     averaged over ranks; a NaN/Inf validation loss stops the run like a training one."""
+    model, ema = ctx.raw_model, ctx.ema
     reduce_bn_stats(model, ema.module if ema else None)  # every rank evaluates the same model
     eval_model = ema.module if ema else model
     val_pipe.set_epoch(prog.epoch)

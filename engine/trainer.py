@@ -21,8 +21,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.config import Config
 from engine.distributed import all_reduce_sum, all_reduce_min
-from engine.optim import clear_grads
+from engine.ema import EMA
+from engine.losses import build_loss
+from engine.optim import build_optimizer, clear_grads
+from engine.schedule import build_schedule
+from models.factory import create_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -38,20 +43,37 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class StepContext:
-    """What the step needs besides the batch; built once by the run set-up."""
+    """What a training step needs besides the batch, built by :func:`build_step` as every user
+    builds it (the engine, the throughput profiler and the GPU check time the very same step).
+    The run then wraps ``model`` (DDP, ``torch.compile``) and sets ``accum_steps``/``is_ddp``."""
 
-    model: nn.Module  # the DDP-wrapped (or plain / compiled) module that is called
-    raw_model: nn.Module  # the underlying module (EMA, checkpoints)
+    model: nn.Module  # the module that is called: plain, or DDP-wrapped and/or compiled
+    raw_model: nn.Module  # the underlying module (EMA, checkpoints, BN averaging)
     optimizer: torch.optim.Optimizer
     loss_fn: nn.Module
     lr_at: Callable[[int], float]
     scaler: torch.amp.GradScaler
     precision: str
     device: torch.device
-    accum_steps: int
+    accum_steps: int = 1
     grad_clip: float = 0.0
-    ema: Any = None
+    ema: EMA | None = None
     is_ddp: bool = False
+
+
+def build_step(cfg: Config, device: torch.device, steps_per_epoch: int) -> StepContext:
+    """Model (channels-last when the recipe says so), optimizer, schedule, loss, GradScaler (on for
+    fp16 only) and EMA from a recipe whose ``train.precision`` is already resolved."""
+    t = cfg.train
+    model = create_model(cfg.model, cfg.data.num_classes).to(device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return StepContext(model=model, raw_model=model, optimizer=build_optimizer(model, cfg.optim),
+                       lr_at=build_schedule(cfg.optim, t.epochs, steps_per_epoch),
+                       loss_fn=build_loss(cfg.loss, cfg.data.num_classes).to(device),
+                       scaler=torch.amp.GradScaler(device.type, enabled=t.precision == "fp16"),
+                       precision=t.precision, device=device, grad_clip=t.grad_clip,
+                       ema=EMA(model, t.ema_decay) if t.ema_decay > 0 else None)
 
 
 @dataclass

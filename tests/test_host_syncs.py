@@ -10,14 +10,13 @@ compiled kernels and host-side scalars, which are free there).
 """
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
 
 from common.config import load_config
-from engine.train_main import build_step_parts, compile_for_training
-from engine.trainer import EpochProgress, StepContext, train_one_epoch
+from engine.train_main import compile_for_training
+from engine.trainer import EpochProgress, StepContext, build_step, train_one_epoch
 from pipelines.augment import Stage2
 from pipelines.augment import randaugment as RA
 from pipelines.base import Batch
@@ -57,12 +56,11 @@ class _Feed:
 
 def _context(cfg, steps: int, accum: int = 1, model_wrapper=None) -> tuple[StepContext, Stage2]:
     dev = torch.device("cpu")
-    parts = build_step_parts(cfg, dev, steps)
-    parts.optimizer.clip_on_host = False  # the CUDA branch of Lamb
-    call = model_wrapper(parts.model) if model_wrapper else parts.model
-    ctx = StepContext(model=call, raw_model=parts.model, optimizer=parts.optimizer, loss_fn=parts.loss_fn,
-                      lr_at=parts.lr_at, scaler=parts.scaler, precision=cfg.train.precision, device=dev,
-                      accum_steps=accum, ema=parts.ema)
+    ctx = build_step(cfg, dev, steps)
+    ctx.optimizer.clip_on_host = False  # the CUDA branch of Lamb
+    ctx.accum_steps = accum
+    if model_wrapper:
+        ctx.model = model_wrapper(ctx.raw_model)
     stage2 = Stage2(cfg.augment, cfg.data.num_classes, cfg.loss.label_smoothing, train=True, channels_last=True,
                     seed=0, backend="torch")
     return ctx, stage2
