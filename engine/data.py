@@ -6,7 +6,6 @@ silent switch to another backend (DESIGN.md: no silent fallbacks that change the
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 import torch
@@ -28,13 +27,6 @@ def _require(module: str, backend: str):
         if backend in INSTALL_HINT and (backend in str(e) or "nvidia" in str(e)):
             raise MissingBackendError(INSTALL_HINT[backend]) from None
         raise
-
-
-def read_manifest(root: str | Path) -> dict | None:
-    path = Path(root) / "manifest.json"
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
 
 
 def check_data_root(data: DataConfig) -> None:

@@ -26,7 +26,7 @@ from engine.distributed import all_reduce_sum, all_reduce_min
 from engine.ema import EMA
 from engine.losses import build_loss
 from engine.optim import build_optimizer, clear_grads
-from engine.schedule import build_schedule
+from engine.schedule import apply_lr, build_schedule
 from models.factory import create_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -197,9 +197,7 @@ def train_one_epoch(ctx: StepContext, pipeline, stage2, prog: EpochProgress, *, 
         window_wait += time.perf_counter() - t0
         micro = prog.batch % ctx.accum_steps
         if micro == 0:
-            lr = ctx.lr_at(prog.step)
-            for group in ctx.optimizer.param_groups:
-                group["lr"] = lr
+            apply_lr(ctx.optimizer, ctx.lr_at(prog.step))
         prog.skipped_images += len(getattr(batch, "skipped", ()))
         images, targets = stage2(batch)
         last_micro = micro == ctx.accum_steps - 1

@@ -13,7 +13,6 @@ the two rules the pipelines layer on top:
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from pipelines.base import DataError
+from pipelines.convert.manifest import load_manifest
 from pipelines.sampler import ShardSampler
 
 CONVERT_HINT = "run the converter first: python tools/convert_imagenet.py SRC {root} --formats {fmt}"
@@ -54,18 +54,6 @@ def _split_entry(manifest: dict, split: str, fmt: str) -> dict | None:
     if isinstance(sub, dict):
         return {**{k: v for k, v in entry.items() if not isinstance(v, dict)}, **sub}
     return entry
-
-
-def load_manifest(root: Path, hint: str) -> dict | None:
-    """``root/manifest.json`` parsed; None when there is none; :class:`DataError` (ending with
-    ``hint``, what to run) when it cannot be read."""
-    path = root / "manifest.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {path} ({e}); {hint}") from None
 
 
 def read_split(root: str | Path, split: str, fmt: str) -> SplitInfo:

@@ -61,7 +61,7 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms import InterpolationMode
 
-from ._stage1_common import load_manifest
+from .convert.manifest import load_manifest
 from .base import Batch, DataError
 from .convert.items import decode_items
 from .sampler import ShardSampler
