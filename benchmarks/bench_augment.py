@@ -11,26 +11,22 @@ Also timed in the same loop: Stage2 allocating a fresh output every call (no buf
 Stage2 on its torch backend (the code CUDA runs), Stage2 with a bf16 output (what AMP runs can
 take) and a floor, allocating and writing a float32 batch once.
 
-Usage: python benchmarks/bench_augment.py [--batch 64] [--res 224] [--iters 5] [--threads 2]
+Usage: python -m benchmarks.bench_augment [--batch 64] [--res 224] [--iters 5] [--threads 2]
        [--rand rand-m7-mstd0.5-inc1] [--device cpu]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common.config import AugmentConfig  # noqa: E402
-from pipelines.augment import Stage2  # noqa: E402
-from pipelines.base import Batch  # noqa: E402
-from tests.photos import photo_crops  # noqa: E402
+from common.config import AugmentConfig
+from pipelines.augment import Stage2
+from pipelines.base import Batch
+from tests.photos import photo_crops
 
 
 def timed(fn, iters: int, sync=lambda: None) -> list[float]:

@@ -8,23 +8,21 @@ same number of worker processes; runs alternate (ours, peer, ours, ...) and the 
 ``--repeats`` is reported, since other jobs share this machine's CPUs. Goal: ours (writing BOTH
 formats) no slower than the peer (writing FFCV only).
 
-    python benchmarks/bench_convert.py [--images 512] [--workers 2] [--repeats 3] [--markdown PATH]
+    python -m benchmarks.bench_convert [--images 512] [--workers 2] [--repeats 3] [--markdown PATH]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from pipelines.convert.convert import Settings, convert
+from tests.photos import photo_crops
 
-from pipelines.convert.convert import Settings, convert  # noqa: E402
-from tests.photos import photo_crops  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_tree(root: Path, n: int, classes: int = 8) -> int:

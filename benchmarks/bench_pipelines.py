@@ -25,7 +25,7 @@ batch in the consuming thread (pipelines.augment.Stage2: RandAugment rand-m7-mst
 mixup 0.1 / CutMix 1.0, the A2 recipe). Epochs are interleaved across backends, one warm-up epoch
 each first (FFCV JIT-compiles on its first epoch); the figure is the median of ``--rounds`` epochs.
 
-Usage: python benchmarks/bench_pipelines.py [--images 1024] [--batch 64] [--res 224] [--workers 2]
+Usage: python -m benchmarks.bench_pipelines [--images 1024] [--batch 64] [--res 224] [--workers 2]
        [--rounds 3] [--device cpu] [--data /tmp/bench_pipelines_data] [--write results.md]
 """
 from __future__ import annotations
@@ -41,11 +41,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common.config import AugmentConfig
+from pipelines.base import Batch
 
-from common.config import AugmentConfig  # noqa: E402
-from pipelines.base import Batch  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_data(data: Path, images: int, workers: int, raw: bool = False) -> Path:
@@ -212,7 +211,7 @@ def main() -> None:
 
     load = os.getloadavg()
     lines = [f"# Stage-1 pipeline throughput, {a.device.upper()}", "",
-             f"Command: `.venv/bin/python benchmarks/bench_pipelines.py {' '.join(sys.argv[1:])}`", "",
+             f"Command: `.venv/bin/python -m benchmarks.bench_pipelines {' '.join(sys.argv[1:])}`", "",
              f"Machine: {platform.node() and 'shared container'}, {os.cpu_count()} CPU cores "
              f"({platform.processor() or platform.machine()}), "
              f"{'GPU ' + torch.cuda.get_device_name() if a.device.startswith('cuda') else 'no GPU'}; "

@@ -186,6 +186,15 @@ class Config:
     log: LogConfig = key(LogConfig(), "[log] logging")
 
 
+# The package that reads each section (tests/test_config_fields_used.py checks every key is read
+# there): models/ builds the model; pipelines/ reads the data, eval and augment sections (its
+# build.py maps them onto a backend and stage 2); the training engine reads the rest.
+SECTION_OWNERS: dict[str, str] = {
+    "model": "models", "data": "pipelines", "eval": "pipelines", "augment": "pipelines",
+    "train": "engine", "optim": "engine", "loss": "engine", "checkpoint": "engine", "log": "engine",
+}
+
+
 # Closed sets of values; checked after loading so a typo in a value is caught too.
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.pipeline": ("ffcv", "dali", "reference", "synthetic"),

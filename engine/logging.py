@@ -30,7 +30,7 @@ class RunLogger:
         self.out.mkdir(parents=True, exist_ok=True)
         self._metrics = open(self.out / "metrics.jsonl", "a", buffering=1)
         if cfg.wandb != "off":
-            self.wandb = _start_wandb(cfg, self.out, config_dict, run_id)
+            self.wandb = start_wandb(cfg, self.out, config_dict, run_id)
 
     def truncate(self, records: int, step: int) -> None:
         """Keep what a resumed checkpoint had seen: its first ``records`` records (``records`` < 0:
@@ -87,7 +87,9 @@ class RunLogger:
             self.wandb = None
 
 
-def _start_wandb(cfg: LogConfig, out: Path, config_dict: dict[str, Any], run_id: str):
+def start_wandb(cfg: LogConfig, out: Path, config_dict: dict[str, Any], run_id: str):
+    """A W&B run for ``cfg`` in ``out``, as the engine starts one (also used by tools, e.g. Grad-CAM). Exits
+    with a one-line SystemExit message when wandb is missing or ``online`` has no login."""
     try:
         import wandb
     except ImportError:

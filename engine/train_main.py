@@ -20,7 +20,7 @@ import torch.nn as nn
 from engine import checkpoint as ckpt
 from engine import run_folder
 from common.config import Config, ConfigError, to_dict
-from engine.data import build_train_pipeline, build_val_pipeline, check_num_classes
+from pipelines.build import build_train_pipeline, build_val_pipeline, check_num_classes
 from engine.distributed import DistInfo, any_rank, barrier, cleanup, init_distributed, reduce_bn_stats
 from engine.logging import RunLogger, format_progress
 from engine.precision import resolve_precision
@@ -85,10 +85,6 @@ def compile_for_training(module: nn.Module, backend: str = "inductor") -> nn.Mod
     a dynamic-shape graph at the second resolution). Evaluation runs the uncompiled module.
     ``backend`` is for tests (the default is what training uses)."""
     return torch.compile(module, dynamic=False, backend=backend)
-
-
-def build_step_parts(cfg: Config, device: torch.device, steps_per_epoch: int) -> StepContext:
-    return build_step(cfg, device, steps_per_epoch)  # TEMPORARY alias while toolkit/profiling moves
 
 
 def seed_everything(seed: int) -> None:

@@ -59,7 +59,7 @@ try:
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
     from nvidia.dali.plugin.pytorch import feed_ndarray
-except ImportError as e:  # engine/data.py turns this into the one-line "what to install" message
+except ImportError as e:  # pipelines/build.py turns this into the one-line "what to install" message
     raise MissingBackendError(f"DALI is not importable ({e}): pip install -e '.[dali]' (nvidia-dali-cuda130), "
                               "or set data.pipeline=reference") from None
 
@@ -187,7 +187,7 @@ class _Feed:
 
 
 class DALIPipeline:
-    """DALI stage 1 for ``split`` in {"train", "val"}; keywords as engine/data.py passes them."""
+    """DALI stage 1 for ``split`` in {"train", "val"}; keywords as pipelines/build.py passes them."""
 
     def __init__(self, root, split: str, *, batch_size: int, res: int, device="cpu", rank: int = 0,
                  world_size: int = 1, seed: int = 0, repeats: int = 0, workers: int = 8,

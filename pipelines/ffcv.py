@@ -51,7 +51,7 @@ try:
     from ffcv.pipeline.compiler import Compiler
     from ffcv.traversal_order.base import TraversalOrder
     from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
-except ImportError as e:  # engine/data.py turns this into the one-line "what to install" message
+except ImportError as e:  # pipelines/build.py turns this into the one-line "what to install" message
     raise MissingBackendError(f"FFCV is not importable ({e}): pip install -e '.[ffcv]' "
                               "(needs libturbojpeg and OpenCV dev packages), or set data.pipeline=reference") from None
 
@@ -189,7 +189,7 @@ def _check_size(beton: Path, entry: dict) -> None:
 
 
 class FFCVPipeline:
-    """FFCV stage 1 for ``split`` in {"train", "val"}; keywords as engine/data.py passes them."""
+    """FFCV stage 1 for ``split`` in {"train", "val"}; keywords as pipelines/build.py passes them."""
 
     def __init__(self, root, split: str, *, batch_size: int, res: int, device="cpu", rank: int = 0,
                  world_size: int = 1, seed: int = 0, repeats: int = 0, workers: int = 8,

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.gradcam import LayerError, explain, pick_samples, target_layer
-from engine.load_model import load_model
+from toolkit.gradcam import LayerError, explain, pick_samples, target_layer
+from toolkit.load_model import load_model
 from pipelines.augment import Stage2
 from pipelines.base import Batch
 
@@ -112,11 +112,8 @@ def test_grid_png_and_wandb_table(tiny_runs, tmp_path):
 
 def cli(capsys, *args) -> tuple[int, str, str]:
     """tools/gradcam.py's main() in this process (no interpreter start-up): (status, stdout, stderr)."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import gradcam as tool
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
+    from tools import gradcam as tool
+
     code = tool.main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err

@@ -149,7 +149,7 @@ def photos_root(tmp_path_factory) -> Path:
 
 
 def make(backend: str, root: Path, split: str, **kw):
-    """Construct a backend with the exact keywords engine/data.py uses."""
+    """Construct a backend with the exact keywords pipelines/build.py uses."""
     if backend == "ffcv":
         pytest.importorskip("ffcv")
         from pipelines.ffcv import FFCVPipeline as cls
@@ -410,11 +410,11 @@ def check_missing_data(backend: str, tmp_path: Path, ids_root: Path) -> None:
 
 def check_missing_backend(module: str, backend_pkg: str, monkeypatch) -> None:
     """If the backend package cannot be imported, the module import raises MissingBackendError
-    (engine/data.py's one-line install hint), never a silent fallback."""
+    (pipelines/build.py's one-line install hint), never a silent fallback."""
     import importlib
 
     from common.config import AugmentConfig, DataConfig
-    from engine.data import build_train_pipeline
+    from pipelines.build import build_train_pipeline
     from pipelines.base import MissingBackendError
 
     for name in [m for m in sys.modules if m == backend_pkg or m.startswith(backend_pkg + ".")]:

@@ -2,7 +2,6 @@
 window (warm-up excluded, data wait counted), one-line user errors, and the bottleneck rules."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import profiling
 from common.config import load_config
 from pipelines.synthetic import SyntheticPipeline
+from toolkit import profiling
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "profile_throughput.py"
@@ -25,10 +24,9 @@ TINY = ["model.arch=resnet_tiny", "data.pipeline=reference", "data.num_classes=1
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("profile_throughput", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from tools import profile_throughput
+
+    return profile_throughput
 
 
 def run_tool(*args: str) -> subprocess.CompletedProcess:

@@ -15,11 +15,9 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipelines.convert.convert import FORMATS, WRITE_MODES, Settings, convert, skip_problems  # noqa: E402
-from pipelines.convert.sources import SourceError  # noqa: E402
-from pipelines.convert.state import StateError  # noqa: E402
+from pipelines.convert.convert import FORMATS, WRITE_MODES, Settings, convert, skip_problems
+from pipelines.convert.sources import SourceError
+from pipelines.convert.state import StateError
 
 D = Settings()
 

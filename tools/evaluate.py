@@ -7,8 +7,9 @@
 
 CHECKPOINT is a training checkpoint (``ckpt-*.pt``: its EMA weights when the run kept an EMA, as the
 engine evaluates) or a ``*.safetensors`` export of a run. The evaluation is the engine's own
-(engine.data.build_val_pipeline + stage 2 + engine.trainer.evaluate) with the run's resolved config,
-so with no options changed it gives exactly the val top-1 the run logged for those weights.
+(pipelines.build.build_val_pipeline + stage 2 + engine.trainer.evaluate) with the run's resolved config,
+so with no options changed it gives exactly the val top-1 the run logged for those weights
+(logic: toolkit/evaluate.py; this file parses options and prints).
 
 --data: a converter output folder (``manifest.json``; FFCV/DALI/reference all read it), a class-folder
 tree with ``val/<class>/``, or (reference pipeline) a class-folder directory itself. --imagenet-v2:
@@ -19,22 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from common.config import CHOICES, ConfigError  # noqa: E402
-from engine.data import build_val_pipeline, check_num_classes  # noqa: E402
-from engine.load_model import CheckpointError, load_model  # noqa: E402
-from engine.precision import resolve_precision  # noqa: E402
-from engine.trainer import evaluate  # noqa: E402
-from pipelines.augment import Stage2  # noqa: E402
-from pipelines.base import DataError, MissingBackendError  # noqa: E402
+from common.config import CHOICES, ConfigError
+from pipelines.base import DataError, MissingBackendError
+from toolkit.evaluate import evaluate_checkpoint
+from toolkit.load_model import CheckpointError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,51 +51,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _val_pipeline(cfg, args, device: torch.device):
-    """The engine's val pipeline, except for a bare class-folder directory or ImageNet-V2 layout,
-    which only the reference (PIL) reader can take."""
-    from pipelines.reference import ReferencePipeline, bare_class_folder
-
-    data = Path(cfg.data.root)
-    split_dir = bare_class_folder(data)
-    if cfg.data.pipeline == "reference" and (split_dir is not None or args.imagenet_v2):
-        return ReferencePipeline(str(data), "val", batch_size=cfg.eval.batch_size, res=cfg.eval.res,
-                                 crop_pct=cfg.eval.crop_pct, workers=cfg.data.workers, device=device,
-                                 split_dir=split_dir, class_index_folders=args.imagenet_v2)
-    if args.imagenet_v2:
-        raise DataError("--imagenet-v2 reads class-index folders with the reference pipeline; add --pipeline reference")
-    return build_val_pipeline(cfg.data, cfg.eval, rank=0, world_size=1, device=device)
-
-
-def run(args: argparse.Namespace) -> dict:
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for but no CUDA device is visible; use --device cpu")
-    model, cfg = load_model(args.checkpoint, device, recipe=args.recipe)
-    cfg = replace(cfg,
-                  data=replace(cfg.data, root=args.data or cfg.data.root, pipeline=args.pipeline or cfg.data.pipeline,
-                               workers=args.workers if args.workers is not None else cfg.data.workers),
-                  eval=replace(cfg.eval, res=args.res or cfg.eval.res, crop_pct=args.crop_pct or cfg.eval.crop_pct,
-                               batch_size=args.batch_size or cfg.eval.batch_size))
-    precision = args.precision or resolve_precision(cfg.train.precision, device, warn=lambda m: None)
-    if precision == "fp16" and device.type == "cpu":
-        raise ConfigError("fp16 autocast is for CUDA; use --precision fp32 or bf16 on CPU")
-    pipe = _val_pipeline(cfg, args, device)
-    if not args.imagenet_v2:  # V2 trees may lack classes; labels are folder numbers anyway
-        check_num_classes(cfg.data, pipe)
-    stage2 = Stage2(cfg.augment, cfg.data.num_classes, 0.0, train=False, channels_last=cfg.train.channels_last)
-    t0 = time.perf_counter()
-    metrics = evaluate(model, pipe, stage2, device=device, precision=precision, flip_tta=args.flip_tta)
-    return {"checkpoint": str(args.checkpoint), "data": cfg.data.root, "pipeline": cfg.data.pipeline,
-            "res": cfg.eval.res, "crop_pct": cfg.eval.crop_pct, "flip_tta": args.flip_tta,
-            "imagenet_v2": args.imagenet_v2, "precision": precision, "arch": cfg.model.arch,
-            **metrics, "seconds": round(time.perf_counter() - t0, 2)}
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        result = run(args)
+        result = evaluate_checkpoint(args.checkpoint, data=args.data, pipeline=args.pipeline, res=args.res,
+                                     crop_pct=args.crop_pct, batch_size=args.batch_size, workers=args.workers,
+                                     flip_tta=args.flip_tta, imagenet_v2=args.imagenet_v2,
+                                     precision=args.precision, device=args.device, recipe=args.recipe)
     except (CheckpointError, ConfigError, DataError, MissingBackendError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

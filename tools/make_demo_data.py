@@ -12,10 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from pipelines.convert.demo_data import FMNIST_DIR, make_demo_tree
 
-from pipelines.convert.demo_data import FMNIST_DIR, make_demo_tree  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,28 +11,20 @@ step: stage 2, forward, backward, optimizer), ``e2e`` (the recipe's real pipelin
 step: images/s and the fraction of time waiting for data; the model step is measured too, to compare)
 or ``all``. Each (batch size, resolution) pair is one point, one process, per-device batch, no
 accumulation. Prints a table and a one-line verdict, writes OUT/profile.json (every figure and the
-environment) and OUT/profile.png (images/s vs batch size). Logic: engine/profiling.py.
+environment) and OUT/profile.png (images/s vs batch size). Logic: toolkit/profiling.py.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from engine import profiling  # noqa: E402
-from common.config import ConfigError, load_config, to_dict  # noqa: E402
-from engine.data import check_data_root  # noqa: E402
-from models.factory import UnknownModelError  # noqa: E402
-from pipelines.base import DataError, MissingBackendError  # noqa: E402
-
-MODES = ("data", "model", "e2e", "all")
+from common.config import ConfigError
+from models.factory import UnknownModelError
+from pipelines.base import DataError, MissingBackendError
+from toolkit import profiling
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,78 +58,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise profiling.ProfileError(f"--device {name}: use cpu or cuda")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise profiling.ProfileError(f"--device {name} but this torch sees no CUDA GPU; use --device cpu")
-    return torch.device(name)
-
-
 def run(args: argparse.Namespace) -> int:
-    if args.mode not in MODES:
-        raise profiling.ProfileError(f"unknown mode {args.mode!r}; choose one of {', '.join(MODES)}")
-    if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
-        raise profiling.ProfileError("--steps and --repeats must be >= 1, --warmup >= 0")
-    device = _device(args.device)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise profiling.ProfileError("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
-    cfg = load_config(args.recipe, args.overrides)
-    cfg = profiling.apply_toggles(cfg, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
-                                  device=device)
-    t = cfg.train
-    batches = (profiling.parse_int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes
-               else [t.per_device_batch_size or t.global_batch_size])
-    resolutions = (profiling.parse_int_list(args.resolutions, "--resolutions") if args.resolutions
-                   else [t.train_res])
-    modes = ("data", "model", "e2e") if args.mode == "all" else (args.mode,)
-    if cfg.data.pipeline != "synthetic" and modes != ("model",):
-        check_data_root(cfg.data)  # before any progress line, so the error is the only output
-    if "e2e" in modes and "model" not in modes:
-        modes = ("model", *modes)  # e2e is read against the synthetic step at the same point
-    out = args.out or ROOT / "runs" / f"profile-{Path(args.recipe).stem}"
-    out.mkdir(parents=True, exist_ok=True)
-
-    rows = []
-    started = time.perf_counter()
-    for repeat in range(args.repeats):
-        for res in resolutions:
-            for batch in batches:
-                for mode in modes:
-                    print(f"measuring {mode}: batch {batch}, res {res}, round {repeat + 1}/{args.repeats}",
-                          file=sys.stderr, flush=True)
-                    kw = dict(steps=args.steps, warmup=args.warmup, device=device)
-                    if mode == "data":
-                        rows += profiling.measure_data(cfg, batch, res, **kw)
-                    else:
-                        rows.append(profiling.measure_step(cfg, batch, res, synthetic=mode == "model", **kw))
-    rows = profiling.merge_repeats(rows)
-    profiling.add_ceiling_ratios(rows)
-    env = profiling.environment(device, cfg)
-    verdict = profiling.diagnose(rows, env)
-
+    report = profiling.profile(args.recipe, args.mode, overrides=args.overrides, batch_sizes=args.batch_sizes,
+                               resolutions=args.resolutions, steps=args.steps, warmup=args.warmup,
+                               repeats=args.repeats, threads=args.threads, device=args.device, amp=args.amp,
+                               channels_last=args.channels_last, compile=args.compile, out=args.out)
     sys.stderr.flush()
-    print(profiling.format_table(rows))
-    print(f"bottleneck: {verdict}")
-    note = profiling.spread_note(rows)
-    if note:
-        print(note)
-    report = {"recipe": str(args.recipe), "overrides": args.overrides, "mode": args.mode,
-              "settings": {"batch_sizes": batches, "resolutions": resolutions, "steps": args.steps,
-                           "warmup": args.warmup, "repeats": args.repeats, "precision": t.precision,
-                           "channels_last": t.channels_last,
-                           "compile": t.compile},
-              "environment": env, "measurements": rows, "bottleneck": verdict, "note": note,
-              "seconds_total": time.perf_counter() - started, "config": to_dict(cfg)}
-    (out / "profile.json").write_text(json.dumps(report, indent=1) + "\n")
-    title = f"{Path(args.recipe).name} on {env['device_name']} ({env['device']}), {cfg.data.pipeline}, " \
-            f"{cfg.data.workers} workers, {t.precision}, {env['torch_threads']} torch threads"
-    profiling.plot(rows, out / "profile.png", title)
-    print(f"wrote {out / 'profile.json'} and {out / 'profile.png'}", flush=True)
+    print(profiling.format_table(report["measurements"]))
+    print(f"bottleneck: {report['bottleneck']}")
+    if report["note"]:
+        print(report["note"])
+    json_path, png_path = profiling.write_profile(report)
+    print(f"wrote {json_path} and {png_path}", flush=True)
     return 0
 
 

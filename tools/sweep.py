@@ -4,7 +4,8 @@
     python tools/sweep.py SWEEP.toml --executor slurm             # one Slurm job per trial (submitit)
     python tools/sweep.py SWEEP.toml --report-only                # tables and plot from what is done
 
-The sweep file format is documented in engine/sweep.py. Each trial is a plain
+The sweep file format is documented in toolkit/sweep.py, which holds the logic (this file parses
+options and prints). Each trial is a plain
 ``python -m engine.run BASE --out OUT/trials/<name> --set ... [--max-steps N]``; finished trials are
 skipped on a rerun, unfinished ones continue from their checkpoints. Writes OUT/results.csv,
 OUT/results.md (sorted by val top-1, plus mean and std over seeds) and OUT/sweep.png.
@@ -13,16 +14,13 @@ Exit status: 0 all trials done, 1 some failed (tables still written), 2 a user e
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common.config import ConfigError  # noqa: E402
-from engine.sweep import (EXECUTORS, SweepError, check_data, pending, plan, prepare_subset, read_sweep,  # noqa: E402
-                          run_local, run_submitit, subset_folder, trial_summary)
-from engine.sweep_report import write_report  # noqa: E402
+from common.config import ConfigError
+from toolkit.sweep import (EXECUTORS, SweepError, budget_text, default_out, pending, plan_sweep, read_sweep,
+                           run_trials, start_sweep, trial_summary)
+from toolkit.sweep_report import write_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,28 +47,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     sweep = read_sweep(args.sweep)
-    out = Path(args.out) if args.out else Path("runs") / "sweeps" / Path(args.sweep).stem
+    out = Path(args.out) if args.out else default_out(args.sweep)
     executor = args.executor or sweep.executor
     parallel = args.parallel if args.parallel is not None else sweep.parallel
     if parallel < 1:
         raise SweepError(f"--parallel must be >= 1, got {parallel}")
-    subset_root = None
-    if sweep.subset is not None and not args.dry_run and not args.report_only:
-        out.mkdir(parents=True, exist_ok=True)
-        subset_root = prepare_subset(sweep.subset, out, sweep.path)
-    elif sweep.subset is not None:
-        subset_root = subset_folder(sweep.subset, out, sweep.path)[1]
-    trials = plan(sweep, out, subset_root)
-    title = f"{sweep.path.stem}: {len(trials)} trials ({_budget_text(sweep)})"
+    trials = plan_sweep(sweep, out, prepare=not args.dry_run and not args.report_only)
+    title = f"{sweep.path.stem}: {len(trials)} trials ({budget_text(sweep)})"
     if args.dry_run:
         for t in trials:
             print(" ".join(t.command()))
         return 0
     todo = pending(trials)
     if not args.report_only and todo:
-        check_data(todo[0])
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(sweep.path, out / "sweep.toml")  # what produced these results
+        start_sweep(sweep, todo, out)
         print(f"sweep: {len(trials)} trials, {len(trials) - len(todo)} done, running {len(todo)} "
               f"({executor}, {parallel} at a time) -> {out}", flush=True)
         count = {"n": 0}
@@ -80,11 +70,7 @@ def _main(args: argparse.Namespace) -> int:
             print(f"[{count['n']}/{len(todo)}] {trial_summary(record)}", flush=True)
 
         try:
-            if executor == "local":
-                run_local(todo, parallel, on_done)
-            else:
-                run_submitit(todo, "slurm" if executor == "slurm" else "local", out / "submitit", parallel,
-                             sweep.slurm, on_done)
+            run_trials(todo, executor, parallel, out, sweep.slurm, on_done)
         except KeyboardInterrupt:
             write_report(trials, sweep.swept_keys, out, title)
             if executor == "local":
@@ -108,19 +94,6 @@ def _main(args: argparse.Namespace) -> int:
               f"rerun the same command to retry them", file=sys.stderr)
         return 1
     return 0
-
-
-def _budget_text(sweep) -> str:
-    parts = [f"{len(sweep.seeds)} seed{'s' if len(sweep.seeds) > 1 else ''}"]
-    if sweep.epochs is not None:
-        parts.append(f"{sweep.epochs} epoch{'s' if sweep.epochs > 1 else ''}")
-    if sweep.max_steps is not None:
-        parts.append(f"max {sweep.max_steps} steps")
-    if sweep.subset is not None:
-        parts.append(" x ".join(filter(None, [f"{len(sweep.subset.classes)} classes" if sweep.subset.classes else "",
-                                              f"<= {sweep.subset.limit_per_class}/class"
-                                              if sweep.subset.limit_per_class else ""])))
-    return ", ".join(parts)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from engine.sweep import TrialSpec, final_eval, format_value, read_trial
+from toolkit.sweep import TrialSpec, final_eval, format_value, read_trial
 
 METRICS = ("val_top1", "val_top5", "val_loss")
 

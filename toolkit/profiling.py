@@ -1,4 +1,5 @@
-"""Throughput measurements behind ``tools/profile_throughput.py``, and the rule that reads them.
+"""Throughput measurements behind ``tools/profile_throughput.py``, the rule that reads them, and the
+whole profile the tool runs (:func:`profile`: every point, the verdict, profile.json and profile.png).
 
 Three measurements, each for one (per-device batch, resolution) point:
 
@@ -25,19 +26,24 @@ import dataclasses
 import os
 import platform
 import statistics
+import json
+import sys
 import time
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 
-from common.config import Config
-from engine.data import build_train_pipeline, check_num_classes
+from common.config import Config, load_config, to_dict
+from pipelines.build import build_train_pipeline, check_data_root, check_num_classes
 from engine.precision import resolve_precision
-from engine.trainer import EpochProgress, StepContext, train_one_epoch
+from engine.trainer import EpochProgress, build_step, train_one_epoch
 from pipelines.augment import Stage2
 from pipelines.base import DataError
 
 MODES = ("data", "model", "e2e")
+PROFILE_MODES = (*MODES, "all")  # what tools/profile_throughput.py takes as MODE
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class ProfileError(ValueError):
@@ -211,18 +217,16 @@ def measure_step(cfg: Config, batch: int, res: int, *, steps: int, warmup: int, 
     (mode ``e2e``). Runs ``engine.trainer.train_one_epoch`` unchanged, assembled as ``engine.
     train_main`` assembles it for one process (no DDP, no accumulation, no checkpoints or logs).
     """
-    from engine.train_main import build_step_parts, compile_for_training, seed_everything
+    from engine.train_main import compile_for_training, seed_everything
 
     cfg = _at_point(cfg, batch, res)
     t = cfg.train
     seed_everything(t.seed)
     pipe = _WaitTimer(_pipeline(cfg, device, synthetic=synthetic), device, warmup, steps)
     steps_per_epoch = len(pipe)
-    parts = build_step_parts(cfg, device, steps_per_epoch)
-    call_model = compile_for_training(parts.model) if t.compile else parts.model
-    ctx = StepContext(model=call_model, raw_model=parts.model, optimizer=parts.optimizer, loss_fn=parts.loss_fn,
-                      lr_at=parts.lr_at, scaler=parts.scaler, precision=t.precision, device=device, accum_steps=1,
-                      grad_clip=t.grad_clip, ema=parts.ema)
+    ctx = build_step(cfg, device, steps_per_epoch)  # one process: no DDP, accum_steps 1
+    if t.compile:
+        ctx = dataclasses.replace(ctx, model=compile_for_training(ctx.raw_model))
     stage2 = _stage2(cfg, seed=t.seed * 1000)
     prog = EpochProgress()
     while not pipe.done:
@@ -506,3 +510,97 @@ def parse_int_list(text: str, name: str) -> list[int]:
     if not values or any(v <= 0 for v in values):
         raise ProfileError(f"{name} takes comma-separated positive integers, e.g. 64,128; got {text!r}")
     return values
+
+
+# --------------------------------------------------------------------------- the whole profile
+def resolve_device(name: str | None) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N``; None is cuda when this torch sees a GPU, else cpu."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ProfileError(f"--device {name}: use cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ProfileError(f"--device {name} but this torch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+def default_out(recipe: str | Path) -> Path:
+    """runs/profile-<recipe name> under the repository root."""
+    return ROOT / "runs" / f"profile-{Path(recipe).stem}"
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def profile(recipe: str | Path, mode: str, *, overrides: list[str] = (), batch_sizes: str | None = None,
+            resolutions: str | None = None, steps: int = 20, warmup: int = 5, repeats: int = 1,
+            threads: int | None = None, device: str | None = None, amp: bool | None = None,
+            channels_last: bool | None = None, compile: bool | None = None, out: Path | None = None,
+            progress: Callable[[str], None] = _to_stderr) -> dict[str, Any]:
+    """Measure every (batch size, resolution) point of ``mode`` (one of :data:`PROFILE_MODES`) for
+    ``recipe`` with ``overrides``; returns the report that :func:`write_profile` writes, with the
+    folder it goes to under ``"out"`` (created here, before measuring). ``batch_sizes`` and
+    ``resolutions`` are comma lists (default: the recipe's per-device batch and train resolution);
+    the toggles are :func:`apply_toggles`'. Each point is measured ``repeats`` times, interleaved,
+    and the median kept. ``progress`` gets one line before each measurement. Raises ProfileError,
+    ConfigError, DataError, MissingBackendError with a one-line message."""
+    if mode not in PROFILE_MODES:
+        raise ProfileError(f"unknown mode {mode!r}; choose one of {', '.join(PROFILE_MODES)}")
+    if steps < 1 or warmup < 0 or repeats < 1:
+        raise ProfileError("--steps and --repeats must be >= 1, --warmup >= 0")
+    dev = resolve_device(device)
+    if threads is not None:
+        if threads < 1:
+            raise ProfileError("--threads must be >= 1")
+        torch.set_num_threads(threads)
+    overrides = list(overrides)
+    cfg = load_config(recipe, overrides)
+    cfg = apply_toggles(cfg, amp=amp, channels_last=channels_last, compile=compile, device=dev)
+    t = cfg.train
+    batches = parse_int_list(batch_sizes, "--batch-sizes") if batch_sizes else [t.per_device_batch_size
+                                                                                 or t.global_batch_size]
+    res_list = parse_int_list(resolutions, "--resolutions") if resolutions else [t.train_res]
+    modes = ("data", "model", "e2e") if mode == "all" else (mode,)
+    if cfg.data.pipeline != "synthetic" and modes != ("model",):
+        check_data_root(cfg.data)  # before any progress line, so the error is the only output
+    if "e2e" in modes and "model" not in modes:
+        modes = ("model", *modes)  # e2e is read against the synthetic step at the same point
+    out = Path(out) if out else default_out(recipe)
+    out.mkdir(parents=True, exist_ok=True)
+
+    rows = []
+    started = time.perf_counter()
+    for repeat in range(repeats):
+        for res in res_list:
+            for batch in batches:
+                for m in modes:
+                    progress(f"measuring {m}: batch {batch}, res {res}, round {repeat + 1}/{repeats}")
+                    kw = dict(steps=steps, warmup=warmup, device=dev)
+                    if m == "data":
+                        rows += measure_data(cfg, batch, res, **kw)
+                    else:
+                        rows.append(measure_step(cfg, batch, res, synthetic=m == "model", **kw))
+    rows = merge_repeats(rows)
+    add_ceiling_ratios(rows)
+    env = environment(dev, cfg)
+    title = f"{Path(recipe).name} on {env['device_name']} ({env['device']}), {cfg.data.pipeline}, " \
+            f"{cfg.data.workers} workers, {t.precision}, {env['torch_threads']} torch threads"
+    return {"recipe": str(recipe), "overrides": overrides, "mode": mode,
+            "settings": {"batch_sizes": batches, "resolutions": res_list, "steps": steps,
+                         "warmup": warmup, "repeats": repeats, "precision": t.precision,
+                         "channels_last": t.channels_last,
+                         "compile": t.compile},
+            "environment": env, "measurements": rows, "bottleneck": diagnose(rows, env), "note": spread_note(rows),
+            "seconds_total": time.perf_counter() - started, "config": to_dict(cfg), "out": str(out),
+            "title": title}
+
+
+def write_profile(report: dict[str, Any]) -> tuple[Path, Path]:
+    """OUT/profile.json (the report: every figure and the environment) and OUT/profile.png (images/s
+    vs batch size); returns their paths."""
+    out = Path(report["out"])
+    saved = {k: v for k, v in report.items() if k not in ("out", "title")}
+    (out / "profile.json").write_text(json.dumps(saved, indent=1) + "\n")
+    plot(report["measurements"], out / "profile.png", report["title"])
+    return out / "profile.json", out / "profile.png"

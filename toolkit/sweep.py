@@ -1,10 +1,10 @@
 """Hyper-parameter sweeps over a recipe: read a sweep file, expand it into trials, run each trial as
 an ordinary ``python -m engine.run`` process, locally N at a time or on Slurm through submitit.
 
-Why it lives in the engine package and not in ``tools/sweep.py``: a Slurm job unpickles the function
-it runs by module path, so :func:`run_trial` must be importable on the compute node; ``tools/`` is a
-folder of scripts, not an importable package. The CLI stays a thin wrapper; the results tables and
-the plot are in :mod:`engine.sweep_report`.
+Why it lives in ``toolkit`` and not in ``tools/sweep.py``: a Slurm job unpickles the function it
+runs by module path, so :func:`run_trial` must be importable on the compute node from an installed
+package, and ``tools/`` holds only the thin command-line front ends. The results tables and the plot
+are in :mod:`toolkit.sweep_report`.
 
 A sweep file (TOML)::
 
@@ -352,7 +352,7 @@ def plan(sweep: Sweep, out: Path, subset_root: Path | None = None) -> list[Trial
 
 def check_data(trial: TrialSpec) -> None:
     """The engine's own data-root check, once before launching: a missing dataset is one error, not N."""
-    from engine.data import DataError, check_data_root  # imports torch: only when about to launch
+    from pipelines.build import DataError, check_data_root  # imports torch: only when about to launch
 
     cfg = load_config(trial.base, trial.overrides)
     if cfg.data.pipeline == "synthetic":
@@ -565,3 +565,51 @@ def trial_summary(record: dict[str, Any]) -> str:
         return f"{head}: val top-1 {m['val_top1']:.2f} (step {m['step']}, {record['wall_s']:.0f} s)"
     return f"{head}: {record.get('status')} - {record.get('error')}"
 
+
+
+# --------------------------------------------------------------------------- what tools/sweep.py drives
+def default_out(sweep_path: str | Path) -> Path:
+    """The sweep folder when none is given: runs/sweeps/<sweep file name>."""
+    return Path("runs") / "sweeps" / Path(sweep_path).stem
+
+
+def plan_sweep(sweep: Sweep, out: Path, prepare: bool = True) -> list[TrialSpec]:
+    """The trials of ``sweep`` in ``out``. With a ``[budget.subset]``, ``prepare`` makes the subset
+    once (the converter) before planning; without it (dry run, report only) only its folder is named."""
+    subset_root = None
+    if sweep.subset is not None and prepare:
+        out.mkdir(parents=True, exist_ok=True)
+        subset_root = prepare_subset(sweep.subset, out, sweep.path)
+    elif sweep.subset is not None:
+        subset_root = subset_folder(sweep.subset, out, sweep.path)[1]
+    return plan(sweep, out, subset_root)
+
+
+def start_sweep(sweep: Sweep, todo: list[TrialSpec], out: Path) -> None:
+    """Before launching: the data root is checked once and the sweep file copied to OUT/sweep.toml
+    (what produced these results)."""
+    check_data(todo[0])
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(sweep.path, out / "sweep.toml")
+
+
+def run_trials(todo: list[TrialSpec], executor: str, parallel: int, out: Path, slurm: dict[str, Any],
+               on_done: Callable[[dict], None]) -> list[dict[str, Any]]:
+    """``todo`` through the chosen executor (see :data:`EXECUTORS`); submitit keeps its files in OUT/submitit."""
+    if executor == "local":
+        return run_local(todo, parallel, on_done)
+    return run_submitit(todo, "slurm" if executor == "slurm" else "local", out / "submitit", parallel, slurm, on_done)
+
+
+def budget_text(sweep: Sweep) -> str:
+    """The sweep's budget in words, for the tables' title: seeds, epochs, steps, subset."""
+    parts = [f"{len(sweep.seeds)} seed{'s' if len(sweep.seeds) > 1 else ''}"]
+    if sweep.epochs is not None:
+        parts.append(f"{sweep.epochs} epoch{'s' if sweep.epochs > 1 else ''}")
+    if sweep.max_steps is not None:
+        parts.append(f"max {sweep.max_steps} steps")
+    if sweep.subset is not None:
+        parts.append(" x ".join(filter(None, [f"{len(sweep.subset.classes)} classes" if sweep.subset.classes else "",
+                                              f"<= {sweep.subset.limit_per_class}/class"
+                                              if sweep.subset.limit_per_class else ""])))
+    return ", ".join(parts)

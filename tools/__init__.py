@@ -1,0 +1,1 @@
+"""Thin command-line front ends: argument parsing, printing and exit codes over ``toolkit``."""
