@@ -79,6 +79,31 @@ def test_dali_shards_hold_reference_pixels_and_labels(converted):
     assert val_labels == sorted(val_labels)
 
 
+def test_rgb_jpeg_sources_are_stored_as_their_own_bytes(converted):
+    """An RGB JPEG source (baseline or progressive) within the size cap and without EXIF rotation is
+    stored byte for byte in the DALI shard and in the FFCV beton: the decoders see the file timm
+    evaluates. CMYK, grey, PNG-named-.JPEG and EXIF-rotated sources are re-encoded (so is anything
+    over the cap: test_subset_classes_limit_and_resize). The manifest counts both kinds."""
+    from pipelines.convert.ffcv_out import MODE_JPG, read_beton
+
+    src, out, _ = converted
+    reencoded = {"cmyk.JPEG", "gray.JPEG", "png_named.JPEG", "exif_rot6.JPEG"}
+    for split in ("train", "val"):
+        beton = (out / "ffcv" / f"{split}.beton").read_bytes()
+        meta, alloc, _ = read_beton(out / "ffcv" / f"{split}.beton")
+        samples = shard_samples(out, split)
+        passed = 0
+        for k, (key, jpeg, _) in enumerate(samples):
+            path = source_for_key(src, split, key)
+            assert meta["f0"]["mode"][k] == MODE_JPG
+            assert beton[int(alloc["ptr"][k]):int(alloc["ptr"][k]) + int(alloc["size"][k])] == jpeg, key
+            assert (jpeg == path.read_bytes()) == (path.name not in reencoded), path.name
+            passed += path.name not in reencoded
+        entry = manifest(out)["splits"][split]
+        assert (entry["jpeg_passed_through"], entry["jpeg_reencoded"]) == (passed, len(samples) - passed)
+    assert passed == N_VAL and manifest(out)["splits"]["train"]["jpeg_reencoded"] == len(reencoded)
+
+
 def test_item_list_names_each_stored_image_in_storage_order(converted):
     """items/<split>.tsv: the source file (relative to SRC) and label of every stored sample, in
     the shards' order; skipped files are not listed. The reference pipeline reads exactly these."""
@@ -244,6 +269,13 @@ def test_subset_classes_limit_and_resize(tmp_path):
         got = np.asarray(Image.open(__import__("io").BytesIO(jpeg)))
         ref = np.asarray(resize_to_fit(Image.open(path).convert("RGB"), 48))
         assert got.shape == (40, 48, 3) and mean_abs_diff(got, ref) < JPEG_TOL
+        assert jpeg != path.read_bytes()  # resized: re-encoded
+    # val has no size cap unless --val-max-resolution says so: timm evaluates the original files
+    for key, jpeg, _ in shard_samples(out, "val"):
+        assert jpeg == source_for_key(src, "val", key).read_bytes()
+    m = manifest(out)["splits"]
+    assert (m["train"]["jpeg_reencoded"], m["train"]["jpeg_passed_through"]) == (4, 0)
+    assert (m["val"]["jpeg_reencoded"], m["val"]["jpeg_passed_through"]) == (0, 2)
 
     raw = tmp_path / "raw"
     run_tool(src, raw, "--formats", "ffcv", "--write-mode", "raw", "--workers", "1", "--splits", "val")

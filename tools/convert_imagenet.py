@@ -40,8 +40,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--splits", default=",".join(D.splits), help="comma list of: train, val")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode/encode processes")
     p.add_argument("--max-resolution", type=int, default=D.max_resolution,
-                   help="cap on the longest side in px (0 = keep originals)")
-    p.add_argument("--jpeg-quality", type=int, default=D.jpeg_quality)
+                   help="train: cap on the longest side in px (0 = keep originals)")
+    p.add_argument("--val-max-resolution", type=int, default=D.val_max_resolution or 0,
+                   help="val: cap on the longest side in px (0 = keep originals, as timm evaluates them)")
+    p.add_argument("--jpeg-quality", type=int, default=D.jpeg_quality,
+                   help="quality of the JPEGs that are re-encoded (CMYK, grey, PNG, rotated, over the cap)")
+    p.add_argument("--reencode-all", action="store_true",
+                   help="re-encode every image at --jpeg-quality (default: RGB JPEG sources within the cap are "
+                        "stored as their original bytes)")
     p.add_argument("--write-mode", default=D.write_mode, choices=WRITE_MODES,
                    help="FFCV payload: jpg, raw pixels, or a random proportion as jpg")
     p.add_argument("--compress-probability", type=float, default=D.compress_probability,
@@ -73,8 +79,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise ValueError(f"--splits: {bad[0]} is not one of train, val")
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    if args.max_resolution < 0:
-        raise ValueError(f"--max-resolution must be >= 0, got {args.max_resolution}")
+    for flag, value in (("--max-resolution", args.max_resolution), ("--val-max-resolution", args.val_max_resolution)):
+        if value < 0:
+            raise ValueError(f"{flag} must be >= 0, got {value}")
     if not 1 <= args.jpeg_quality <= 100:
         raise ValueError(f"--jpeg-quality must be in 1..100, got {args.jpeg_quality}")
     if not 0.0 <= args.compress_probability <= 1.0:
@@ -96,7 +103,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if args.meta is not None and not args.meta.is_file():
         raise ValueError(f"--meta: file not found: {args.meta}")
     return Settings(formats=tuple(f for f in FORMATS if f in formats), splits=tuple(splits),
-                    max_resolution=args.max_resolution or None, jpeg_quality=args.jpeg_quality,
+                    max_resolution=args.max_resolution or None, val_max_resolution=args.val_max_resolution or None,
+                    pass_through=not args.reencode_all, jpeg_quality=args.jpeg_quality,
                     write_mode=args.write_mode, compress_probability=args.compress_probability,
                     shard_size=args.shard_size, shuffle_train=not args.no_shuffle, seed=args.seed,
                     limit_per_class=args.limit_per_class or None,

@@ -36,7 +36,7 @@ from common.fileio import commit
 
 from . import TOOL_VERSION
 from .dali_out import ShardWriter, write_index
-from .decode import SkipImage, decode_rgb, encode_jpeg, resize_to_fit
+from .decode import SkipImage, decode_source, encode_jpeg, passes_through, resize_to_fit
 from .ffcv_out import MODE_JPG, MODE_RAW, PartWriter, sha256_file, write_beton
 from .items import ITEMS_DIR, encode_items, items_info, items_path
 from .manifest import SCHEMA, build_manifest, label_digest, manifest_path, split_paths
@@ -56,11 +56,17 @@ class Settings:
 
     formats: tuple[str, ...] = FORMATS
     splits: tuple[str, ...] = ("train", "val")
-    # 500 px longest side: ImageNet's own size for nearly all images, so 224-px training (whose
+    # Train: 500 px longest side: ImageNet's own size for nearly all images, so 224-px training (whose
     # random-resized crops go down to 8 % area, ~141 px of a 500-px image) loses no detail, while
     # the rare multi-megapixel files stop dominating decode time. ffcv-imagenet's rn50 uses 500 too.
     max_resolution: int | None = 500
-    # q90: re-encode error is far below what RandAugment/RRC do to pixels; ffcv-imagenet's value.
+    # Val: no cap by default, so FFCV/DALI evaluate the files timm evaluates (timm resizes the
+    # originals); a cap makes eval figures differ from timm's.
+    val_max_resolution: int | None = None
+    # Store a source that already is an RGB JPEG (no rotation, within the cap) as its original bytes;
+    # False re-encodes every image at jpeg_quality (ffcv-imagenet's uniform files).
+    pass_through: bool = True
+    # q90 for what is re-encoded: the error is far below what RandAugment/RRC do to pixels; ffcv-imagenet's value.
     jpeg_quality: int = 90
     # jpg: every sample compressed. A beton about the size of ImageNet itself that fits a node's page
     # cache; 'proportion'/'raw' trade 4-6x disk for less decode work at load time.
@@ -135,6 +141,7 @@ def process_chunk(task: tuple) -> dict:
     dali, ffcv = "dali" in settings.formats, "ffcv" in settings.formats
     paths = split_paths(out, split, chunk)
     labels, names, skipped, handles = [], [], [], {}
+    passed = reencoded = 0  # JPEGs stored as the source's bytes / encoded from its pixels
     part = shard = None
     tar_tmp, idx_tmp = tmp_name(paths["tar"]), tmp_name(paths["idx"])
     if ffcv:
@@ -145,14 +152,21 @@ def process_chunk(task: tuple) -> dict:
         for j, item in enumerate(items):
             seq = first_seq + j
             try:
-                img = resize_to_fit(decode_rgb(read_item(item, handles)), settings.max_resolution)
+                data = read_item(item, handles)
+                decoded, original_ok = decode_source(data)
+                img = resize_to_fit(decoded, settings.max_resolution if split == "train" else settings.val_max_resolution)
                 as_jpeg = stored_as_jpeg(settings, split, seq)
                 jpeg = None
                 if dali or (ffcv and as_jpeg):
-                    try:
-                        jpeg = encode_jpeg(img, settings.jpeg_quality)
-                    except (OSError, ValueError) as e:
-                        raise SkipImage(f"cannot re-encode as JPEG: {e}") from None
+                    if settings.pass_through and passes_through(original_ok, decoded, img):
+                        jpeg = data
+                        passed += 1
+                    else:
+                        try:
+                            jpeg = encode_jpeg(img, settings.jpeg_quality)
+                        except (OSError, ValueError) as e:
+                            raise SkipImage(f"cannot re-encode as JPEG: {e}") from None
+                        reencoded += 1
             except SkipImage as e:
                 skipped.append({"path": item.name, "reason": str(e)})
             else:
@@ -175,7 +189,7 @@ def process_chunk(task: tuple) -> dict:
             os.close(fd)
 
     record = {"split": split, "chunk": chunk, "images": len(labels), "labels": labels, "names": names,
-              "skipped": skipped, "shard": None}
+              "skipped": skipped, "shard": None, "jpeg_passed_through": passed, "jpeg_reencoded": reencoded}
     if ffcv:
         meta_tmp = tmp_name(paths["part_meta"])
         part.close(meta_tmp)

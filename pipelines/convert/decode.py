@@ -1,12 +1,17 @@
 """Source bytes -> RGB pixels exactly as the reference loader sees them -> the stored JPEG.
 
 The reference pipeline (torchvision ``ImageFolder`` / timm) loads ``Image.open(p).convert('RGB')``.
-Converting with the same call makes every odd input agree with it by construction: CMYK and
-Adobe-inverted CMYK JPEGs, grayscale, palette and RGBA PNGs (even when named ``.JPEG``, as one
-ImageNet train file is), progressive JPEGs. **EXIF orientation is ignored**, as the reference
-loader ignores it and as ImageNet practice is (labels and boxes were made on the unrotated
-pixels). The stored JPEG is a fresh baseline encode that carries no EXIF block, so no
-downstream decoder (DALI's applies EXIF orientation by default) can rotate it either.
+Every source is decoded fully with that call (the only reliable test for truncated data). A source
+that already is an RGB JPEG (baseline or progressive) within the size cap and without an EXIF
+rotation is then stored as its **original bytes**: the FFCV and DALI decoders see the very file timm
+evaluates, with no second JPEG generation loss and no encode at conversion
+(:func:`passes_through`). Everything else is re-encoded from the reference loader's pixels, so
+every odd input agrees with the reference by construction: CMYK and Adobe-inverted CMYK JPEGs,
+grayscale, palette and RGBA PNGs (even when named ``.JPEG``, as one ImageNet train file is),
+oversize images. **EXIF orientation is ignored**, as the reference loader ignores it and as ImageNet
+practice is (labels and boxes were made on the unrotated pixels): a JPEG whose EXIF asks for a
+rotation is re-encoded as a fresh baseline JPEG that carries no EXIF block, so no downstream
+decoder (DALI's applies EXIF orientation by default) can rotate it either.
 
 Files that PIL cannot decode raise :class:`SkipImage` with a short reason for the manifest.
 """
@@ -27,6 +32,12 @@ class SkipImage(Exception):
 
 def decode_rgb(data: bytes) -> Image.Image:
     """Decode fully (truncation is only detected on load) and convert like the reference loader."""
+    return decode_source(data)[0]
+
+
+def decode_source(data: bytes) -> tuple[Image.Image, bool]:
+    """(RGB image as the reference loader sees it, whether ``data`` itself may be stored: an RGB
+    JPEG whose EXIF, if any, asks for no rotation)."""
     if not data:
         raise SkipImage("empty file (0 bytes)")
     with warnings.catch_warnings():
@@ -35,6 +46,7 @@ def decode_rgb(data: bytes) -> Image.Image:
         try:
             img = Image.open(io.BytesIO(data))
             img.load()
+            original = img.format == "JPEG" and img.mode == "RGB" and _orientation(img) in (None, 1)
             if img.mode != "RGB":
                 img = img.convert("RGB")
         except Image.DecompressionBombError as e:
@@ -51,7 +63,22 @@ def decode_rgb(data: bytes) -> Image.Image:
             raise SkipImage(f"cannot decode: {type(e).__name__}: {e}") from None
     if max(img.size) > MAX_SIDE:
         raise SkipImage(f"too large ({img.width}x{img.height}; longest side must be <= {MAX_SIDE})")
-    return img
+    return img, original
+
+
+def _orientation(img: Image.Image) -> int | None:
+    """The EXIF orientation tag (0x0112) of a decoded JPEG, None without one or when EXIF is unreadable
+    (a decoder that cannot read it cannot rotate by it either)."""
+    try:
+        return img.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - PIL raises many kinds on malformed EXIF; the pixels are fine
+        return None
+
+
+def passes_through(original_ok: bool, img: Image.Image, stored: Image.Image) -> bool:
+    """Whether the source bytes are stored as they are: an RGB JPEG without rotation (``original_ok``
+    from :func:`decode_source`) that the size cap left unchanged (``stored is img``)."""
+    return original_ok and stored is img
 
 
 def fit_size(width: int, height: int, max_resolution: int | None) -> tuple[int, int]:

@@ -4,7 +4,9 @@ Top level: ``version`` (tool version), ``format`` (this file's schema), ``source
 ``formats``, ``settings``, ``exif_orientation``. Per split (``splits.<name>``): ``images`` written,
 ``classes`` (names in index order), ``class_counts``, ``labels_sha256`` (of the label sequence in
 storage order, the same order in the beton and across the shards), ``skipped`` (``{path, reason}``),
-``source_kind`` (``folders``, ``flat`` or ``archive``), ``items`` (the stored item list,
+``source_kind`` (``folders``, ``flat`` or ``archive``), ``jpeg_passed_through`` / ``jpeg_reencoded``
+(stored JPEGs that are the source file's own bytes / encoded from its pixels: CMYK, grey, PNG,
+rotated, or over the size cap), ``items`` (the stored item list,
 ``items/<split>.tsv``: ``file``, ``images``, ``bytes``, ``sha256``; one ``<path relative to source><TAB><label>``
 line per stored image in storage order, see :mod:`items`; absent in ``format`` 1 manifests),
 ``ffcv`` (file, bytes, sha256, page size) and ``shards`` (DALI tar ``path`` + ``index``, images, bytes,
@@ -67,7 +69,9 @@ def build_manifest(src: Path, settings: dict, formats: list[str], splits: dict) 
         entry = {"images": len(labels), "classes": source.classes, "num_classes": len(source.classes),
                  "class_counts": counts.tolist(), "labels_sha256": label_digest(labels),
                  "source_kind": source.kind,
-                 "skipped": source.skipped + [s for r in records for s in r["skipped"]], "items": items}
+                 "skipped": source.skipped + [s for r in records for s in r["skipped"]], "items": items,
+                 "jpeg_passed_through": sum(r.get("jpeg_passed_through", 0) for r in records),
+                 "jpeg_reencoded": sum(r.get("jpeg_reencoded", 0) for r in records)}
         if beton is not None:
             entry["ffcv"] = beton
         if "dali" in formats:
