@@ -138,6 +138,8 @@ class AugmentConfig:
     hflip: float = key(0.5, "probability of a horizontal flip")
     scale: list[float] = key([0.08, 1.0], "random-resized-crop area range, as fractions of the image")
     ratio: list[float] = key([0.75, 4.0 / 3.0], "random-resized-crop aspect-ratio range")
+    train_interpolation: str = key("random", "resize filter of the train crops: random (bilinear or bicubic per "
+                                   "image, timm's default) | bilinear | bicubic; every backend honours it")
     random_erasing: float = key(0.0, "probability of random erasing per image; 0 = off")
 
 
@@ -203,6 +205,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("lamb", "sgd", "adamw"),
     "optim.schedule": ("cosine", "step_free_linear", "constant"),
     "augment.mix_mode": ("batch", "pair", "elem"),
+    "augment.train_interpolation": ("random", "bilinear", "bicubic"),
     "loss.name": ("bce", "ce"),
     "log.wandb": ("off", "offline", "online"),
 }

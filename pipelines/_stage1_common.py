@@ -39,6 +39,15 @@ class SplitInfo:
     entry: dict  # the split's raw manifest entry (DALI reads its "shards" list)
 
 
+# timm's train interpolations (``augment.train_interpolation``), as the compiled resizes take them.
+INTERPOLATION_CODES = {"bilinear": 0, "bicubic": 1, "random": 2}
+
+
+def check_interpolation(name: str) -> None:
+    if name not in INTERPOLATION_CODES:
+        raise ValueError(f"interpolation must be random, bilinear or bicubic, got {name!r}")
+
+
 def _missing(root: Path, what: str, fmt: str) -> DataError:
     return DataError(f"{what} not found under {root}; " + CONVERT_HINT.format(root=root, fmt=fmt))
 

@@ -46,7 +46,8 @@ def build_train_pipeline(data: DataConfig, aug: AugmentConfig, *, res: int, batc
         return SyntheticPipeline(**common, num_classes=data.num_classes, num_samples=batch_size * world_size * 50,
                                  seed=seed + rank, channels_last=channels_last)
     sampling = dict(rank=rank, world_size=world_size, seed=seed, repeats=aug.repeated_aug, workers=data.workers,
-                    scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip)
+                    scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
+                    interpolation=aug.train_interpolation)
     if data.pipeline == "reference":
         from pipelines.reference import ReferencePipeline
 

@@ -14,10 +14,12 @@ run on DALI's thread pool (CPU) or nvJPEG + the GPU (``device="mixed"``).
 Graph (DALI docs: ``fn.decoders.image_random_crop``, ``fn.resize``, ``fn.flip``, ``fn.external_source``):
 train: ``image_random_crop`` (ROI decode of a random-resized-crop box; ``random_area`` = timm
 ``scale``, ``random_aspect_ratio`` = ``ratio``, 10 attempts) → ``resize`` to the epoch's
-``res``×``res`` (bilinear, antialiased) → ``flip`` (coin with ``hflip``) → uint8 HWC. On CPU the
-graph ends after the decode (and the flip coin): ``pipelines/pil_resize.py`` resizes the crops with
-PIL's own bilinear filter (the reference pipeline's) and flips them while copying them out: ~0.13 ms
-per image against ~1.3 ms for DALI's CPU ``resize`` + ``flip`` (benchmarks/results/pipelines_cpu.md).
+``res``×``res`` (antialiased; bilinear or bicubic per image by a coin: timm's ``random`` train
+interpolation, or ``augment.train_interpolation``'s fixed one) → ``flip`` (coin with ``hflip``) →
+uint8 HWC. On CPU the graph ends after the decode (and the coins): ``pipelines/pil_resize.py``
+resizes the crops with PIL's own filters (the reference pipeline's) and flips them while copying
+them out: ~0.13 ms per image (bilinear) against ~1.3 ms for DALI's CPU ``resize`` + ``flip``
+(benchmarks/results/pipelines_cpu.md).
 val: ``decoders.image`` → ``resize`` shorter side to ``floor(res / crop_pct)`` (bicubic,
 antialiased; timm's eval transform) → centre ``crop`` ``res``×``res``.
 On a GPU the decoder is ``device="mixed"`` (nvJPEG; ``hw_decoder_load`` offloads part of the work
@@ -64,7 +66,7 @@ except ImportError as e:  # pipelines/build.py turns this into the one-line "wha
                               "or set data.pipeline=reference") from None
 
 from pipelines import pil_resize
-from pipelines._stage1_common import CONVERT_HINT, EpochPlan, read_split, resolve_device
+from pipelines._stage1_common import CONVERT_HINT, EpochPlan, check_interpolation, read_split, resolve_device
 
 
 def _parse_index(path: Path) -> list[dict[str, tuple[int, int]]]:
@@ -191,8 +193,9 @@ class DALIPipeline:
 
     def __init__(self, root, split: str, *, batch_size: int, res: int, device="cpu", rank: int = 0,
                  world_size: int = 1, seed: int = 0, repeats: int = 0, workers: int = 8,
-                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, crop_pct: float = 0.875,
-                 hw_decoder_load: float = 0.65, prefetch: int = 2):
+                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, interpolation: str = "random",
+                 crop_pct: float = 0.875, hw_decoder_load: float = 0.65, prefetch: int = 2):
+        check_interpolation(interpolation)
         info = read_split(root, split, "dali")
         self.root, self.split, self.train = Path(root), split, split == "train"
         self.num_classes, self.num_samples, self.classes = info.num_classes, info.num_samples, info.classes
@@ -207,7 +210,8 @@ class DALIPipeline:
         self.feed = _Feed(self.store, batch_size, with_size=self.train)
         gpu = self.device.type == "cuda"
         build = _train_graph if self.train else _val_graph
-        opts = (dict(scale=list(scale), ratio=list(ratio), hflip=hflip, resize_in_dali=gpu or not pil_resize.AVAILABLE)
+        opts = (dict(scale=list(scale), ratio=list(ratio), hflip=hflip, interpolation=interpolation,
+                     resize_in_dali=gpu or not pil_resize.AVAILABLE)
                 if self.train else dict(res=res, crop_pct=crop_pct))
         # Distinct random streams per rank: repeated copies of an image on different ranks must get
         # different crops (the point of repeated augmentation). Train graphs keep DALI's checkpoint
@@ -310,18 +314,18 @@ class DALIPipeline:
             # Set before the last yield: a consumer that stops after exactly `batches` batches has
             # finished the epoch even if it never resumes this generator.
             self._rolling = self.train and i == batches - 1
-            if len(outputs) == 4:  # CPU train graph: crops still to be resized and flipped
-                images, labels, size, flips = outputs
-                yield Batch(self._resized(images, size, flips), self._labels(labels))
+            if len(outputs) == 5:  # CPU train graph: crops still to be resized and flipped
+                images, labels, size, flips, cubic = outputs
+                yield Batch(self._resized(images, size, flips, cubic), self._labels(labels))
             else:
                 images, labels = outputs
                 yield Batch(self._images(images, stream), self._labels(labels))
 
-    def _resized(self, crops, size, flips) -> torch.Tensor:
+    def _resized(self, crops, size, flips, cubic) -> torch.Tensor:
         """The CPU train crops resized to the batch's own size (fed with its indices, so a batch
         DALI prefetched before a resolution change keeps its size)."""
         h, w = (int(v) for v in np.array(size.at(0)).reshape(-1)[:2])
-        return resize_crops(crops, flips, h, w, self.workers)
+        return resize_crops(crops, flips, h, w, self.workers, cubic)
 
     def _images(self, tl, stream) -> torch.Tensor:
         t = tl.as_tensor()  # uniform [N, H, W, 3] uint8
@@ -336,13 +340,15 @@ class DALIPipeline:
         return labels
 
 
-def resize_crops(crops, flips, h: int, w: int, threads: int) -> torch.Tensor:
-    """DALI CPU outputs (a TensorList of HWC uint8 crops, a TensorList of flip coins) -> a fresh
-    [N, 3, h, w] uint8 batch (NHWC memory: channels_last), resized with PIL's bilinear filter and
-    mirrored where the coin says."""
+def resize_crops(crops, flips, h: int, w: int, threads: int, cubic=None) -> torch.Tensor:
+    """DALI CPU outputs (a TensorList of HWC uint8 crops, TensorLists of flip and bicubic coins) -> a
+    fresh [N, 3, h, w] uint8 batch (NHWC memory: channels_last), resized with PIL's bicubic filter
+    where the coin says (else bilinear) and mirrored where the flip coin says."""
     out = torch.empty((len(crops), h, w, 3), dtype=torch.uint8)
     flip = np.array(flips.as_tensor()).reshape(-1).astype(bool)
-    pil_resize.resize_batch([np.asarray(crops[j]) for j in range(len(crops))], flip, out.numpy(), threads=threads)
+    cubics = None if cubic is None else np.array(cubic.as_tensor()).reshape(-1).astype(bool)
+    pil_resize.resize_batch([np.asarray(crops[j]) for j in range(len(crops))], flip, out.numpy(), threads=threads,
+                            cubic=cubics)
     return out.permute(0, 3, 1, 2)
 
 
@@ -356,17 +362,24 @@ def _source(feed):
 
 
 @pipeline_def(enable_conditionals=False)
-def _train_graph(feed, *, gpu: bool, hw_decoder_load: float, scale, ratio, hflip: float, resize_in_dali: bool = True):
+def _train_graph(feed, *, gpu: bool, hw_decoder_load: float, scale, ratio, hflip: float, interpolation: str,
+                 resize_in_dali: bool = True):
     """GPU: decode, resize and flip in DALI. CPU (``resize_in_dali=False``): DALI decodes the crops
-    and draws the flips; the wrapper resizes and flips them (``pil_resize``; DALI's CPU resize cost
-    twice the decode, ours a quarter of it)."""
+    and draws the flips and the bicubic coins; the wrapper resizes and flips them (``pil_resize``;
+    DALI's CPU resize cost twice the decode, ours a quarter of it). Every coin is a DALI random
+    operator, so DALI's checkpoint restores it on resume. ``interpolation``: timm's train
+    interpolation, ``random`` = bilinear or bicubic with probability 1/2 per image."""
     jpegs, labels, size = _source(feed)
     kw = dict(hw_decoder_load=hw_decoder_load) if gpu else {}
     images = fn.decoders.image_random_crop(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
                                            random_area=scale, random_aspect_ratio=ratio, num_attempts=10, **kw)
+    cubic = fn.random.coin_flip(probability={"bilinear": 0.0, "bicubic": 1.0, "random": 0.5}[interpolation],
+                                dtype=types.INT32)
     if not resize_in_dali:
-        return images, labels, size, fn.random.coin_flip(probability=hflip)
-    images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
+        return images, labels, size, fn.random.coin_flip(probability=hflip), cubic
+    # INTERP_LINEAR = 1, INTERP_CUBIC = 2: a per-sample interpolation type (an argument input)
+    interp = fn.cast(cubic + int(types.INTERP_LINEAR), dtype=types.INTERP_TYPE)
+    images = fn.resize(images, size=size, interp_type=interp, antialias=True)
     if hflip > 0:
         images = fn.flip(images, horizontal=fn.random.coin_flip(probability=hflip))
     return images, labels

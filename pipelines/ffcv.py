@@ -8,7 +8,7 @@ Removing Data Bottlenecks"; docs: https://docs.ffcv.io).
 Per batch (train), all inside FFCV:
 :class:`PILRandomResizedCropDecoder` (decode + FFCV's timm/torchvision random-resized-crop box
 sampling with ``scale``/``ratio``, 10 attempts then the centre fallback; the crop resized with PIL's
-bilinear filter, not FFCV's OpenCV INTER_AREA; timm's per-image bilinear/bicubic choice not yet) →
+filters, not FFCV's OpenCV INTER_AREA: timm's ``random`` interpolation, bilinear or bicubic per image) →
 ``RandomHorizontalFlip`` → ``ToTensor`` → ``ToDevice`` (``non_blocking=True``, CUDA only) →
 ``ToTorchImage(channels_last=True)``: an NHWC uint8 buffer viewed as NCHW, the layout stage 2 expects.
 Val: :class:`TimmEvalDecoder` — decode, then PIL's bicubic resize of the source box that timm's
@@ -56,7 +56,8 @@ except ImportError as e:  # pipelines/build.py turns this into the one-line "wha
                               "(needs libturbojpeg and OpenCV dev packages), or set data.pipeline=reference") from None
 
 from pipelines import pil_resize
-from pipelines._stage1_common import EpochPlan, read_split, require_file, resolve_device
+from pipelines._stage1_common import (INTERPOLATION_CODES, EpochPlan, check_interpolation, read_split, require_file,
+                                      resolve_device)
 
 
 def timm_eval_box(height, width, res, short_side):
@@ -129,20 +130,25 @@ def _decode_each(decoder, place):
 
 class PILRandomResizedCropDecoder(RandomResizedCropRGBImageDecoder):
     """FFCV's random-resized-crop decoder (its box sampling: ``scale``/``ratio``, 10 attempts,
-    centre fallback) with the crop resized by PIL's bilinear filter (``pipelines/pil_resize.py``)
-    instead of OpenCV INTER_AREA, ~3x cheaper than FFCV's resize on CPU
-    (benchmarks/results/pipelines_cpu.md). Not yet timm's train interpolation: timm's default
-    ``random`` picks bilinear or bicubic per image (the reference pipeline does); this is bilinear
-    for every crop. Same memory declaration as FFCV's decoder; only the per-image code differs."""
+    centre fallback) with the crop resized by PIL's filters (``pipelines/pil_resize.py``) instead of
+    OpenCV INTER_AREA: timm's train interpolation, ``random`` by default (bilinear or bicubic per
+    image, as ``RandomResizedCropAndInterpolation``), or always ``bilinear`` / ``bicubic``. PIL's
+    bilinear is ~3x cheaper than FFCV's resize on CPU (benchmarks/results/pipelines_cpu.md). Same
+    memory declaration as FFCV's decoder; only the per-image code differs."""
+
+    def __init__(self, output_size, scale, ratio, interpolation: str = "random"):
+        super().__init__(output_size, scale=scale, ratio=ratio)
+        self.interpolation = interpolation
 
     def generate_code(self):
         crop_box = Compiler.compile(self.get_crop_generator)
-        resize = pil_resize.resize_into
+        resize, pick_cubic = pil_resize.resize_into, pil_resize.pick_cubic
         scale, ratio = np.array(self.scale), np.array(self.ratio)
+        mode = INTERPOLATION_CODES[self.interpolation]
 
         def place(image, out):
             top, left, ch, cw = crop_box(np.uint32(image.shape[0]), np.uint32(image.shape[1]), scale, ratio)
-            resize(np.ascontiguousarray(image[top:top + ch, left:left + cw]), out, False)
+            resize(np.ascontiguousarray(image[top:top + ch, left:left + cw]), out, False, pick_cubic(mode))
 
         return _decode_each(self, Compiler.compile(place))
 
@@ -193,8 +199,9 @@ class FFCVPipeline:
 
     def __init__(self, root, split: str, *, batch_size: int, res: int, device="cpu", rank: int = 0,
                  world_size: int = 1, seed: int = 0, repeats: int = 0, workers: int = 8,
-                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, crop_pct: float = 0.875,
-                 batches_ahead: int = 3, os_cache: bool = True):
+                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, interpolation: str = "random",
+                 crop_pct: float = 0.875, batches_ahead: int = 3, os_cache: bool = True):
+        check_interpolation(interpolation)
         info = read_split(root, split, "ffcv")
         self.root, self.split, self.train = Path(root), split, split == "train"
         self.beton = require_file(self.root / "ffcv" / f"{split}.beton", self.root, "ffcv")
@@ -205,8 +212,8 @@ class FFCVPipeline:
         self.plan = EpochPlan(self.num_samples, train=self.train, batch_size=batch_size, rank=rank,
                               world_size=world_size, seed=seed, repeats=repeats)
         if self.train:
-            decoder = PILRandomResizedCropDecoder if pil_resize.AVAILABLE else RandomResizedCropRGBImageDecoder
-            self.decoder = decoder((res, res), scale=tuple(scale), ratio=tuple(ratio))
+            self.decoder = PILRandomResizedCropDecoder((res, res), scale=tuple(scale), ratio=tuple(ratio),
+                                                       interpolation=interpolation)
             image_ops = [self.decoder] + ([RandomHorizontalFlip(hflip)] if hflip > 0 else [])
         else:
             self.decoder = TimmEvalDecoder(res, crop_pct)

@@ -156,20 +156,33 @@ if AVAILABLE:
             _vertical(back.reshape(rows, ow * 3), r0, yf, yn, yk, out.reshape(oh, ow * 3))
 
     @_jit
+    def _resize_whole(src, out, flip, cubic):
+        """All of ``src`` resized into ``out`` with Pillow's BILINEAR or BICUBIC filter, optionally
+        mirrored: torchvision's ``resized_crop`` of a crop already cut out (crop, then resize)."""
+        _resample(src, 0.0, 0.0, float(src.shape[1]), float(src.shape[0]), out, flip, cubic)
+
+    @_jit
     def _resize1(src, out, flip):
         """All of ``src`` resized into ``out`` with Pillow's BILINEAR filter, optionally mirrored."""
-        _resample(src, 0.0, 0.0, float(src.shape[1]), float(src.shape[0]), out, flip, False)
+        _resize_whole(src, out, flip, False)
+
+    @_jit
+    def pick_cubic(mode):
+        """timm's train interpolation per image: ``mode`` 0 bilinear, 1 bicubic, 2 random (either,
+        with probability 1/2, as ``RandomResizedCropAndInterpolation(interpolation='random')``).
+        numba's generator: per thread, seeded by the caller's thread (FFCV's threads are not)."""
+        return mode == 1 or (mode == 2 and np.random.random() < 0.5)
 
     @njit(nogil=True, cache=True, error_model="numpy", parallel=True)
-    def _resize_batch(flat, offsets, heights, widths, flips, out):
+    def _resize_batch(flat, offsets, heights, widths, flips, cubics, out):
         for i in prange(out.shape[0]):
             h, w = heights[i], widths[i]
             src = flat[offsets[i]:offsets[i] + h * w * 3].reshape((h, w, 3))
-            _resize1(src, out[i], flips[i])
+            _resize_whole(src, out[i], flips[i], cubics[i])
 
 
 if AVAILABLE:
-    resize_into = _resize1  # the compiled per-image loop, callable from other numba code (FFCV's decoder)
+    resize_into = _resize_whole  # the compiled per-image loop, callable from other numba code (FFCV's decoder)
     resample_into = _resample  # any box, BILINEAR or BICUBIC: FFCV's eval decoder (timm's resize + centre crop)
 
 
@@ -189,9 +202,10 @@ def resize_one(src: np.ndarray, out: np.ndarray, flip: bool = False) -> np.ndarr
     return out
 
 
-def resize_batch(crops: list[np.ndarray], flips: np.ndarray, out: np.ndarray, threads: int = 0) -> np.ndarray:
+def resize_batch(crops: list[np.ndarray], flips: np.ndarray, out: np.ndarray, threads: int = 0,
+                 cubic: np.ndarray | None = None) -> np.ndarray:
     """Resize every HWC uint8 crop into ``out[i]`` ([N, H, W, 3] uint8, C-contiguous), mirrored
-    where ``flips[i]``. The crops may lie anywhere; when they are back to back in one block (as
+    where ``flips[i]``, with PIL's BICUBIC filter where ``cubic[i]`` (default: BILINEAR for all). The crops may lie anywhere; when they are back to back in one block (as
     DALI's CPU outputs are) that block is read in place, else they are gathered once."""
     n = len(crops)
     if out.dtype != np.uint8 or out.ndim != 4 or out.shape[0] != n or out.shape[3] != 3:
@@ -217,7 +231,8 @@ def resize_batch(crops: list[np.ndarray], flips: np.ndarray, out: np.ndarray, th
     # with equal static halves the batch waited for whichever thread got less CPU.
     previous = numba.set_parallel_chunksize(1)
     try:
-        _resize_batch(flat, offsets, heights, widths, np.asarray(flips, np.bool_), out)
+        cubics = np.zeros(n, np.bool_) if cubic is None else np.asarray(cubic, np.bool_)
+        _resize_batch(flat, offsets, heights, widths, np.asarray(flips, np.bool_), cubics, out)
     finally:
         numba.set_parallel_chunksize(previous)
     return out

@@ -10,7 +10,11 @@ FFCV JIT-compiles a Loader on its first epoch (several seconds) and DALI builds 
 multi-rank pipelines are module-scoped and reused; every check sets its own epoch first."""
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
+import torch
 
 from tests.test_pipeline_parity import (check_missing_backend, check_missing_data, check_sharding_resume_progressive,
                                         check_train_crops, check_val_sharding, coords_root, ids_root, make)
@@ -188,3 +192,182 @@ def test_dali_consecutive_epochs_continue_without_a_reset(ids_root):
     assert ids == expected(3) and sizes == [48] * len(pipe) and len(resets) == 1
     ids, _, _ = ids_of(pipe, 4, 48, start_batch=2)
     assert ids == expected(4)[2 * BS:] and len(resets) == 2
+
+
+# --------------------------------------------------------------------------- crop sampling and interpolation
+KS_DRAWS, KS_P = 2048, 0.01
+BIG_W, BIG_H = 500, 375  # an ImageNet-typical size, so integer rounding of crop sides barely matters
+
+
+def torchvision_crop_stats(n: int, width: int, height: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Area fraction and log aspect ratio of ``n`` boxes from torchvision's RandomResizedCrop sampler
+    (timm's RandomResizedCropAndInterpolation draws with the same code): the oracle."""
+    import torchvision.transforms as T
+
+    torch.manual_seed(seed)
+    img = torch.empty(3, height, width)
+    boxes = np.array([T.RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)], np.float64)
+    h, w = boxes[:, 2], boxes[:, 3]
+    return {"area": h * w / (width * height), "log_ratio": np.log(w / h)}
+
+
+def assert_same_distribution(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], who: str) -> None:
+    from scipy.stats import ks_2samp
+
+    for key in ("area", "log_ratio"):
+        p = ks_2samp(got[key], ref[key]).pvalue
+        print(f"{who} crop {key}: {len(got[key])} draws, median {np.median(got[key]):.3f} "
+              f"(torchvision {np.median(ref[key]):.3f}), KS p={p:.3g}")
+        assert len(got[key]) >= KS_DRAWS and p > KS_P, (who, key, p)
+
+
+def test_ffcv_crop_sampler_matches_torchvision():
+    """The box sampler FFCV's decoder compiles (its ``get_crop_generator``, with the recipe's scale
+    and ratio), drawn 2,048 times on one thread whose numba generator is seeded (FFCV's own worker
+    threads cannot be seeded, so end to end its crops are random per run; check_train_crops covers
+    that path with fewer draws)."""
+    pytest.importorskip("ffcv")
+    import numba
+
+    from pipelines.ffcv import PILRandomResizedCropDecoder
+
+    decoder = PILRandomResizedCropDecoder((32, 32), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+    sample = numba.njit(decoder.get_crop_generator)
+
+    @numba.njit
+    def draws(n, seed, scale, ratio):
+        np.random.seed(seed)
+        out = np.empty((n, 4), np.int64)
+        for k in range(n):
+            out[k] = sample(np.uint32(BIG_H), np.uint32(BIG_W), scale, ratio)
+        return out
+
+    boxes = draws(KS_DRAWS, 0, np.array([0.08, 1.0]), np.array([3 / 4, 4 / 3])).astype(np.float64)
+    h, w = boxes[:, 2], boxes[:, 3]
+    got = {"area": h * w / (BIG_W * BIG_H), "log_ratio": np.log(w / h)}
+    assert_same_distribution(got, torchvision_crop_stats(KS_DRAWS, BIG_W, BIG_H), "ffcv")
+
+
+@pytest.fixture(scope="module")
+def big_root(tmp_path_factory):
+    """8 train JPEGs of 500x375 (real photo crops), converted."""
+    from tests.photos import photo_crops
+    from tests.test_pipeline_parity import convert
+
+    src = tmp_path_factory.mktemp("big") / "src"
+    for i, img in enumerate(photo_crops(8, (BIG_W, BIG_H), seed=3)):
+        folder = src / "train" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        img.save(folder / f"{i}.jpg", quality=90)
+    return convert(src, src.parent / "out", "--splits", "train")
+
+
+def test_dali_crop_sampler_matches_torchvision(big_root, monkeypatch):
+    """End to end through our DALI graph (seeded, so deterministic): the decoded crops' sizes over
+    256 epochs of 8 images, before our resize."""
+    pytest.importorskip("nvidia.dali")
+    import pipelines.dali as dali
+
+    sizes = []
+    real = dali.resize_crops
+
+    def record(crops, *args, **kw):
+        sizes.extend(tuple(crops[j].shape()[:2]) for j in range(len(crops)))
+        return real(crops, *args, **kw)
+
+    monkeypatch.setattr(dali, "resize_crops", record)
+    pipe = make("dali", big_root, "train", batch_size=8, res=16, seed=4, workers=2)
+    for epoch in range(KS_DRAWS // 8):
+        pipe.set_epoch(epoch, 16)
+        for _ in pipe:
+            pass
+    hw = np.array(sizes, np.float64)
+    got = {"area": hw[:, 0] * hw[:, 1] / (BIG_W * BIG_H), "log_ratio": np.log(hw[:, 1] / hw[:, 0])}
+    assert_same_distribution(got, torchvision_crop_stats(KS_DRAWS, BIG_W, BIG_H), "dali")
+
+
+SQUARE, INTERP_RES = 48, 96  # a 2x upscale: the two filters differ clearly
+
+
+@pytest.fixture(scope="module")
+def square_root(tmp_path_factory):
+    """8 square train JPEGs (real photo crops), converted: with scale = ratio = (1, 1) every backend's
+    random-resized crop is the whole image, so each output is the image resized with one filter."""
+    from tests.photos import photo_crops
+    from tests.test_pipeline_parity import convert
+
+    src = tmp_path_factory.mktemp("square") / "src"
+    for i, img in enumerate(photo_crops(8, (SQUARE, SQUARE), seed=5)):
+        folder = src / "train" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        img.save(folder / f"{i}.jpg", quality=95)
+    return convert(src, src.parent / "out", "--splits", "train")
+
+
+def decoded(path, decoder: str) -> np.ndarray:
+    """The source JPEG's pixels as the backend decodes them (the converter stored the file's own
+    bytes): PIL for the reference and DALI (both libjpeg-turbo, identical here), FFCV's decoder for FFCV."""
+    from PIL import Image
+
+    if decoder != "ffcv":
+        return np.asarray(Image.open(path).convert("RGB"))
+    from ffcv.libffcv import imdecode
+
+    pixels = np.zeros((SQUARE, SQUARE, 3), np.uint8)
+    imdecode(np.frombuffer(path.read_bytes(), np.uint8), pixels, SQUARE, SQUARE, SQUARE, SQUARE, 0, 0, 1, 1,
+             False, False)
+    return pixels
+
+
+TELL_APART = 0.5  # grey levels (mean |diff|) between an image's bilinear and bicubic resize
+
+
+def interpolation_choices(pipe, root, epochs: int, decoder: str) -> tuple[list[bool], float, int]:
+    """Which filter made each output image (True: bicubic), found as the nearest of PIL's bilinear
+    and bicubic resizes of every source image; the worst distance to the nearest (mean |diff| in
+    grey levels: 0 means the backend's pixels are exactly one of PIL's resizes); how many sources
+    the two filters tell apart (only their outputs are counted)."""
+    from PIL import Image
+
+    sources = sorted((root.parent / "src" / "train").rglob("*.jpg"))
+    candidates = torch.stack([torch.from_numpy(np.asarray(Image.fromarray(decoded(p, decoder)).resize(
+        (INTERP_RES, INTERP_RES), f))).permute(2, 0, 1).float()
+        for p in sources for f in (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)])
+    gap = (candidates[0::2] - candidates[1::2]).abs().mean(dim=(1, 2, 3))  # per source: the filters' difference
+    choices, worst = [], 0.0
+    for epoch in range(epochs):
+        pipe.set_epoch(epoch, INTERP_RES)
+        for batch in pipe:
+            d = (batch.images.float()[:, None] - candidates[None]).abs().mean(dim=(2, 3, 4))  # [n, 2 * sources]
+            best = d.argmin(1)
+            worst = max(worst, float(d.min(1).values.max()))
+            # a flat patch looks the same through both filters: only count sources they tell apart
+            choices += [bool(b % 2) for b in best.tolist() if gap[b // 2] > TELL_APART]
+    return choices, worst, int((gap > TELL_APART).sum())
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "random"])
+@pytest.mark.parametrize("name", ["reference", "ffcv", "dali"])
+def test_train_interpolation_follows_the_recipe(name, mode, square_root):
+    """augment.train_interpolation in every backend: ``bilinear``/``bicubic`` always, ``random``
+    (timm's default) either with probability 1/2 per image (4-sigma binomial bound over >= 192 draws).
+    Every output is exactly PIL's resize of the backend's decoded pixels with the chosen filter."""
+    kw = dict(batch_size=4, res=INTERP_RES, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, interpolation=mode,
+              seed=6, repeats=0, workers=2)
+    if name == "reference":
+        from pipelines.reference import ReferencePipeline
+
+        pipe = ReferencePipeline(str(square_root), "train", device=torch.device("cpu"), rank=0, world_size=1,
+                                 **{**kw, "workers": 0})
+    else:
+        pytest.importorskip(LIBRARY[name])
+        pipe = make(name, square_root, "train", **kw)
+    choices, worst, distinct = interpolation_choices(pipe, square_root, 32 if mode == "random" else 2, name)
+    print(f"{name} {mode}: {np.mean(choices):.3f} bicubic over {len(choices)} (of {distinct} distinguishable "
+          f"sources), worst distance {worst:.3f}")
+    assert worst < 0.05 and distinct >= 6, (worst, distinct)  # exact resizes; the test can tell filters apart
+    if mode == "random":
+        n = len(choices)
+        assert n >= 32 * 6 and abs(np.mean(choices) - 0.5) < 4 * math.sqrt(0.25 / n), np.mean(choices)
+    else:
+        assert set(choices) == {mode == "bicubic"}
