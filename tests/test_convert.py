@@ -7,13 +7,12 @@ import hashlib
 import json
 import os
 import shutil
-import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_convert_fixtures import (CLASSES, JPEG_TOL, ODD_FILES, SIZE, build_tree, jpeg_bytes, manifest,
+from tests.test_convert_fixtures import (CLASSES, JPEG_TOL, ODD_FILES, SIZE, build_tree, manifest,
                                          mean_abs_diff, reference_rgb, run_tool, shard_samples, source_for_key)
 
 N_TRAIN_PHOTOS, N_VAL = 3 * len(CLASSES), 2 * len(CLASSES)
@@ -302,11 +301,9 @@ def test_user_errors_are_one_line_exit_2(tmp_path, argv, message):
     src = build_tree(tmp_path / "src", per_class=1, val_per_class=1, odd=False)
     (tmp_path / "empty").mkdir()
     fill = {"src": src, "out": tmp_path / "out", "missing": tmp_path / "nope", "empty": tmp_path / "empty"}
-    import subprocess
-    import sys
-    from tests.test_convert_fixtures import TOOL
-    proc = subprocess.run([sys.executable, str(TOOL), *[a.format(**fill) for a in argv], "--quiet"],
-                          capture_output=True, text=True, timeout=120)
+    from tests.cli import run_main
+    from tools.convert_imagenet import main
+    proc = run_main(main, [*[a.format(**fill) for a in argv], "--quiet"])  # in process: the same main
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 

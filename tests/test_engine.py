@@ -133,7 +133,10 @@ def newest_per_point(records: list[dict]) -> list[dict]:
     (("model.arch=resnet5O",), "did you mean resnet50?"),
 ])
 def test_user_errors_are_one_line(fmnist_tree, tmp_path, extra, message):
-    proc = run_engine(fmnist_tree, tmp_path / "e", *extra, check=False)
+    from engine.run import main
+    from tests.cli import run_main
+
+    proc = run_main(main, engine_cmd(fmnist_tree, tmp_path / "e", *extra)[3:])  # in process: python -m engine.run ...
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error:") and message in proc.stderr
     assert "Traceback" not in proc.stderr

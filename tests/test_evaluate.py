@@ -10,10 +10,20 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli import run_main
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def evaluate(*args: str) -> subprocess.CompletedProcess:
+    """tools/evaluate.py's ``main`` in this process (tests/cli.py); the first test below also runs
+    the script itself."""
+    from tools.evaluate import main
+
+    return run_main(main, list(args))
+
+
+def evaluate_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "tools/evaluate.py", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
 
@@ -26,9 +36,9 @@ def test_checkpoint_and_export_reproduce_the_engines_top1_exactly(tiny_runs, tmp
     run = tiny_runs["ema"]
     engine = last_eval(run)
     ckpt = sorted(run.glob("ckpt-*.pt"))[-1]
-    for weights in (ckpt, run / "model.safetensors"):
+    for weights, run_it in ((ckpt, evaluate_script), (run / "model.safetensors", evaluate)):
         out = tmp_path / f"{weights.stem}.json"
-        proc = evaluate(weights, "--json", out)
+        proc = run_it(weights, "--json", out)
         assert proc.returncode == 0, proc.stderr
         got = json.loads(out.read_text())
         assert (got["val_top1"], got["val_top5"], got["val_images"]) == \

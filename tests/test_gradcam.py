@@ -4,9 +4,7 @@ in a W&B Table; user errors are one line."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +27,11 @@ def final_ckpt(run: Path) -> Path:
 
 
 def gradcam(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "tools/gradcam.py", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    """tools/gradcam.py's ``main`` in this process (tests/cli.py)."""
+    from tests.cli import run_main
+    from tools.gradcam import main
+
+    return run_main(main, list(args), env=env)
 
 
 def hand_gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,7 @@
 
 Two hundred LAMB steps of the demo recipe (resnet_tiny, 32 px) on 640 Fashion-MNIST training images
 must reach at least twice chance top-1 (20% of 10 classes) on 160 held-out images, through the
-reference pipeline and through FFCV (DALI when FFCV is not installed): a broken augmentation, label
+reference pipeline and through DALI (FFCV when DALI is not installed): a broken augmentation, label
 order, loss or optimizer shows up here even when every unit test passes. The reference run's final
 top-1 is then recomputed without any of our evaluation code: its export loaded into a fresh model,
 timm's eval transform on PIL images read by torchvision's ImageFolder, ``model(x)``,
@@ -29,7 +29,7 @@ FAST = ["data.workers=0", "train.epochs=10", "train.global_batch_size=32", "trai
 
 
 def fast_backend() -> str:
-    for backend, module in (("ffcv", "ffcv"), ("dali", "nvidia.dali")):
+    for backend, module in (("dali", "nvidia.dali"), ("ffcv", "ffcv")):
         if importlib.util.find_spec(module.split(".")[0]) and importlib.util.find_spec(module):
             return backend
     pytest.skip("neither FFCV nor DALI is installed")

@@ -3,9 +3,7 @@ window (warm-up excluded, data wait counted), one-line user errors, and the bott
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,8 +28,11 @@ def _tool():
 
 
 def run_tool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TOOL), *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """tools/profile_throughput.py's ``main`` in this process (tests/cli.py)."""
+    from tests.cli import run_main
+    from tools.profile_throughput import main
+
+    return run_main(main, list(args))
 
 
 def sets(*items: str) -> list[str]:
