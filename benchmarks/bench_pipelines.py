@@ -13,6 +13,9 @@ ImageNet-like 500x375 / 375x500, run through tools/convert_imagenet.py once and 
 * ``ffcv-raw``   (only when named in ``--backends``) the same over a ``--write-mode raw`` beton: no JPEG
                  at all, every image raw pixels (~12x the disk): FFCV with no decode cost;
 * ``dali``       pipelines.dali.DALIPipeline over the webdataset shards (index feed);
+* ``<backend>-bilinear`` (only when named in ``--backends``) the same backend with
+                 ``augment.train_interpolation = bilinear`` instead of timm's default ``random``
+                 (bilinear or bicubic per image): the cost of timm's interpolation;
 * ``bare-ffcv``  an ffcv ``Loader`` with the same decoder (pipelines.ffcv.PILRandomResizedCropDecoder)/flip/
                  ToTensor/ToTorchImage ops and FFCV's own RANDOM order: what our wrapper costs on top of FFCV;
 * ``bare-dali``  ``fn.readers.webdataset`` (random_shuffle) -> the same ops as our graph (on CPU: the ROI
@@ -148,6 +151,8 @@ def bare_dali(root: Path, a):
 def build(name: str, root: Path, a):
     kw = dict(batch_size=a.batch, res=a.res, device=torch.device(a.device), rank=0, world_size=1, seed=0,
               repeats=0, workers=a.workers, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5)
+    if name.endswith("-bilinear"):  # every crop bilinear: FFCV/DALI before augment.train_interpolation
+        name, kw["interpolation"] = name[: -len("-bilinear")], "bilinear"
     if name == "reference":
         from pipelines.reference import ReferencePipeline
         return ReferencePipeline(str(root), "train", **kw)
