@@ -8,7 +8,7 @@ Also home of the small synthetic datasets the backend test files share (imported
   random-resized crop reveals the crop box (and flip) it came from: crop statistics vs timm.
 * ``photos``: real photographs (tests/photos.py) for pixel parity with the reference pipeline.
 
-Each is a class-folder tree ``SRC/{train,val}/<class>/*.png`` run through the converter
+Each is a class-folder tree ``SRC/{train,val}/<class>/*`` (PNG; the photos as JPEG) run through the converter
 (``tools/convert_imagenet.py SRC OUT --formats ffcv,dali``).
 """
 from __future__ import annotations
@@ -92,8 +92,9 @@ def crop_boxes(images: torch.Tensor) -> dict[str, np.ndarray]:
 
 
 def write_tree(src: Path, kind: str, n_train: int, n_val: int, classes: int = 3) -> Path:
-    """``src/{train,val}/c<k>/<i>.png`` (PNG: lossless, so the converter's one JPEG encode is the
-    only lossy step every backend sees)."""
+    """``src/{train,val}/c<k>/<i>.png`` (lossless: the converter's one JPEG encode is the only
+    lossy step every backend sees); photos as ``<i>.jpg`` (quality 90), which the converter stores
+    byte for byte, so backends and the reference decode the very same file."""
     from tests.photos import photo_crops
 
     photos = (photo_crops(n_train, (288, 224), seed=1) + photo_crops(n_val, (224, 288), seed=2)
@@ -109,7 +110,10 @@ def write_tree(src: Path, kind: str, n_train: int, n_val: int, classes: int = 3)
                 img = photos[off + i]
             folder = src / split / f"c{label}"
             folder.mkdir(parents=True, exist_ok=True)
-            img.save(folder / f"{i:04d}.png")
+            if kind == "photos":  # JPEG, as ImageNet's files: the converter stores them as they are
+                img.save(folder / f"{i:04d}.jpg", quality=90)
+            else:  # flat colours and ramps: PNG, lossless
+                img.save(folder / f"{i:04d}.png")
     return src
 
 
@@ -175,19 +179,12 @@ def collect(pipe) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---------------------------------------------------------------- eval parity
 
-# Per-image mean |difference| in uint8 levels against the reference pipeline (PIL decode of the
-# source PNG, timm eval transform: bicubic resize of the shorter side to floor(res / crop_pct),
-# centre crop res). What legitimately differs:
-# - the converter's one JPEG encode (quality ~90), which every converted backend sees: ~0.2-2 levels;
-# - DALI: nothing else; its resize size and crop offset reproduce timm's integers exactly and its
-#   antialiased cubic matches PIL's bicubic to ~0.15 levels on identical input;
-# - FFCV: its resize is timm's exactly (PIL's bicubic over timm's fractional window, next test);
-#   its JPEG decoder differs from PIL's (mean ~1 level). It used OpenCV INTER_AREA on a
-#   whole-pixel window before: 0.8-3.3 levels.
-# Measured on these photos: DALI 0.2-1.9, FFCV 0.7-2.2 levels (the test prints them). Bounds:
-# 3 levels, and PSNR > 30 dB for every image. A one-pixel shift of the crop alone
-# costs 7-20 levels on these photos (FFCV's stock CenterCropRGBImageDecoder window: up to 11.5).
-EVAL_TOL = {"dali": 3.0, "ffcv": 3.0}
+# Per pixel, against the reference on the same JPEG files (stored by the converter as they are),
+# measured: DALI max 3, mean 0.13, no pixel in a thousand off by more than 1 (its CPU eval resize is
+# DALI's own bicubic, not PIL's); FFCV max 6, mean 0.88, 19% of pixels off by more than 1: FFCV decodes
+# with libjpeg-turbo's fast integer IDCT (TJFLAG_FASTDCT in ffcv 1.0.2's libffcv.cpp), PIL with the
+# accurate one; on FFCV's own decoded pixels its eval resize is timm's exactly (next test).
+EVAL_TOL = {"dali": dict(max=3, mean=0.2, over1=0.001), "ffcv": dict(max=8, mean=1.2, over1=0.3)}
 EVAL_RES, EVAL_CROP = 96, 0.875
 
 
@@ -209,7 +206,7 @@ def reference_eval(photos_root: Path) -> tuple[torch.Tensor, torch.Tensor]:
     src = Path(manifest["source"]) / "val"
     tf = create_transform(EVAL_RES, is_training=False, crop_pct=EVAL_CROP, interpolation="bicubic")
     tf.transforms = tf.transforms[:-2]  # drop ToTensor + Normalize: compare uint8 pixels
-    files = sorted(src.glob("*/*.png"))
+    files = sorted(src.glob("*/*.jpg"))
     ims = [torch.from_numpy(np.asarray(tf(Image.open(f).convert("RGB")))).permute(2, 0, 1) for f in files]
     labels = [int(f.parent.name[1:]) for f in files]
     return torch.stack(ims), torch.tensor(labels)
@@ -222,17 +219,15 @@ def test_eval_matches_reference(backend, photos_root):
     ref_images, ref_labels = reference_eval(photos_root)
     assert images.shape == ref_images.shape == (10, 3, EVAL_RES, EVAL_RES)
     assert torch.equal(labels, ref_labels)
-    diff = (images.float() - ref_images.float()).abs().mean(dim=(1, 2, 3))
-    mse = ((images.float() - ref_images.float()) ** 2).mean(dim=(1, 2, 3))
-    psnr = 10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-6))
-    print(f"{backend} eval vs reference, mean |diff| per image (uint8 levels): "
-          f"{[round(float(d), 2) for d in diff]}; min PSNR {float(psnr.min()):.1f} dB")
-    assert float(diff.max()) < EVAL_TOL[backend], diff
-    assert float(psnr.min()) > 30.0, psnr
-    # Control: the same comparison against a neighbouring image is far outside the bound, so the
-    # bound can fail.
-    shifted = (images.float() - ref_images.roll(1, 0).float()).abs().mean(dim=(1, 2, 3))
-    assert float(shifted.min()) > 3 * EVAL_TOL[backend]
+    d = (images.int() - ref_images.int()).abs()
+    tol = EVAL_TOL[backend]
+    print(f"{backend} eval vs reference per pixel: max {int(d.max())}, mean {float(d.float().mean()):.3f}, "
+          f"off by more than 1: {float((d > 1).float().mean()):.4f}")
+    assert int(d.max()) <= tol["max"] and float(d.float().mean()) < tol["mean"], (int(d.max()), float(d.float().mean()))
+    assert float((d > 1).float().mean()) < tol["over1"]
+    # Control: the same comparison against a neighbouring image is far outside the bounds, so they can fail.
+    shifted = (images.int() - ref_images.roll(1, 0).int()).abs().float().mean(dim=(1, 2, 3))
+    assert float(shifted.min()) > 5 * tol["mean"]
 
 
 def test_ffcv_eval_resize_is_timms_transform(photos_root):
