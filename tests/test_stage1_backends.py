@@ -264,16 +264,17 @@ def big_root(tmp_path_factory):
 
 def test_dali_crop_sampler_matches_torchvision(big_root, monkeypatch):
     """End to end through our DALI graph (seeded, so deterministic): the decoded crops' sizes over
-    256 epochs of 8 images, before our resize."""
+    256 epochs of 8 images, before our resize, and the flip coins (binomial test, p > 0.01)."""
     pytest.importorskip("nvidia.dali")
     import pipelines.dali as dali
 
-    sizes = []
+    sizes, flips = [], []
     real = dali.resize_crops
 
-    def record(crops, *args, **kw):
+    def record(crops, coins, *args, **kw):
         sizes.extend(tuple(crops[j].shape()[:2]) for j in range(len(crops)))
-        return real(crops, *args, **kw)
+        flips.extend(np.array(coins.as_tensor()).reshape(-1).tolist())
+        return real(crops, coins, *args, **kw)
 
     monkeypatch.setattr(dali, "resize_crops", record)
     pipe = make("dali", big_root, "train", batch_size=8, res=16, seed=4, workers=2)
@@ -284,6 +285,9 @@ def test_dali_crop_sampler_matches_torchvision(big_root, monkeypatch):
     hw = np.array(sizes, np.float64)
     got = {"area": hw[:, 0] * hw[:, 1] / (BIG_W * BIG_H), "log_ratio": np.log(hw[:, 1] / hw[:, 0])}
     assert_same_distribution(got, torchvision_crop_stats(KS_DRAWS, BIG_W, BIG_H), "dali")
+    from scipy.stats import binomtest
+
+    assert len(flips) == KS_DRAWS and binomtest(int(sum(flips)), len(flips), 0.5).pvalue > KS_P, np.mean(flips)
 
 
 SQUARE, INTERP_RES = 48, 96  # a 2x upscale: the two filters differ clearly
