@@ -24,7 +24,15 @@ from pipelines.base import DataError
 from pipelines.convert.manifest import load_manifest
 from pipelines.sampler import ShardSampler
 
-CONVERT_HINT = "run the converter first: python tools/convert_imagenet.py SRC {root} --formats {fmt}"
+def convert_hint(root: Path, fmt: str) -> str:
+    """What to run. A ``data.root`` that holds ``train/`` or ``val/`` image folders is the converter's
+    source, not its output: the destination named is beside it, never inside it."""
+    root = Path(root)
+    if (root / "train").is_dir() or (root / "val").is_dir():
+        out = root.parent / f"{root.name}_converted"
+        return (f"{root} is an image tree, not converted data: run python tools/convert_imagenet.py {root} {out} "
+                f"--formats {fmt}, then set data.root={out}")
+    return f"run the converter first: python tools/convert_imagenet.py SRC {root} --formats {fmt}"
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,7 @@ def check_interpolation(name: str) -> None:
 
 
 def _missing(root: Path, what: str, fmt: str) -> DataError:
-    return DataError(f"{what} not found under {root}; " + CONVERT_HINT.format(root=root, fmt=fmt))
+    return DataError(f"{what} not found under {root}; " + convert_hint(root, fmt))
 
 
 def _split_entry(manifest: dict, split: str, fmt: str) -> dict | None:
@@ -71,20 +79,20 @@ def read_split(root: str | Path, split: str, fmt: str) -> SplitInfo:
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     root = Path(root)
-    manifest = load_manifest(root, CONVERT_HINT.format(root=root, fmt=fmt))
+    manifest = load_manifest(root, convert_hint(root, fmt))
     if manifest is None:
         raise _missing(root, "manifest.json", fmt)
     formats = manifest.get("formats")
     if formats is not None and fmt not in formats:
         raise DataError(f"{root} was converted without the {fmt} format (has {list(formats)}); "
-                        + CONVERT_HINT.format(root=root, fmt=fmt))
+                        + convert_hint(root, fmt))
     entry = _split_entry(manifest, split, fmt)
     if entry is None or "images" not in entry:
-        raise DataError(f"{root / 'manifest.json'} has no '{split}' split; " + CONVERT_HINT.format(root=root, fmt=fmt))
+        raise DataError(f"{root / 'manifest.json'} has no '{split}' split; " + convert_hint(root, fmt))
     classes = tuple(entry.get("classes") or manifest.get("classes") or ())
     num_samples = int(entry["images"])
     if num_samples <= 0:
-        raise DataError(f"the {split} split at {root} has no images; " + CONVERT_HINT.format(root=root, fmt=fmt))
+        raise DataError(f"the {split} split at {root} has no images; " + convert_hint(root, fmt))
     return SplitInfo(root, split, num_samples, len(classes), classes, entry)
 
 

@@ -66,7 +66,7 @@ except ImportError as e:  # pipelines/build.py turns this into the one-line "wha
                               "or set data.pipeline=reference") from None
 
 from pipelines import pil_resize
-from pipelines._stage1_common import CONVERT_HINT, EpochPlan, check_interpolation, read_split, resolve_device
+from pipelines._stage1_common import EpochPlan, check_interpolation, convert_hint, read_split, resolve_device
 
 
 def _parse_index(path: Path) -> list[dict[str, tuple[int, int]]]:
@@ -100,13 +100,13 @@ class ShardStore:
         else:
             tars = sorted(folder.glob("*.tar"))
         if not tars:
-            raise DataError(f"no DALI shards in {folder}; " + CONVERT_HINT.format(root=root, fmt="dali"))
+            raise DataError(f"no DALI shards in {folder}; " + convert_hint(root, "dali"))
         self.maps, shard, offset, size, labels = [], [], [], [], []
         for k, tar in enumerate(tars):
             idx = tar.with_suffix(".idx")
             for p in (tar, idx):
                 if not p.is_file():
-                    raise DataError(f"{p} not found; " + CONVERT_HINT.format(root=root, fmt="dali"))
+                    raise DataError(f"{p} not found; " + convert_hint(root, "dali"))
             with open(tar, "rb") as f:
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self.maps.append(mm)

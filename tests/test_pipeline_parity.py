@@ -435,3 +435,19 @@ def test_manifest_without_the_split_is_a_one_line_data_error(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(DataError, match=r"cannot read .*manifest.json .*; run the converter first"):
         read_split(tmp_path, "train", "ffcv")
+
+
+def test_an_image_tree_as_data_root_gets_a_destination_beside_it(tmp_path):
+    """data.root pointed at the source tree (train/<class>/*.JPEG): the hint must not tell the user to
+    write the converted data into that same tree."""
+    from pipelines._stage1_common import read_split
+    from pipelines.base import DataError
+
+    tree = tmp_path / "imagenet"
+    (tree / "train" / "n01").mkdir(parents=True)
+    with pytest.raises(DataError) as e:
+        read_split(tree, "train", "ffcv")
+    message = str(e.value)
+    assert f"convert_imagenet.py {tree} {tmp_path / 'imagenet_converted'} --formats ffcv" in message
+    assert f"data.root={tmp_path / 'imagenet_converted'}" in message and "SRC" not in message
+    assert "\n" not in message
