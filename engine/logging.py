@@ -1,7 +1,9 @@
 """Run logging: console progress, ``OUT/metrics.jsonl``, and Weights & Biases.
 
 metrics.jsonl has one JSON object per log point (train: epoch, step, lr, train_loss, images_per_s,
-data_wait_frac; eval: val_top1, val_top5, val_loss) so tools (sweeps, plots) read runs without W&B.
+data_wait_frac; eval: val_top1, val_top5, val_loss; every record: ``time``, Unix seconds, and
+``elapsed_s``, the run's wall time so far over all its resumes) so tools (sweeps, plots) read runs
+without W&B.
 W&B gets the resolved config, the same metrics, and each epoch's checkpoint as a versioned model
 artifact; ``offline`` writes under ``OUT/wandb`` (sync later with ``wandb sync``), ``online`` needs
 ``WANDB_API_KEY`` or a prior ``wandb login``.
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ class RunLogger:
         self.wandb = None
         self._metrics = None
         self.records = 0  # records in metrics.jsonl (a checkpoint stores it: see truncate)
+        self.start_clock(0.0)
         if not enabled:
             return
         self.out.mkdir(parents=True, exist_ok=True)
@@ -61,9 +65,18 @@ class RunLogger:
         if self.enabled:
             print(msg, file=sys.stderr, flush=True)
 
+    def start_clock(self, elapsed_before: float) -> None:
+        """Count ``elapsed_s`` from now on top of ``elapsed_before`` (a resumed checkpoint's)."""
+        self._clock, self._elapsed_before = time.monotonic(), elapsed_before
+
+    def elapsed(self) -> float:
+        """The run's wall time so far: this process's since :meth:`start_clock`, plus the earlier ones'."""
+        return self._elapsed_before + time.monotonic() - self._clock
+
     def metrics(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        record = {**record, "time": round(time.time(), 3), "elapsed_s": round(self.elapsed(), 3)}
         self._metrics.write(json.dumps(record) + "\n")
         self.records += 1
         if self.wandb is not None:

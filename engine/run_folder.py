@@ -119,6 +119,7 @@ class Checkpointer:
         try:
             if self.d.is_main:
                 prog.records = self.log.records  # the log up to here belongs to this state
+                prog.elapsed_s = self.log.elapsed()
                 path = self._write(prog, best, tag, per_rank, confirmed)
         finally:
             for b, mine in zip(bn_running_stats(*self._modules()), own):

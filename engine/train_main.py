@@ -170,6 +170,7 @@ def _train(cfg: Config, d: DistInfo, out: Path, resume: str | None, max_steps: i
     # Records an interrupted run logged after its last checkpoint (all of them, when it wrote none
     # and this run starts fresh) are logged again: one record per step.
     log.truncate(prog.records, prog.step)
+    log.start_clock(prog.elapsed_s)  # elapsed_s continues from the checkpoint's
     if resumed:
         log.info(f"resumed from {resumed} at epoch {prog.epoch}, batch {prog.batch}, step {prog.step}")
     saver = run_folder.Checkpointer(out, cfg, d, ctx.raw_model, ctx.optimizer, ctx.scaler, ctx.ema, train_pipe,

@@ -87,6 +87,7 @@ class EpochProgress:
     window_count: int = 0
     skipped_images: int = 0  # unreadable images stage 1 replaced so far (Batch.skipped), this run
     records: int = -1  # metrics.jsonl records when this state was saved (-1: not counted)
+    elapsed_s: float = 0.0  # the run's wall time when this state was saved (over all its resumes)
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -71,6 +71,10 @@ def test_run_writes_metrics_checkpoints_and_exports(fmnist_tree, tmp_path):
         assert set(r) >= {"epoch", "step", "lr", "train_loss", "images_per_s", "data_wait_frac"}
         assert r["images_per_s"] > 0 and 0 <= r["data_wait_frac"] <= 1
     assert evals[-1]["val_images"] == 160  # every val image exactly once
+    # every record says when (Unix time) and how far into the run's wall time it was written
+    times, elapsed = [r["time"] for r in recs], [r["elapsed_s"] for r in recs]
+    assert times == sorted(times) and elapsed == sorted(elapsed) and 0 < elapsed[-1] < 600
+    assert abs((times[-1] - times[0]) - (elapsed[-1] - elapsed[0])) < 1.0
     assert "final val top-1" in proc.stdout
     assert "batch: global 64 = 64 per device x 1 processes x 1 accumulation steps" in proc.stderr
     names = sorted(p.name for p in out.iterdir())
@@ -120,6 +124,9 @@ def test_kill_9_mid_epoch_then_resume_auto_is_exact(fmnist_tree, tmp_path):
     records = metrics(out)
     assert len(records) == len(newest_per_point(records)), "duplicate step records after the resume"
     assert comparable(newest_per_point(records)) == comparable(newest_per_point(metrics(full)))
+    # the run's wall time continues across the kill: the records after the resume continue the count
+    elapsed = [r["elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed), elapsed
 
 
 def newest_per_point(records: list[dict]) -> list[dict]:
