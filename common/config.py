@@ -55,6 +55,10 @@ class DataConfig:
     root: str = key("data/imagenet", "folder written by tools/convert_imagenet.py (holds manifest.json)")
     num_classes: int = key(1000, "classes of the classifier head; must match the converted data")
     workers: int = key(8, "decode workers (FFCV/DALI threads, reference loader processes) per process")
+    mean: list[float] = key([0.485, 0.456, 0.406], "per-channel mean (0-1 scale) that stage 2 subtracts, in "
+                            "train and eval (timm's IMAGENET_DEFAULT_MEAN)")
+    std: list[float] = key([0.229, 0.224, 0.225], "per-channel std (0-1 scale) that stage 2 divides by "
+                           "(timm's IMAGENET_DEFAULT_STD)")
 
 
 @dataclass
@@ -101,6 +105,7 @@ class EvalConfig:
 
     res: int = key(224, "validation crop size (RSB evaluates at 224)")
     crop_pct: float = key(0.95, "center-crop fraction: images are resized to res / crop_pct, then cropped to res")
+    interpolation: str = key("bicubic", "resize filter of validation images: bicubic (timm's ResNet default) | bilinear")
     batch_size: int = key(256, "validation images per forward pass per process")
 
 
@@ -206,6 +211,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.schedule": ("cosine", "step_free_linear", "constant"),
     "augment.mix_mode": ("batch", "pair", "elem"),
     "augment.train_interpolation": ("random", "bilinear", "bicubic"),
+    "eval.interpolation": ("bicubic", "bilinear"),
     "loss.name": ("bce", "ce"),
     "log.wandb": ("off", "offline", "online"),
 }
@@ -377,6 +383,9 @@ def validate(cfg: Config) -> None:
                           f"with loss.name=ce also set loss.bce_target_thresh=0")
     if cfg.augment.repeated_aug < 0 or cfg.augment.repeated_aug == 1:
         raise ConfigError(f"augment.repeated_aug is a repeat count >= 2, or 0 for off; got {cfg.augment.repeated_aug}")
+    if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3 or min(cfg.data.std) <= 0:
+        raise ConfigError(f"data.mean and data.std take three numbers each (RGB, 0-1 scale), std > 0; got "
+                          f"{cfg.data.mean} and {cfg.data.std}")
     if len(cfg.augment.scale) != 2 or len(cfg.augment.ratio) != 2 or len(cfg.optim.betas) != 2:
         raise ConfigError("augment.scale, augment.ratio and optim.betas take two numbers each, e.g. [0.08, 1.0]")
     if cfg.augment.rand_augment and not cfg.augment.rand_augment.startswith("rand"):

@@ -20,14 +20,13 @@ import torch.nn as nn
 from engine import checkpoint as ckpt
 from engine import run_folder
 from common.config import Config, ConfigError, to_dict
-from pipelines.build import build_train_pipeline, build_val_pipeline, check_num_classes
+from pipelines.build import build_stage2, build_train_pipeline, build_val_pipeline, check_num_classes
 from engine.distributed import DistInfo, any_rank, barrier, cleanup, init_distributed, reduce_bn_stats
 from engine.logging import RunLogger, format_progress
 from engine.precision import resolve_precision
 from engine.progressive import regularization_scale, resolution_for_epoch
 from engine.trainer import EpochProgress, NonFiniteLossError, StepContext, build_step, evaluate, train_one_epoch
 from models.factory import UnknownModelError
-from pipelines.augment import Stage2
 from pipelines.base import DataError, MissingBackendError
 
 
@@ -161,9 +160,9 @@ def _train(cfg: Config, d: DistInfo, out: Path, resume: str | None, max_steps: i
     log.info(f"batch: global {t.global_batch_size} = {per_device} per device x {d.world_size} processes x "
              f"{accum} accumulation steps; device {device}; precision {t.precision}"
              + (" (auto)" if requested == "auto" else ""))
-    stage2 = Stage2(cfg.augment, cfg.data.num_classes, cfg.loss.label_smoothing, train=True,
-                    channels_last=t.channels_last, seed=t.seed * 1000 + d.rank)
-    stage2_eval = Stage2(cfg.augment, cfg.data.num_classes, 0.0, train=False, channels_last=t.channels_last)
+    stage2 = build_stage2(cfg.data, cfg.augment, train=True, label_smoothing=cfg.loss.label_smoothing,
+                          channels_last=t.channels_last, seed=t.seed * 1000 + d.rank)
+    stage2_eval = build_stage2(cfg.data, cfg.augment, train=False, channels_last=t.channels_last)
     ctx = build_step(cfg, device, steps_per_epoch)
     prog, best = EpochProgress(), {"val_top1": -1.0}
     resumed = run_folder.resume(resume, out, ctx, train_pipe, stage2, prog, best, d, log=log.info)

@@ -56,6 +56,13 @@ def check_interpolation(name: str) -> None:
         raise ValueError(f"interpolation must be random, bilinear or bicubic, got {name!r}")
 
 
+def check_eval_interpolation(name: str) -> bool:
+    """True for bicubic, False for bilinear (``eval.interpolation``)."""
+    if name not in ("bilinear", "bicubic"):
+        raise ValueError(f"eval_interpolation must be bilinear or bicubic, got {name!r}")
+    return name == "bicubic"
+
+
 def _missing(root: Path, what: str, fmt: str) -> DataError:
     return DataError(f"{what} not found under {root}; " + convert_hint(root, fmt))
 

@@ -61,7 +61,7 @@ def build_train_pipeline(data: DataConfig, aug: AugmentConfig, *, res: int, batc
 
 def build_val_pipeline(data: DataConfig, ev: EvalConfig, *, rank: int, world_size: int, device: torch.device):
     common = dict(batch_size=ev.batch_size, res=ev.res, crop_pct=ev.crop_pct, device=device, rank=rank,
-                  world_size=world_size, workers=data.workers)
+                  world_size=world_size, workers=data.workers, eval_interpolation=ev.interpolation)
     if data.pipeline == "synthetic":
         from pipelines.synthetic import SyntheticPipeline
 
@@ -75,6 +75,16 @@ def build_val_pipeline(data: DataConfig, ev: EvalConfig, *, rank: int, world_siz
     if data.pipeline == "ffcv":
         return _require("pipelines.ffcv", "ffcv").FFCVPipeline(data.root, "val", **common)
     return _require("pipelines.dali", "dali").DALIPipeline(data.root, "val", **common)
+
+
+def build_stage2(data: DataConfig, aug: AugmentConfig, *, train: bool, label_smoothing: float = 0.0,
+                 channels_last: bool = True, seed: int = 0):
+    """Stage 2 for the recipe: augmentation (train) and normalization with ``data.mean``/``data.std``,
+    the same for every backend and for evaluation (the engine, evaluate, Grad-CAM, the profiler)."""
+    from pipelines.augment import Stage2
+
+    return Stage2(aug, data.num_classes, label_smoothing if train else 0.0, train=train, channels_last=channels_last,
+                  seed=seed, mean=tuple(data.mean), std=tuple(data.std))
 
 
 def check_num_classes(data: DataConfig, pipeline) -> None:

@@ -66,7 +66,7 @@ except ImportError as e:  # pipelines/build.py turns this into the one-line "wha
                               "or set data.pipeline=reference") from None
 
 from pipelines import pil_resize
-from pipelines._stage1_common import EpochPlan, check_interpolation, convert_hint, read_split, resolve_device
+from pipelines._stage1_common import EpochPlan, check_eval_interpolation, check_interpolation, convert_hint, read_split, resolve_device
 
 
 def _parse_index(path: Path) -> list[dict[str, tuple[int, int]]]:
@@ -194,7 +194,8 @@ class DALIPipeline:
     def __init__(self, root, split: str, *, batch_size: int, res: int, device="cpu", rank: int = 0,
                  world_size: int = 1, seed: int = 0, repeats: int = 0, workers: int = 8,
                  scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, interpolation: str = "random",
-                 crop_pct: float = 0.875, hw_decoder_load: float = 0.65, prefetch: int = 2):
+                 crop_pct: float = 0.875, eval_interpolation: str = "bicubic", hw_decoder_load: float = 0.65,
+                 prefetch: int = 2):
         check_interpolation(interpolation)
         info = read_split(root, split, "dali")
         self.root, self.split, self.train = Path(root), split, split == "train"
@@ -212,7 +213,7 @@ class DALIPipeline:
         build = _train_graph if self.train else _val_graph
         opts = (dict(scale=list(scale), ratio=list(ratio), hflip=hflip, interpolation=interpolation,
                      resize_in_dali=gpu or not pil_resize.AVAILABLE)
-                if self.train else dict(res=res, crop_pct=crop_pct))
+                if self.train else dict(res=res, crop_pct=crop_pct, cubic=check_eval_interpolation(eval_interpolation)))
         # Distinct random streams per rank: repeated copies of an image on different ranks must get
         # different crops (the point of repeated augmentation). Train graphs keep DALI's checkpoint
         # of their random operators (crop boxes, flip coins), so a resume continues the very stream.
@@ -409,13 +410,13 @@ def _timm_eval_geometry(jpegs, res: int, crop_pct: float):
 
 
 @pipeline_def(enable_conditionals=False)
-def _val_graph(feed, *, gpu: bool, hw_decoder_load: float, res: int, crop_pct: float):
+def _val_graph(feed, *, gpu: bool, hw_decoder_load: float, res: int, crop_pct: float, cubic: bool = True):
     jpegs, labels = _source(feed)
     out_h, out_w, pos_y, pos_x = _timm_eval_geometry(jpegs, res, crop_pct)
     kw = dict(hw_decoder_load=hw_decoder_load) if gpu else {}
     images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB, **kw)
     images = fn.resize(images, resize_x=fn.cast(out_w, dtype=types.FLOAT), resize_y=fn.cast(out_h, dtype=types.FLOAT),
-                       interp_type=types.INTERP_CUBIC, antialias=True)
+                       interp_type=types.INTERP_CUBIC if cubic else types.INTERP_LINEAR, antialias=True)
     images = fn.crop(images, crop=(res, res), crop_pos_x=fn.cast(pos_x, dtype=types.FLOAT),
                      crop_pos_y=fn.cast(pos_y, dtype=types.FLOAT))
     return images, labels

@@ -56,8 +56,8 @@ except ImportError as e:  # pipelines/build.py turns this into the one-line "wha
                               "(needs libturbojpeg and OpenCV dev packages), or set data.pipeline=reference") from None
 
 from pipelines import pil_resize
-from pipelines._stage1_common import (INTERPOLATION_CODES, EpochPlan, check_interpolation, read_split, require_file,
-                                      resolve_device)
+from pipelines._stage1_common import (INTERPOLATION_CODES, EpochPlan, check_eval_interpolation, check_interpolation,
+                                      read_split, require_file, resolve_device)
 
 
 def timm_eval_box(height, width, res, short_side):
@@ -81,9 +81,9 @@ class TimmEvalDecoder(ResizedCropRGBImageDecoder):
     instead of FFCV's OpenCV INTER_AREA of a whole-pixel window. FFCV's memory declaration; only the per-image code
     differs."""
 
-    def __init__(self, res: int, crop_pct: float):
+    def __init__(self, res: int, crop_pct: float, cubic: bool = True):
         super().__init__((res, res))
-        self.res, self.short_side = res, int(math.floor(res / crop_pct))
+        self.res, self.short_side, self.cubic = res, int(math.floor(res / crop_pct)), cubic
 
     @property
     def get_crop_generator(self):  # abstract in FFCV's base; this decoder computes its box itself
@@ -92,11 +92,11 @@ class TimmEvalDecoder(ResizedCropRGBImageDecoder):
     def generate_code(self):
         box_of = Compiler.compile(timm_eval_box)
         resample = pil_resize.resample_into
-        res, short_side = self.res, self.short_side
+        res, short_side, cubic = self.res, self.short_side, self.cubic
 
         def place(image, out):
             x0, y0, x1, y1 = box_of(image.shape[0], image.shape[1], res, short_side)
-            resample(image, x0, y0, x1, y1, out, False, True)
+            resample(image, x0, y0, x1, y1, out, False, cubic)
 
         return _decode_each(self, Compiler.compile(place))
 
@@ -200,7 +200,8 @@ class FFCVPipeline:
     def __init__(self, root, split: str, *, batch_size: int, res: int, device="cpu", rank: int = 0,
                  world_size: int = 1, seed: int = 0, repeats: int = 0, workers: int = 8,
                  scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, interpolation: str = "random",
-                 crop_pct: float = 0.875, batches_ahead: int = 3, os_cache: bool = True):
+                 crop_pct: float = 0.875, eval_interpolation: str = "bicubic", batches_ahead: int = 3,
+                 os_cache: bool = True):
         check_interpolation(interpolation)
         info = read_split(root, split, "ffcv")
         self.root, self.split, self.train = Path(root), split, split == "train"
@@ -216,7 +217,7 @@ class FFCVPipeline:
                                                        interpolation=interpolation)
             image_ops = [self.decoder] + ([RandomHorizontalFlip(hflip)] if hflip > 0 else [])
         else:
-            self.decoder = TimmEvalDecoder(res, crop_pct)
+            self.decoder = TimmEvalDecoder(res, crop_pct, cubic=check_eval_interpolation(eval_interpolation))
             image_ops = [self.decoder]
         cuda = self.device.type == "cuda"
         # On CPU ToDevice would only add a memcpy into another reused buffer: leave it out.

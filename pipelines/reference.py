@@ -196,20 +196,20 @@ class _Folder(torch.utils.data.Dataset):
     """Items are addressed by ``(index, key)``: key seeds the sample's own generator (train)."""
 
     def __init__(self, samples, train: bool, res: int, crop_pct: float, scale, ratio, hflip: float,
-                 interpolation: str):
+                 interpolation: str, eval_interpolation: str = "bicubic"):
         self.samples = samples
         self.train = train
         self.res = res
         self.crop_pct = crop_pct
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
-        self.interpolation = interpolation
+        self.interpolation, self.eval_interpolation = interpolation, eval_interpolation
 
     def __len__(self):
         return len(self.samples)
 
     def transform(self, img: Image.Image, rng: np.random.Generator | None) -> Image.Image:
         if not self.train:
-            img = TF.resize(img, math.floor(self.res / self.crop_pct), InterpolationMode.BICUBIC)
+            img = TF.resize(img, math.floor(self.res / self.crop_pct), INTERPOLATIONS[self.eval_interpolation])
             return TF.center_crop(img, [self.res, self.res])
         top, left, h, w = random_resized_crop_params(img.width, img.height, self.scale, self.ratio, rng)
         name = self.interpolation
@@ -277,8 +277,8 @@ class ReferencePipeline:
     def __init__(self, root: str, split: str, *, batch_size: int, res: int, crop_pct: float = 0.875,
                  scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, workers: int = 2,
                  device="cpu", rank: int = 0, world_size: int = 1, seed: int = 0, repeats: int = 0,
-                 drop_last: bool | None = None, interpolation: str = "random", split_dir: str | Path | None = None,
-                 class_index_folders: bool = False):
+                 drop_last: bool | None = None, interpolation: str = "random", eval_interpolation: str = "bicubic",
+                 split_dir: str | Path | None = None, class_index_folders: bool = False):
         """``split_dir``: read this class-folder directory instead of ``root/<split>`` (e.g. an
         ImageNet-V2 download). ``class_index_folders``: folder names are class indices ("0".."999",
         ImageNet-V2's layout), so label = int(name), not the position in sorted name order (where
@@ -287,6 +287,8 @@ class ReferencePipeline:
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if interpolation not in ("random", *INTERPOLATIONS):
             raise ValueError(f"interpolation must be random, bilinear or bicubic, got {interpolation!r}")
+        if eval_interpolation not in INTERPOLATIONS:
+            raise ValueError(f"eval_interpolation must be bilinear or bicubic, got {eval_interpolation!r}")
         self.train = split == "train"
         if split_dir is not None:
             split_dir = Path(split_dir)
@@ -305,7 +307,8 @@ class ReferencePipeline:
         self.rank, self.world_size = rank, world_size
         self.seed = seed
         self.drop_last = self.train if drop_last is None else drop_last
-        self.dataset = _Folder(samples, self.train, res, crop_pct, scale, ratio, hflip, interpolation)
+        self.dataset = _Folder(samples, self.train, res, crop_pct, scale, ratio, hflip, interpolation,
+                               eval_interpolation)
         # Eval visits every image once in file order (padded to equal length across ranks).
         self.sampler = ShardSampler(self.num_samples, seed=seed, rank=rank, world_size=world_size,
                                     repeats=repeats if self.train else 0, shuffle=self.train)

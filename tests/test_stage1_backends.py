@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from tests.test_pipeline_parity import (check_missing_backend, check_missing_data, check_sharding_resume_progressive,
-                                        check_train_crops, check_val_sharding, coords_root, ids_root, make)
+                                        check_train_crops, check_val_sharding, coords_root, ids_root, make,
+                                        photos_root)
 
-__all__ = ["coords_root", "ids_root"]  # session fixtures shared with the other stage-1 tests
+__all__ = ["coords_root", "ids_root", "photos_root"]  # session fixtures shared with the other stage-1 tests
 
 SEED, REPEATS, BS = 5, 3, 8
 LIBRARY = {"ffcv": "ffcv", "dali": "nvidia.dali"}
@@ -375,3 +376,56 @@ def test_train_interpolation_follows_the_recipe(name, mode, square_root):
         assert n >= 32 * 6 and abs(np.mean(choices) - 0.5) < 4 * math.sqrt(0.25 / n), np.mean(choices)
     else:
         assert set(choices) == {mode == "bicubic"}
+
+
+@pytest.mark.parametrize("name", ["reference", "ffcv", "dali"])
+def test_eval_interpolation_reaches_every_backend(name, photos_root):
+    """eval.interpolation through pipelines.build (the engine's and evaluate's val path): the
+    reference equals timm's eval transform with that filter; FFCV and DALI are nearer to the
+    reference with the same filter than to the one with the other filter."""
+    from timm.data import create_transform
+
+    from common.config import DataConfig, EvalConfig
+    from pipelines.build import build_val_pipeline
+    from tests.test_pipeline_parity import EVAL_CROP, EVAL_RES, collect
+
+    if name != "reference":
+        pytest.importorskip(LIBRARY[name])
+
+    def val(backend: str, interpolation: str) -> torch.Tensor:
+        data = DataConfig(pipeline=backend, root=str(photos_root), num_classes=3, workers=2)
+        ev = EvalConfig(res=EVAL_RES, crop_pct=EVAL_CROP, batch_size=4, interpolation=interpolation)
+        return collect(build_val_pipeline(data, ev, rank=0, world_size=1, device=torch.device("cpu")))[0].float()
+
+    ref = {i: val("reference", i) for i in ("bilinear", "bicubic")}
+    if name == "reference":
+        from PIL import Image
+
+        files = sorted((photos_root.parent / "src" / "val").rglob("*.jpg"))
+        for interpolation, images in ref.items():
+            tf = create_transform(EVAL_RES, is_training=False, crop_pct=EVAL_CROP, interpolation=interpolation)
+            tf.transforms = tf.transforms[:-2]  # uint8 pixels: no ToTensor / Normalize
+            timm_images = torch.stack([torch.from_numpy(np.asarray(tf(Image.open(f).convert("RGB")))).permute(2, 0, 1)
+                                       for f in files]).float()
+            assert torch.equal(images, timm_images), interpolation
+        assert (ref["bilinear"] - ref["bicubic"]).abs().mean() > 0.5  # the filters differ on these photos
+        return
+    for interpolation, other in (("bilinear", "bicubic"), ("bicubic", "bilinear")):
+        got = val(name, interpolation)
+        near, far = ((got - ref[i]).abs().mean().item() for i in (interpolation, other))
+        print(f"{name} eval {interpolation}: mean |diff| to the reference {near:.3f} (same filter), {far:.3f} (other)")
+        assert near < far, (interpolation, near, far)
+
+
+def test_data_mean_and_std_reach_stage_2_in_train_and_eval():
+    """data.mean / data.std are what stage 2 (every backend's, and evaluation's) normalizes with."""
+    from common.config import AugmentConfig, DataConfig
+    from pipelines.base import Batch
+    from pipelines.build import build_stage2
+
+    data = DataConfig(num_classes=3, mean=[0.5, 0.25, 0.75], std=[0.2, 0.4, 0.1])
+    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    expected = (x.float() / 255 - torch.tensor(data.mean)[:, None, None]) / torch.tensor(data.std)[:, None, None]
+    for train in (False, True):
+        out, _ = build_stage2(data, AugmentConfig(), train=train)(Batch(x, torch.zeros(4, dtype=torch.int64)))
+        assert torch.allclose(out, expected, atol=1e-5), train

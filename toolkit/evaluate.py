@@ -21,10 +21,9 @@ from typing import Any
 import torch
 
 from common.config import Config, ConfigError
-from pipelines.build import build_val_pipeline, check_num_classes
+from pipelines.build import build_stage2, build_val_pipeline, check_num_classes
 from engine.precision import resolve_precision
 from engine.trainer import evaluate
-from pipelines.augment import Stage2
 from pipelines.base import DataError
 from toolkit.load_model import load_model
 
@@ -41,7 +40,8 @@ def val_pipeline_for(cfg: Config, device: torch.device | str = "cpu", imagenet_v
     if cfg.data.pipeline == "reference" and (split_dir is not None or imagenet_v2):
         return ReferencePipeline(str(data), "val", batch_size=cfg.eval.batch_size, res=cfg.eval.res,
                                  crop_pct=cfg.eval.crop_pct, workers=cfg.data.workers, device=device,
-                                 split_dir=split_dir, class_index_folders=imagenet_v2)
+                                 eval_interpolation=cfg.eval.interpolation, split_dir=split_dir,
+                                 class_index_folders=imagenet_v2)
     if imagenet_v2:
         raise DataError("--imagenet-v2 reads class-index folders with the reference pipeline; add --pipeline reference")
     return build_val_pipeline(cfg.data, cfg.eval, rank=0, world_size=1, device=device)
@@ -72,7 +72,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data: str | None = None, pipe
     pipe = val_pipeline_for(cfg, device, imagenet_v2)
     if not imagenet_v2:  # V2 trees may lack classes; labels are folder numbers anyway
         check_num_classes(cfg.data, pipe)
-    stage2 = Stage2(cfg.augment, cfg.data.num_classes, 0.0, train=False, channels_last=cfg.train.channels_last)
+    stage2 = build_stage2(cfg.data, cfg.augment, train=False, channels_last=cfg.train.channels_last)
     t0 = time.perf_counter()
     metrics = evaluate(model, pipe, stage2, device=device, precision=precision, flip_tta=flip_tta)
     return {"checkpoint": str(checkpoint), "data": cfg.data.root, "pipeline": cfg.data.pipeline,

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from common.config import Config, ConfigError, LogConfig
-from pipelines.augment import Stage2
+from pipelines.build import build_stage2
 from pipelines.base import Batch, DataError
 from toolkit.evaluate import val_pipeline_for
 from toolkit.load_model import load_model
@@ -111,7 +111,7 @@ def explain(model: nn.Module, cfg: Config, images: torch.Tensor, layer: nn.Modul
         from pytorch_grad_cam import GradCAM
     except ImportError:
         raise DataError("Grad-CAM needs the grad-cam package; pip install -e '.[dev]'") from None
-    stage2 = Stage2(cfg.augment, cfg.data.num_classes, 0.0, train=False, channels_last=cfg.train.channels_last)
+    stage2 = build_stage2(cfg.data, cfg.augment, train=False, channels_last=cfg.train.channels_last)
     x, _ = stage2(Batch(images.to(device), torch.zeros(len(images), dtype=torch.int64, device=device)))
     shape: list[tuple[int, int]] = []
     hook = layer.register_forward_hook(lambda m, i, o: shape.append(tuple(o.shape[-2:])))

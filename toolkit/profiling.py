@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from common.config import Config, load_config, to_dict
-from pipelines.build import build_train_pipeline, check_data_root, check_num_classes
+from pipelines.build import build_stage2, build_train_pipeline, check_data_root, check_num_classes
 from engine.precision import resolve_precision
 from engine.trainer import EpochProgress, build_step, train_one_epoch
 from pipelines.augment import Stage2
@@ -117,8 +117,8 @@ def _endless(pipe, res: int) -> Iterator[Any]:
 
 
 def _stage2(cfg: Config, *, seed: int = 0) -> Stage2:
-    return Stage2(cfg.augment, cfg.data.num_classes, cfg.loss.label_smoothing, train=True,
-                  channels_last=cfg.train.channels_last, out_dtype=torch.float32, seed=seed)
+    return build_stage2(cfg.data, cfg.augment, train=True, label_smoothing=cfg.loss.label_smoothing,
+                        channels_last=cfg.train.channels_last, seed=seed)
 
 
 # --------------------------------------------------------------------------- data mode
