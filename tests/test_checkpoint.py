@@ -77,6 +77,8 @@ def test_resumed_log_keeps_what_the_checkpoint_saw(tmp_path):
     log.metrics({"step": 10, "val_top1": 51.0})
     log.close()
     kept = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    new = kept[-1]
+    assert new.pop("time") > 0 and new.pop("elapsed_s") >= 0  # stamped by the logger
     assert kept == lines[:2] + [{"step": 10, "val_top1": 51.0}] and log.records == 3
     old = RunLogger(LogConfig(wandb="off"), tmp_path, {}, enabled=True, run_id="x")
     old.truncate(-1, 8)  # a checkpoint from before records were counted: by step

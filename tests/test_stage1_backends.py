@@ -429,3 +429,24 @@ def test_data_mean_and_std_reach_stage_2_in_train_and_eval():
     for train in (False, True):
         out, _ = build_stage2(data, AugmentConfig(), train=train)(Batch(x, torch.zeros(4, dtype=torch.int64)))
         assert torch.allclose(out, expected, atol=1e-5), train
+
+
+def test_ffcv_flip_rate_over_2048_draws(coords_root):
+    """FFCV's flips end to end (its RandomHorizontalFlip in our pipeline): 2,048 draws. FFCV's worker
+    threads cannot be seeded, so the stream differs per run and a p > 0.01 threshold would fail 1% of
+    runs by construction: the bound is p > 1e-4 (about 4 sigma). DALI's seeded coins are tested at
+    p > 0.01 in test_dali_crop_sampler_matches_torchvision."""
+    pytest.importorskip("ffcv")
+    from scipy.stats import binomtest
+
+    from tests.test_pipeline_parity import crop_boxes
+
+    pipe = make("ffcv", coords_root, "train", batch_size=16, res=32, seed=7)
+    flips = []
+    for epoch in range(KS_DRAWS // 16):
+        pipe.set_epoch(epoch, 32)
+        for batch in pipe:
+            flips += crop_boxes(batch.images)["flipped"].tolist()
+    p = binomtest(int(sum(flips)), len(flips), 0.5).pvalue
+    print(f"ffcv flips: {np.mean(flips):.3f} over {len(flips)}, binomial p={p:.3g}")
+    assert len(flips) == KS_DRAWS and p > 1e-4, (np.mean(flips), p)
