@@ -5,6 +5,7 @@ so a second `make demo` only retrains. Prints the final validation top-1.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -25,7 +26,10 @@ def run(cmd: list[str]) -> None:
         sys.exit(f"demo: step failed with exit status {rc}: {' '.join(cmd)}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="Other options (e.g. --set "
+                                     "train.epochs=1) are passed to python -m engine.run recipes/demo.toml.")
+    _, extra = parser.parse_known_args(argv)
     t0 = time.time()
     fmnist = Path("/usr/share/datasets/fashion-mnist")
     if not fmnist.is_dir():
@@ -41,10 +45,11 @@ def main() -> None:
     out = ROOT / "runs" / "demo"
     if out.exists():  # a fresh run each time: old checkpoints would otherwise be resumed or mixed in
         shutil.rmtree(out)
-    run([sys.executable, "-m", "engine.run", "recipes/demo.toml", "--out", str(out)] + sys.argv[1:])
+    run([sys.executable, "-m", "engine.run", "recipes/demo.toml", "--out", str(out)] + extra)
     final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "val_top1" in line]
     print(f"demo: done in {time.time() - t0:.0f} s; final val top-1 {final[-1]['val_top1']:.2f}% "
           f"(run folder {out.relative_to(ROOT)})", flush=True)
+    return 0
 
 
 def _formats() -> list[str]:
@@ -59,4 +64,4 @@ def _formats() -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
