@@ -20,8 +20,8 @@ uint8 HWC. On CPU the graph ends after the decode (and the coins): ``pipelines/p
 resizes the crops with PIL's own filters (the reference pipeline's) and flips them while copying
 them out: ~0.13 ms per image (bilinear) against ~1.3 ms for DALI's CPU ``resize`` + ``flip``
 (benchmarks/results/pipelines_cpu.md).
-val: ``decoders.image`` → ``resize`` shorter side to ``floor(res / crop_pct)`` (bicubic,
-antialiased; timm's eval transform) → centre ``crop`` ``res``×``res``.
+val: ``decoders.image`` → ``resize`` shorter side to ``floor(res / crop_pct)`` (antialiased,
+``eval.interpolation``: bicubic by default; timm's eval transform) → centre ``crop`` ``res``×``res``.
 On a GPU the decoder is ``device="mixed"`` (nvJPEG; ``hw_decoder_load`` offloads part of the work
 to the A100/H100 hardware JPEG decoder) and resize/flip/crop run on the GPU; without one,
 everything runs on CPU with ``device_id=None``.
@@ -66,7 +66,8 @@ except ImportError as e:  # pipelines/build.py turns this into the one-line "wha
                               "or set data.pipeline=reference") from None
 
 from pipelines import pil_resize
-from pipelines._stage1_common import EpochPlan, check_eval_interpolation, check_interpolation, convert_hint, read_split, resolve_device
+from pipelines._stage1_common import (EpochPlan, check_eval_interpolation, check_interpolation, convert_hint, read_split,
+                                      resolve_device)
 
 
 def _parse_index(path: Path) -> list[dict[str, tuple[int, int]]]:

@@ -61,6 +61,7 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms import InterpolationMode
 
+from ._stage1_common import check_eval_interpolation, check_interpolation
 from .convert.manifest import load_manifest
 from .base import Batch, DataError
 from .convert.items import decode_items
@@ -285,10 +286,8 @@ class ReferencePipeline:
         "10" would sort before "2")."""
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        if interpolation not in ("random", *INTERPOLATIONS):
-            raise ValueError(f"interpolation must be random, bilinear or bicubic, got {interpolation!r}")
-        if eval_interpolation not in INTERPOLATIONS:
-            raise ValueError(f"eval_interpolation must be bilinear or bicubic, got {eval_interpolation!r}")
+        check_interpolation(interpolation)  # the same names and messages as the FFCV and DALI backends
+        check_eval_interpolation(eval_interpolation)
         self.train = split == "train"
         if split_dir is not None:
             split_dir = Path(split_dir)
