@@ -11,6 +11,7 @@ multi-rank pipelines are module-scoped and reused; every check sets its own epoc
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,18 +250,23 @@ def test_ffcv_crop_sampler_matches_torchvision():
     assert_same_distribution(got, torchvision_crop_stats(KS_DRAWS, BIG_W, BIG_H), "ffcv")
 
 
-@pytest.fixture(scope="module")
-def big_root(tmp_path_factory):
-    """8 train JPEGs of 500x375 (real photo crops), converted."""
+def converted_photos(tmp_path_factory, name: str, size: tuple[int, int], seed: int, quality: int) -> Path:
+    """8 train JPEGs of ``size`` (real photo crops) in two classes, converted (train split only)."""
     from tests.photos import photo_crops
     from tests.test_pipeline_parity import convert
 
-    src = tmp_path_factory.mktemp("big") / "src"
-    for i, img in enumerate(photo_crops(8, (BIG_W, BIG_H), seed=3)):
+    src = tmp_path_factory.mktemp(name) / "src"
+    for i, img in enumerate(photo_crops(8, size, seed=seed)):
         folder = src / "train" / f"c{i % 2}"
         folder.mkdir(parents=True, exist_ok=True)
-        img.save(folder / f"{i}.jpg", quality=90)
+        img.save(folder / f"{i}.jpg", quality=quality)
     return convert(src, src.parent / "out", "--splits", "train")
+
+
+@pytest.fixture(scope="module")
+def big_root(tmp_path_factory):
+    """8 train JPEGs of 500x375, converted."""
+    return converted_photos(tmp_path_factory, "big", (BIG_W, BIG_H), seed=3, quality=90)
 
 
 def test_dali_crop_sampler_matches_torchvision(big_root, monkeypatch):
@@ -296,17 +302,9 @@ SQUARE, INTERP_RES = 48, 96  # a 2x upscale: the two filters differ clearly
 
 @pytest.fixture(scope="module")
 def square_root(tmp_path_factory):
-    """8 square train JPEGs (real photo crops), converted: with scale = ratio = (1, 1) every backend's
-    random-resized crop is the whole image, so each output is the image resized with one filter."""
-    from tests.photos import photo_crops
-    from tests.test_pipeline_parity import convert
-
-    src = tmp_path_factory.mktemp("square") / "src"
-    for i, img in enumerate(photo_crops(8, (SQUARE, SQUARE), seed=5)):
-        folder = src / "train" / f"c{i % 2}"
-        folder.mkdir(parents=True, exist_ok=True)
-        img.save(folder / f"{i}.jpg", quality=95)
-    return convert(src, src.parent / "out", "--splits", "train")
+    """8 square train JPEGs, converted: with scale = ratio = (1, 1) every backend's random-resized
+    crop is the whole image, so each output is the image resized with one filter."""
+    return converted_photos(tmp_path_factory, "square", (SQUARE, SQUARE), seed=5, quality=95)
 
 
 def decoded(path, decoder: str) -> np.ndarray:
