@@ -9,6 +9,7 @@ import hashlib
 import math
 import signal
 import sys
+import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -108,8 +109,7 @@ def train(cfg: Config, out: Path, resume: str | None = None, max_steps: int | No
         _say(d, f"error: {e}")
         return 2
     except NonFiniteLossError as e:
-        if d.is_main:
-            _say(d, f"error: {e}; {run_folder.reject_after_failure(out)}")
+        _say(d, f"error: {e}; {run_folder.reject_after_failure(out)}" if d.is_main else "")
         return 3
     except torch.OutOfMemoryError:
         per_device, _ = batch_composition(cfg.train.global_batch_size, d.world_size, cfg.train.per_device_batch_size)
@@ -131,11 +131,15 @@ def train(cfg: Config, out: Path, resume: str | None = None, max_steps: int | No
 
 def _say(d: DistInfo, msg: str, every_rank: bool = False) -> None:
     """An error line on stderr. Errors every rank finds alike (config, data, NaN) are printed by
-    rank 0 only; ``every_rank`` ones (out of memory) carry the rank."""
+    rank 0 only; ``every_rank`` ones (out of memory) carry the rank. A silent rank waits a few seconds
+    before it exits: torchrun's agent SIGTERMs the whole group when any rank exits non-zero, and a silent
+    rank that got there first would kill rank 0 before its line is out. Rank 0's own exit ends the group."""
     if every_rank and d.enabled:
         print(f"[rank {d.rank}] {msg}", file=sys.stderr, flush=True)
     elif d.is_main:
         print(msg, file=sys.stderr, flush=True)
+    elif d.enabled:
+        time.sleep(5)
 
 
 def _stderr(msg: str) -> None:
