@@ -175,7 +175,8 @@ class LogConfig:
     wandb: str = key("off", "off | offline | online: log to Weights & Biases")
     project: str = key("rsb-trainer", "W&B project")
     run_name: str = key("", "W&B run name; '' = the output folder's name")
-    progress: bool = key(True, "show a progress line per log point on the console")
+    progress: bool = key(True, "show progress on the console: a tqdm bar per epoch when stderr is a terminal, "
+                               "one line per log point otherwise (CI, files)")
 
 
 @dataclass

@@ -1,9 +1,14 @@
 """Run logging: console progress, ``OUT/metrics.jsonl``, and Weights & Biases.
 
-metrics.jsonl has one JSON object per log point (train: epoch, step, lr, train_loss, images_per_s,
-data_wait_frac; eval: val_top1, val_top5, val_loss; every record: ``time``, Unix seconds, and
-``elapsed_s``, the run's wall time so far over all its resumes) so tools (sweeps, plots) read runs
-without W&B.
+metrics.jsonl has one JSON object per log point (train: epoch, step, batch (the optimizer step within
+the epoch), lr, train_loss, images_per_s, data_wait_frac, and on the epoch's last record its totals
+``epoch_time_s``, ``epoch_images_per_s``, ``epoch_data_wait_frac``; eval: val_top1, val_top5,
+val_loss; every record: ``time``, Unix seconds, and ``elapsed_s``, the run's wall time so far over all
+its resumes) so tools (sweeps, plots) read runs without W&B.
+
+The console (stderr) shows a tqdm bar per epoch when stderr is a terminal, and one plain line per
+log point otherwise (CI logs, files, ``2>&1 | tee``), numbered by the step within the epoch as timm
+numbers ``batch_idx``; each epoch ends with one line of its totals either way.
 W&B gets the resolved config, the same metrics, and each epoch's checkpoint as a versioned model
 artifact; ``offline`` writes under ``OUT/wandb`` (sync later with ``wandb sync``), ``online`` needs
 ``WANDB_API_KEY`` or a prior ``wandb login``.
@@ -29,6 +34,8 @@ class RunLogger:
         self._metrics = None
         self.records = 0  # records in metrics.jsonl (a checkpoint stores it: see truncate)
         self.start_clock(0.0)
+        self._bar = None  # the epoch's tqdm bar, on a terminal only
+        self._tty = sys.stderr.isatty()
         if not enabled:
             return
         self.out.mkdir(parents=True, exist_ok=True)
@@ -62,8 +69,39 @@ class RunLogger:
         self._metrics = open(path, "a", buffering=1)
 
     def info(self, msg: str) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(msg, file=sys.stderr)  # above the bar, which stays at the bottom
+        else:
             print(msg, file=sys.stderr, flush=True)
+
+    def epoch_start(self, epoch: int, steps: int, done: int, res: int, show_progress: bool) -> None:
+        """An epoch of ``steps`` optimizer steps begins (``done`` of them already, after a resume)."""
+        if not self.enabled:
+            return
+        if done == 0:
+            self.info(f"epoch {epoch}: train res {res}, {steps} steps")
+        if show_progress and self._tty:
+            from tqdm import tqdm
+
+            self._close_bar()
+            self._bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch}", unit="step", file=sys.stderr,
+                             dynamic_ncols=True, leave=True)
+
+    def progress(self, rec: dict[str, Any], steps: int, show_progress: bool) -> None:
+        """A train record on the console: the bar (or a plain line) at a log point, and the epoch's
+        totals on its last record."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.n = rec["batch"]
+            self._bar.set_postfix_str(_figures(rec), refresh=True)  # one redraw for both
+        elif show_progress:
+            self.info(format_progress(rec, steps))
+        if "epoch_time_s" in rec:
+            self._close_bar()
+            self.info(format_epoch(rec))
 
     def start_clock(self, elapsed_before: float) -> None:
         """Count ``elapsed_s`` from now on top of ``elapsed_before`` (a resumed checkpoint's)."""
@@ -91,7 +129,17 @@ class RunLogger:
         art.add_file(str(path), name="checkpoint.pt")
         self.wandb.log_artifact(art, aliases=["latest", f"epoch-{epoch}"])
 
+    def end_progress(self) -> None:
+        """The epoch's training is over (done, stopped or evaluated next): the bar goes."""
+        self._close_bar()
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
     def close(self) -> None:
+        self._close_bar()
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
@@ -122,6 +170,17 @@ def _has_netrc_login() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def format_progress(epoch: int, step: int, steps: int, rec: dict[str, Any]) -> str:
-    return (f"epoch {epoch} [{step}/{steps}] loss {rec['train_loss']:.4f} lr {rec['lr']:.3g} "
-            f"{rec['images_per_s']:.0f} img/s data-wait {100 * rec['data_wait_frac']:.0f}%")
+def _figures(rec: dict[str, Any]) -> str:
+    return (f"loss {rec['train_loss']:.4f} lr {rec['lr']:.3g} {rec['images_per_s']:.0f} img/s "
+            f"data-wait {100 * rec['data_wait_frac']:.0f}%")
+
+
+def format_progress(rec: dict[str, Any], steps: int) -> str:
+    """One log point as a plain line: ``epoch 2 [50/234] loss ...``, the step counted within the epoch."""
+    return f"epoch {rec['epoch']} [{rec['batch']}/{steps}] {_figures(rec)}"
+
+
+def format_epoch(rec: dict[str, Any]) -> str:
+    """An epoch's totals, from its last train record."""
+    return (f"epoch {rec['epoch']}: trained in {rec['epoch_time_s']:.1f} s, {rec['epoch_images_per_s']:.0f} img/s, "
+            f"data-wait {100 * rec['epoch_data_wait_frac']:.0f}%")

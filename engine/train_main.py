@@ -23,7 +23,7 @@ from engine import run_folder
 from common.config import Config, ConfigError, to_dict
 from pipelines.build import build_stage2, build_train_pipeline, build_val_pipeline, check_num_classes
 from engine.distributed import DistInfo, any_rank, barrier, cleanup, init_distributed, reduce_bn_stats
-from engine.logging import RunLogger, format_progress
+from engine.logging import RunLogger
 from engine.precision import resolve_precision
 from engine.progressive import regularization_scale, resolution_for_epoch
 from engine.trainer import EpochProgress, NonFiniteLossError, StepContext, build_step, evaluate, train_one_epoch
@@ -187,16 +187,14 @@ def _train(cfg: Config, d: DistInfo, out: Path, resume: str | None, max_steps: i
             res = resolution_for_epoch(t.progressive, epoch, epochs_total, t.train_res)
             stage2.set_magnitude_scale(regularization_scale(t.progressive, epoch, epochs_total))
             train_pipe.set_epoch(epoch, res, start_batch=prog.batch)
-            if prog.batch == 0:
-                log.info(f"epoch {epoch}: train res {res}, {steps_per_epoch} steps")
+            log.epoch_start(epoch, steps_per_epoch, prog.batch // accum, res, cfg.log.progress)
             for rec in train_one_epoch(ctx, train_pipe, stage2, prog, steps_per_epoch=steps_per_epoch,
                                        log_every=t.log_every, stop=None if d.enabled else stop,
                                        max_steps=max_steps, loss_limit=t.loss_limit):
                 saver.confirm_pending()  # the loss window up to this step has passed its check
                 if "train_loss" in rec:
                     log.metrics(rec)
-                    if cfg.log.progress:
-                        log.info(format_progress(rec["epoch"], prog.batch // accum, steps_per_epoch, rec))
+                    log.progress(rec, steps_per_epoch, cfg.log.progress)
                 stopped = rec.get("stopped")
                 if stopped is None and d.enabled and any_rank(stop.requested, device):
                     stopped = "stop requested"  # agreed at this log point, so every rank stops at the same step
@@ -204,6 +202,7 @@ def _train(cfg: Config, d: DistInfo, out: Path, resume: str | None, max_steps: i
                     break
                 if any_rank(saver.due() and d.is_main, device):  # the main rank's clock decides
                     saver.save(prog, best, "mid-epoch")
+            log.end_progress()
             if stopped == "stop requested":
                 path = saver.save(prog, best, "interrupted")
                 log.info(f"stopped by {signal.Signals(stop.signal).name} at epoch {prog.epoch} step {prog.step}; "
@@ -215,6 +214,7 @@ def _train(cfg: Config, d: DistInfo, out: Path, resume: str | None, max_steps: i
                 final_metrics = _evaluate(ctx, val_pipe, stage2_eval, cfg, d, out, prog, best, log)
             prog.epoch, prog.batch = epoch + 1, 0
             prog.window_loss, prog.window_count = 0.0, 0
+            prog.epoch_time_s, prog.epoch_wait_s, prog.epoch_images = 0.0, 0.0, 0
             if stopped is None and ((epoch + 1) % cfg.checkpoint.every_epochs == 0 or last_epoch):
                 path = saver.save(prog, best, "epoch", confirmed=evaluated)
                 if path is not None:

@@ -86,6 +86,9 @@ class EpochProgress:
     window_loss: float = 0.0  # loss summed since the last log point (micro-batch means)
     window_count: int = 0
     skipped_images: int = 0  # unreadable images stage 1 replaced so far (Batch.skipped), this run
+    epoch_time_s: float = 0.0  # this epoch's training wall time so far (over resumes; eval not included)
+    epoch_wait_s: float = 0.0  # of which waiting for stage 1
+    epoch_images: int = 0  # images trained this epoch, all ranks
     records: int = -1  # metrics.jsonl records when this state was saved (-1: not counted)
     elapsed_s: float = 0.0  # the run's wall time when this state was saved (over all its resumes)
 
@@ -172,8 +175,11 @@ def train_one_epoch(ctx: StepContext, pipeline, stage2, prog: EpochProgress, *, 
                     log_every: int, stop: Any = None, max_steps: int | None = None,
                     loss_limit: float = 0.0) -> Iterator[dict[str, Any]]:
     """Trains the rest of ``prog.epoch`` from ``prog.batch``, yielding one record at every log point
-    (``prog.step % log_every == 0`` and the epoch's last step); the caller logs it and makes its
-    decisions (checkpoint, stop) there, where the loss window has just been read and checked.
+    (every ``log_every``-th optimizer step *within the epoch*, as timm counts ``batch_idx``, and the
+    epoch's last step); the caller logs it and makes its decisions (checkpoint, stop) there, where the
+    loss window has just been read and checked. A record's ``batch`` is its optimizer step within the
+    epoch (1-based); the epoch's last record also carries the epoch's wall time, images/s and
+    data-wait fraction (``epoch_time_s``, ``epoch_images_per_s``, ``epoch_data_wait_frac``).
 
     Stops early when ``stop.requested`` is set (``stop``: any object with that attribute; pass
     None under DDP, where ranks agree on stopping at log points) or at ``max_steps``: the window is
@@ -217,20 +223,35 @@ def train_one_epoch(ctx: StepContext, pipeline, stage2, prog: EpochProgress, *, 
         stopping = "stop requested" if stop is not None and stop.requested else None
         if max_steps is not None and prog.step >= max_steps:
             stopping = "max_steps"
-        if prog.step % log_every == 0 or prog.batch >= usable:
+        step_in_epoch = prog.batch // ctx.accum_steps
+        epoch_done = prog.batch >= usable
+        if step_in_epoch % log_every == 0 or epoch_done:
             mean, count, world_images, first_bad = window.read()
             _check(mean, first_bad, ctx, prog, loss_limit)
             elapsed = time.perf_counter() - window_start
-            record = {"epoch": prog.epoch, "step": prog.step, "lr": ctx.optimizer.param_groups[0]["lr"],
+            prog.epoch_time_s += elapsed
+            prog.epoch_wait_s += window_wait
+            prog.epoch_images += world_images
+            record = {"epoch": prog.epoch, "step": prog.step, "batch": step_in_epoch,
+                      "lr": ctx.optimizer.param_groups[0]["lr"],
                       "train_loss": mean, "images_per_s": world_images / max(elapsed, 1e-9),
                       "data_wait_frac": min(1.0, window_wait / max(elapsed, 1e-9)),
                       "skipped_images": prog.skipped_images}
+            if epoch_done:
+                record.update(epoch_time_s=prog.epoch_time_s,
+                              epoch_images_per_s=prog.epoch_images / max(prog.epoch_time_s, 1e-9),
+                              epoch_data_wait_frac=min(1.0, prog.epoch_wait_s / max(prog.epoch_time_s, 1e-9)))
             window_wait = 0.0
             window_start = time.perf_counter()
             prog.window_loss, prog.window_count = 0.0, 0
             yield record if stopping is None else {**record, "stopped": stopping}
         elif stopping is not None:
             _keep_window(window, ctx, prog)
+            # the time and images since the last log point still belong to this epoch (a stop between
+            # log points happens without DDP only, so this rank's images are all the images)
+            prog.epoch_time_s += time.perf_counter() - window_start
+            prog.epoch_wait_s += window_wait
+            prog.epoch_images += window.images
             yield {"epoch": prog.epoch, "step": prog.step, "stopped": stopping}
         if stopping is not None:
             return

@@ -62,14 +62,26 @@ def test_batch_composition():
 
 def test_run_writes_metrics_checkpoints_and_exports(fmnist_tree, tmp_path):
     out = tmp_path / "run"
-    proc = run_engine(fmnist_tree, out)
+    proc = run_engine(fmnist_tree, out, "train.log_every=4")
     recs = metrics(out)
     train = [r for r in recs if "train_loss" in r]
     evals = [r for r in recs if "val_top1" in r]
     assert train and evals and evals[-1]["epoch"] == 1
     for r in train:
-        assert set(r) >= {"epoch", "step", "lr", "train_loss", "images_per_s", "data_wait_frac"}
+        assert set(r) >= {"epoch", "step", "batch", "lr", "train_loss", "images_per_s", "data_wait_frac"}
         assert r["images_per_s"] > 0 and 0 <= r["data_wait_frac"] <= 1
+    # 640 images / 64 = 10 steps per epoch; log points every 4th step *within* the epoch and at its end
+    # (as timm's batch_idx), so epoch 1 logs at its steps 4, 8, 10, not at global steps 12, 16, 20
+    assert [(r["epoch"], r["batch"], r["step"]) for r in train] == \
+        [(0, 4, 4), (0, 8, 8), (0, 10, 10), (1, 4, 14), (1, 8, 18), (1, 10, 20)]
+    assert "epoch 1 [4/10] loss" in proc.stderr and "epoch 1 [10/10] loss" in proc.stderr
+    # one record per epoch (its last) with the epoch's wall time, images/s and data-wait, and a line for it
+    totals = [r for r in recs if "epoch_time_s" in r]
+    assert [(r["epoch"], r["batch"]) for r in totals] == [(0, 10), (1, 10)]
+    for r in totals:
+        assert 0 < r["epoch_time_s"] < r["elapsed_s"] and 0 <= r["epoch_data_wait_frac"] <= 1
+        assert r["epoch_images_per_s"] == pytest.approx(640 / r["epoch_time_s"], rel=1e-6)
+    assert proc.stderr.count(": trained in ") == 2
     assert evals[-1]["val_images"] == 160  # every val image exactly once
     # every record says when (Unix time) and how far into the run's wall time it was written
     times, elapsed = [r["time"] for r in recs], [r["elapsed_s"] for r in recs]
