@@ -1,17 +1,23 @@
 """Throughput measurements behind ``tools/profile_throughput.py``, the rule that reads them, and the
 whole profile the tool runs (:func:`profile`: every point, the verdict, profile.json and profile.png).
 
-Three measurements, each for one (per-device batch, resolution) point:
+The training loop is three stages, and each is measured alone for one (per-device batch,
+resolution) point, then the whole:
 
-* ``data``: the recipe's stage 1 alone (the producer, run by ``data.workers`` processes or threads),
-  then stage 1 + stage 2 consumed in this thread, and the synthetic backend through stage 2 as the
-  ceiling (no decoding at all).
-* ``model``: the synthetic backend through the engine's own training step (``engine.trainer.
-  train_one_epoch``: stage 2, forward, backward, optimizer, EMA as the recipe says). This is the
-  consumer side of the training loop; stage 2 is part of it because the engine runs stage 2 in the
-  training thread, between ``next(batch)`` and the forward pass.
-* ``e2e``: the same step fed by the recipe's real pipeline, with the fraction of the time blocked in
-  ``next(batch)`` (what the engine logs as ``data_wait_frac``).
+* stage 1 (row ``data``/``stage1``): the recipe's decoding pipeline alone (the producer, run by
+  ``data.workers`` processes or threads); mode ``data`` also times stage 1 + stage 2 consumed in this
+  thread.
+* stage 2 (row ``data``/``stage2``): the recipe's batched augmentation (RandAugment, mixup/CutMix,
+  normalisation, layout) alone, on one decoded batch already on the device. The engine runs it in the
+  training thread, between ``next(batch)`` and the forward pass, so it adds to the step's time.
+* the step (row ``model``/``bare step``, the ceiling): forward, backward, optimizer (and EMA as the
+  recipe says) on one batch already normalised on the device, run by ``engine.trainer.
+  train_one_epoch`` unchanged, exactly as the engine runs it, with no stage 1 and no stage 2.
+* ``e2e`` (row ``e2e``/``recipe step``): the same loop fed by the recipe's real pipeline and stage 2,
+  with the fraction of the time blocked in ``next(batch)`` (what the engine logs as
+  ``data_wait_frac``). It does all the work the ceiling does and more, so it cannot exceed it.
+
+The verdict (:func:`diagnose`) names the slowest of stage 1, stage 2 and the step with their figures.
 
 Timing: ``warmup`` steps first (DataLoader start-up, cuDNN autotuning, ``torch.compile``), then a
 window of ``steps`` steps. On CUDA the device is synchronised once at each end of the window, never
@@ -52,7 +58,7 @@ class ProfileError(ValueError):
 # Rule thresholds (see diagnose): named so the table's reader and the tests see the same numbers.
 DATA_WAIT_LIMIT = 0.20  # e2e blocked on next(batch) more than this: data-bound
 BATCH_GAIN = 1.10  # images/s still rising >10% from one batch size to the next: the batch is too small
-FAR_BELOW_CEILING = 0.80  # e2e below 80% of the synthetic model step at the same point
+FAR_BELOW_CEILING = 0.80  # e2e below 80% of stage 2 + the bare step at the same point (stage 1 free)
 
 
 # --------------------------------------------------------------------------- settings
@@ -141,13 +147,12 @@ def _time_batches(batches: Iterator[Any], stage2: Stage2 | None, *, warmup: int,
 
 def measure_data(cfg: Config, batch: int, res: int, *, steps: int, warmup: int,
                  device: torch.device) -> list[dict[str, Any]]:
-    """Stage 1 alone, stage 1 + stage 2 (the recipe's backend), and synthetic + stage 2 (ceiling)."""
+    """Stage 1 alone and stage 1 + stage 2 consumed in this thread (the recipe's backend)."""
     cfg = _at_point(cfg, batch, res)
     workers = cfg.data.workers
     rows = []
-    for what, synthetic, with_stage2 in (("stage1", False, False), ("stage1+stage2", False, True),
-                                         ("synthetic+stage2", True, True)):
-        pipe = _pipeline(cfg, device, synthetic=synthetic)
+    for what, with_stage2 in (("stage1", False), ("stage1+stage2", True)):
+        pipe = _pipeline(cfg, device)
         batches = _endless(pipe, res)
         try:
             seconds, images = _time_batches(batches, _stage2(cfg) if with_stage2 else None, warmup=warmup,
@@ -155,10 +160,32 @@ def measure_data(cfg: Config, batch: int, res: int, *, steps: int, warmup: int,
         finally:
             batches.close()  # ends the DataLoader workers now, not at garbage collection
         ips = images / max(seconds, 1e-9)
-        backend = "synthetic" if synthetic else cfg.data.pipeline
-        rows.append(_row("data", what, backend, cfg, batch, res, ips, images, seconds,
-                         per_worker=None if synthetic else ips / max(workers, 1)))
+        rows.append(_row("data", what, cfg.data.pipeline, cfg, batch, res, ips, images, seconds,
+                         per_worker=ips / max(workers, 1)))
     return rows
+
+
+def _one_batch(cfg: Config, device: torch.device):
+    """One decoded uint8 batch on the device, as stage 1 hands it to stage 2 (synthetic pixels)."""
+    pipe = _pipeline(cfg, device, synthetic=True)
+    pipe.set_epoch(0, cfg.train.train_res)
+    return next(iter(pipe))
+
+
+def measure_stage2(cfg: Config, batch: int, res: int, *, steps: int, warmup: int,
+                   device: torch.device) -> dict[str, Any]:
+    """Stage 2 alone: ``warmup + steps`` calls on the same decoded batch (each call draws new
+    augmentation parameters, so each does the full work); the last ``steps`` are timed."""
+    cfg = _at_point(cfg, batch, res)
+    decoded = _one_batch(cfg, device)
+    stage2 = _stage2(cfg)
+    seconds, images = _time_batches(_repeat(decoded), stage2, warmup=warmup, steps=steps, device=device)
+    return _row("data", "stage2", "-", cfg, batch, res, images / max(seconds, 1e-9), images, seconds)
+
+
+def _repeat(item) -> Iterator[Any]:
+    while True:
+        yield item
 
 
 # --------------------------------------------------------------------------- model and e2e modes
@@ -209,25 +236,55 @@ class _WaitTimer:
             yield batch
 
 
+class _Prepared:
+    """The bare step's pipeline and stage 2: one decoded batch handed out ``length`` times per epoch,
+    and a stage 2 that returns the same (images, targets) every call: what the real stage 2 made of
+    that batch once (normalised, channels-last, mixed targets as the loss expects them)."""
+
+    def __init__(self, decoded, stage2_out, length: int):
+        self.decoded, self.stage2_out, self.length = decoded, stage2_out, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def set_epoch(self, epoch: int, res: int | None = None) -> None:
+        pass
+
+    def __iter__(self):
+        for _ in range(self.length):
+            yield self.decoded
+
+    def __call__(self, batch):
+        return self.stage2_out
+
+
 def measure_step(cfg: Config, batch: int, res: int, *, steps: int, warmup: int, device: torch.device,
                  synthetic: bool) -> dict[str, Any]:
-    """The engine's training step for ``warmup + steps`` optimizer steps; the last ``steps`` are timed.
+    """The engine's training loop for ``warmup + steps`` optimizer steps; the last ``steps`` are timed.
 
-    ``synthetic``: fixed batches already on the device (mode ``model``), else the recipe's pipeline
-    (mode ``e2e``). Runs ``engine.trainer.train_one_epoch`` unchanged, assembled as ``engine.
-    train_main`` assembles it for one process (no DDP, no accumulation, no checkpoints or logs).
+    ``synthetic`` (mode ``model``, the ceiling): the bare step, one batch already normalised on the
+    device every step (no stage 1, no stage 2); else (mode ``e2e``) the recipe's pipeline and stage 2.
+    Runs ``engine.trainer.train_one_epoch`` unchanged, assembled as ``engine.train_main`` assembles it
+    for one process (no DDP, no accumulation, no checkpoints or logs).
     """
     from engine.train_main import compile_for_training, seed_everything
 
     cfg = _at_point(cfg, batch, res)
     t = cfg.train
     seed_everything(t.seed)
-    pipe = _WaitTimer(_pipeline(cfg, device, synthetic=synthetic), device, warmup, steps)
+    stage2 = _stage2(cfg, seed=t.seed * 1000)
+    if synthetic:
+        decoded = _one_batch(cfg, device)
+        # one batch more than the window, so the clock stops inside the epoch (no end-of-epoch read)
+        prepared = _Prepared(decoded, stage2(decoded), length=warmup + steps + 1)
+        source, stage2 = prepared, prepared
+    else:
+        source = _pipeline(cfg, device)
+    pipe = _WaitTimer(source, device, warmup, steps)
     steps_per_epoch = len(pipe)
     ctx = build_step(cfg, device, steps_per_epoch)  # one process: no DDP, accum_steps 1
     if t.compile:
         ctx = dataclasses.replace(ctx, model=compile_for_training(ctx.raw_model))
-    stage2 = _stage2(cfg, seed=t.seed * 1000)
     prog = EpochProgress()
     while not pipe.done:
         pipe.set_epoch(prog.epoch, res)
@@ -239,8 +296,8 @@ def measure_step(cfg: Config, batch: int, res: int, *, steps: int, warmup: int, 
     images = steps * batch
     ips = images / max(seconds, 1e-9)
     mode = "model" if synthetic else "e2e"
-    what = "synthetic step" if synthetic else "recipe step"
-    backend = "synthetic" if synthetic else cfg.data.pipeline
+    what = "bare step" if synthetic else "recipe step"
+    backend = "-" if synthetic else cfg.data.pipeline
     wait = min(1.0, (window["wait_end"] - window["wait_start"]) / max(seconds, 1e-9))
     return _row(mode, what, backend, cfg, batch, res, ips, images, seconds, data_wait_frac=wait)
 
@@ -301,86 +358,129 @@ def _still_rising(points: dict[tuple[int, int], dict]) -> tuple[int, int, float]
     return found
 
 
-def diagnose(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
-    """One line: where the bottleneck is and what to change, derived only from ``rows``.
+STAGES = (("stage 1", "data", "stage1"), ("stage 2", "data", "stage2"), ("the step", "model", "bare step"))
 
-    Data-bound when the e2e step waits for data more than ``DATA_WAIT_LIMIT`` of its time, or when
-    stage 1 alone delivers fewer images/s than the synthetic step consumes at the same point (then
-    the loop cannot keep up whatever the overlap). Otherwise compute-bound, with the knobs the
-    numbers point at: fp32 or channels-first on CUDA, a batch size whose throughput is still rising.
+
+def _stage_rates(rows: list[dict[str, Any]]) -> tuple[tuple[int, int], dict[str, float]] | None:
+    """The point the verdict reads and each measured stage's images/s there: the point where the
+    slowest stage is fastest (the best setting measured), among points with the most stages."""
+    by_point: dict[tuple[int, int], dict[str, float]] = {}
+    for name, mode, what in STAGES:
+        for p, r in _by_point(rows, mode, what).items():
+            by_point.setdefault(p, {})[name] = r["images_per_s"]
+    if not by_point:
+        return None
+    most = max(len(v) for v in by_point.values())
+    p = max((p for p, v in by_point.items() if len(v) == most), key=lambda p: min(by_point[p].values()))
+    return p, by_point[p]
+
+
+def diagnose(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
+    """One line: which stage limits training and what to change, derived only from ``rows``.
+
+    The slowest of stage 1 (decoding), stage 2 (batched augmentation) and the bare step is named,
+    with each stage's images/s at the same point, and the end-to-end figure and data wait when
+    measured. Stage 2 and the step run one after the other in the training thread, so together they
+    deliver at most 1 / (1/stage2 + 1/step) images/s; stage 1 overlaps them (its workers run ahead).
+    An e2e run that waits for data more than ``DATA_WAIT_LIMIT`` of its time is data-bound whatever
+    stage 1 alone measured (its workers then compete with the step, e.g. for the CPU cores). The
+    advice follows the named stage: workers and backend for stage 1, RandAugment and the device for
+    stage 2, AMP, channels-last, batch size and resolution for the step.
     """
     workers = env.get("workers")
     pipeline = env.get("pipeline")
+    cuda = env.get("device", "").startswith("cuda")
     model = _by_point(rows, "model")
     e2e = _by_point(rows, "e2e")
-    stage1 = _by_point(rows, "data", "stage1")
-    tips: list[str] = []
 
     def fmt(v: float) -> str:
-        return f"{v:.0f}" if v >= 10 else f"{v:.1f}"
+        return f"{v:,.0f}" if v >= 10 else f"{v:.1f}"
 
-    # data-bound?
-    reasons = []
-    waits = [r for r in e2e.values() if r["data_wait_frac"] is not None and r["data_wait_frac"] > DATA_WAIT_LIMIT]
-    if waits:
-        worst = max(waits, key=lambda r: r["data_wait_frac"])
-        reasons.append(f"e2e waits for data {100 * worst['data_wait_frac']:.0f}% of the time at batch "
-                       f"{worst['batch']} res {worst['res']}")
-    slow = [(p, stage1[p], model[p]) for p in stage1
-            if p in model and stage1[p]["images_per_s"] < model[p]["images_per_s"]]
-    if slow:
-        p, s, m = min(slow, key=lambda x: x[1]["images_per_s"] / x[2]["images_per_s"])
-        reasons.append(f"stage 1 gives {fmt(s['images_per_s'])} img/s, the model step takes {fmt(m['images_per_s'])} "
-                       f"at batch {p[0]} res {p[1]}")
-    if reasons:
+    found = _stage_rates(rows)
+    point, rates = found if found else (None, {})
+    e2e_row = e2e.get(point) if point else None
+    if e2e_row is None and e2e:
+        e2e_row = max(e2e.values(), key=lambda r: r["images_per_s"])
+        point = point or (e2e_row["batch"], e2e_row["res"])
+    if not rates and e2e_row is None:
+        return "nothing measured"
+
+    figures = ", ".join(f"{name} {fmt(v)} img/s" for name, v in sorted(rates.items(), key=lambda kv: kv[1]))
+    if "stage 2" in rates and "the step" in rates:
+        serial = 1.0 / (1.0 / rates["stage 2"] + 1.0 / rates["the step"])
+        figures += f"; stage 2 + step in the training thread {fmt(serial)} img/s"
+    waiting = e2e_row is not None and e2e_row["data_wait_frac"] is not None \
+        and e2e_row["data_wait_frac"] > DATA_WAIT_LIMIT
+    if e2e_row is not None:
+        wait = e2e_row["data_wait_frac"]
+        figures += f"; e2e {fmt(e2e_row['images_per_s'])} img/s" + \
+            (f", waiting for data {100 * wait:.0f}%" if wait is not None else "")
+    where = f"batch {point[0]} res {point[1]}"
+    slowest = min(rates, key=rates.get) if rates else None
+
+    if (slowest == "stage 1" and len(rates) > 1) or waiting:
         cpus = env.get("cpus_usable") or env.get("cpu_count") or 0
         if workers is not None and cpus and workers >= cpus:
             more = f"data.workers is already {workers} on {cpus} usable CPUs: more CPUs per GPU"
         else:
             more = f"raise data.workers (now {workers})"
         switch = " or switch data.pipeline to ffcv/dali" if pipeline not in ("ffcv", "dali") else ""
-        if pipeline == "dali" and env.get("device", "").startswith("cuda"):
+        if pipeline == "dali" and cuda:
             switch = " (DALI decodes on the GPU already: lower train_res or fewer CPU-side transforms)"
-        return f"data-bound ({'; '.join(reasons)}): {more}{switch}"
+        why = "stage 1 is the slowest" if slowest == "stage 1" else \
+            f"e2e waits for data more than {100 * DATA_WAIT_LIMIT:.0f}% of the time"
+        return f"data-bound ({why} at {where}: {figures}): {more}{switch}"
 
-    if not model and not e2e:
-        if stage1:
-            best = max(stage1.values(), key=lambda r: r["images_per_s"])
-            return (f"data only: stage 1 ({pipeline}) gives {fmt(best['images_per_s'])} img/s "
-                    f"({fmt(best['images_per_s_per_worker'])} per worker, {workers} workers) at batch {best['batch']} "
-                    f"res {best['res']}; run mode model or e2e to compare with the training step")
-        return "nothing measured"
+    if len(rates) == 1 and slowest != "the step" and e2e_row is None:
+        r = _by_point(rows, "data", "stage1" if slowest == "stage 1" else "stage2")[point]
+        per = r["images_per_s_per_worker"]
+        return (f"{slowest} only: {fmt(r['images_per_s'])} img/s" +
+                (f" ({fmt(per)} per worker, {workers} workers)" if per is not None else "") +
+                f" at {where}; run mode all to compare the stages")
+    if slowest is None:  # e2e alone, not waiting
+        return (f"e2e {fmt(e2e_row['images_per_s'])} img/s at {where}, waiting for data "
+                f"{100 * (e2e_row['data_wait_frac'] or 0):.0f}%: run mode all to see which stage limits it")
+    if slowest == "stage 2":
+        where_s2 = ("on the GPU" if cuda else "on the CPU, in the training thread, competing with the step")
+        return (f"stage2-bound (stage 2 is the slowest at {where}: {figures}): the augmentation runs {where_s2}; "
+                f"fewer RandAugment ops (augment.rand_augment n) or a larger per-device batch spread its "
+                f"fixed cost" + ("" if cuda else ", a GPU runs it as batched kernels"))
 
-    # compute-bound: which knob
-    step_rows = list(model.values()) or list(e2e.values())
-    cuda = env.get("device", "").startswith("cuda")
+    tips: list[str] = []
+    step_rows = list(model.values())
     if cuda and any(r["precision"] == "fp32" for r in step_rows):
         tips.append("AMP is off: set train.precision=bf16")
     if cuda and any(not r["channels_last"] for r in step_rows):
         tips.append("channels_last is off: set train.channels_last=true")
-    rising = _still_rising(model or e2e)
+    rising = _still_rising(model)
     if rising:
         tips.append(f"images/s still rises {100 * (rising[2] - 1):.0f}% from batch {rising[0]} to {rising[1]}: "
                     f"raise train.per_device_batch_size")
-    below = [(p, e2e[p], model[p]) for p in e2e if p in model
-             and e2e[p]["images_per_s"] < FAR_BELOW_CEILING * model[p]["images_per_s"]]
+    stage2 = _by_point(rows, "data", "stage2")
+
+    def bound(p: tuple[int, int]) -> tuple[float, str]:
+        """What e2e could reach at ``p`` if stage 1 were free: the step, after stage 2 when measured."""
+        step = model[p]["images_per_s"]
+        if p in stage2:
+            return 1.0 / (1.0 / stage2[p]["images_per_s"] + 1.0 / step), "stage 2 + step"
+        return step, "the bare step"
+
+    below = [(p, e2e[p], *bound(p)) for p in e2e if p in model]
+    below = [b for b in below if b[1]["images_per_s"] < FAR_BELOW_CEILING * b[2]]
     if below:
-        p, e, m = below[0]
+        p, e, ref, name = below[0]
         why = ("the CPU-side work (decode workers, copies) delays the GPU's work" if cuda
                else "the decode workers compete with the step for the CPU cores")
-        tips.append(f"e2e reaches {100 * e['images_per_s'] / m['images_per_s']:.0f}% of the synthetic step at batch "
+        tips.append(f"e2e reaches {100 * e['images_per_s'] / ref:.0f}% of {name} at batch "
                     f"{p[0]} res {p[1]} while waiting <= {100 * DATA_WAIT_LIMIT:.0f}%: {why}")
-    resolutions = sorted({r for _, r in (model or e2e)})
+    resolutions = sorted({r for _, r in model})
     if len(resolutions) >= 2 and not tips:
-        pts = model or e2e
-        b = max(b for b, _ in pts)
-        lo, hi = pts.get((b, resolutions[0])), pts.get((b, resolutions[-1]))
+        b = max(b for b, _ in model)
+        lo, hi = model.get((b, resolutions[0])), model.get((b, resolutions[-1]))
         if lo and hi:
             tips.append(f"res {resolutions[-1]} costs {lo['images_per_s'] / hi['images_per_s']:.1f}x res "
                         f"{resolutions[0]} per image: low-res early epochs (train.progressive) save that")
-    best = max(step_rows, key=lambda r: r["images_per_s"])
-    head = (f"compute-bound (the training step at {fmt(best['images_per_s'])} img/s, batch {best['batch']} "
-            f"res {best['res']}, is the limit; data keeps up)")
+    head = f"compute-bound (the step is the slowest at {where}: {figures})"
     return head + (": " + "; ".join(tips) if tips else ": nothing cheap to change at these settings")
 
 
@@ -409,10 +509,10 @@ def merge_repeats(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def add_ceiling_ratios(rows: list[dict[str, Any]]) -> None:
-    """``vs_ceiling``: e2e images/s over the synthetic model step at the same point, and stage 1 +
-    stage 2 over synthetic + stage 2 (data mode); None where the ceiling was not measured."""
+    """``vs_ceiling``: e2e images/s over the bare step at the same point, and stage 1 + stage 2 over
+    stage 2 alone (data mode); None where the ceiling was not measured."""
     model = _by_point(rows, "model")
-    ceiling = _by_point(rows, "data", "synthetic+stage2")
+    ceiling = _by_point(rows, "data", "stage2")
     for r in rows:
         ref = {"e2e": model}.get(r["mode"]) or (ceiling if r["what"] == "stage1+stage2" else {})
         c = ref.get((r["batch"], r["res"]))
@@ -478,7 +578,7 @@ def plot(rows: list[dict[str, Any]], path, title: str = "") -> None:
                 series.setdefault((r["what"], r["res"]), []).append((r["batch"], r["images_per_s"]))
         for (what, res), pts in sorted(series.items()):
             pts.sort()
-            style = "--" if what.startswith("synthetic") and mode == "data" else "-"
+            style = "--" if what == "stage2" else "-"
             ax.plot([b for b, _ in pts], [v for _, v in pts], style, marker="o", label=f"{what} @{res}px")
         batches = sorted({r["batch"] for r in rows if r["mode"] == mode})
         ax.set_xscale("log", base=2)
@@ -488,7 +588,7 @@ def plot(rows: list[dict[str, Any]], path, title: str = "") -> None:
         ax.set_ylabel("images/s")
         ax.set_title(mode)
         values = [r["images_per_s"] for r in rows if r["mode"] == mode]
-        if max(values) > 20 * min(values):  # e.g. the synthetic ceiling far above real decoding
+        if max(values) > 20 * min(values):  # e.g. stage 2 on a GPU far above real decoding
             ax.set_yscale("log")
         else:
             ax.set_ylim(bottom=0)
@@ -565,7 +665,7 @@ def profile(recipe: str | Path, mode: str, *, overrides: list[str] = (), batch_s
     if cfg.data.pipeline != "synthetic" and modes != ("model",):
         check_data_root(cfg.data)  # before any progress line, so the error is the only output
     if "e2e" in modes and "model" not in modes:
-        modes = ("model", *modes)  # e2e is read against the synthetic step at the same point
+        modes = ("model", *modes)  # e2e is read against the bare step at the same point
     out = Path(out) if out else default_out(recipe)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -574,9 +674,11 @@ def profile(recipe: str | Path, mode: str, *, overrides: list[str] = (), batch_s
     for repeat in range(repeats):
         for res in res_list:
             for batch in batches:
+                kw = dict(steps=steps, warmup=warmup, device=dev)
+                progress(f"measuring stage 2: batch {batch}, res {res}, round {repeat + 1}/{repeats}")
+                rows.append(measure_stage2(cfg, batch, res, **kw))  # every mode's verdict reads it
                 for m in modes:
                     progress(f"measuring {m}: batch {batch}, res {res}, round {repeat + 1}/{repeats}")
-                    kw = dict(steps=steps, warmup=warmup, device=dev)
                     if m == "data":
                         rows += measure_data(cfg, batch, res, **kw)
                     else:

@@ -5,13 +5,15 @@
     python tools/profile_throughput.py model recipes/a1.toml --batch-sizes 128,256 --resolutions 160,224 --compile
     python tools/profile_throughput.py e2e recipes/a3.toml --steps 50 --out runs/profile-a3
 
-MODE: ``data`` (stage 1 alone, stage 1 + stage 2, synthetic + stage 2 as the ceiling; images/s and
-images/s per worker), ``model`` (synthetic batches on the device through the engine's training
-step: stage 2, forward, backward, optimizer), ``e2e`` (the recipe's real pipeline through the same
-step: images/s and the fraction of time waiting for data; the model step is measured too, to compare)
-or ``all``. Each (batch size, resolution) pair is one point, one process, per-device batch, no
-accumulation. Prints a table and a one-line verdict, writes OUT/profile.json (every figure and the
-environment) and OUT/profile.png (images/s vs batch size). Logic: toolkit/profiling.py.
+MODE: ``data`` (stage 1 alone and stage 1 + stage 2: images/s and images/s per worker), ``model``
+(the bare step, the ceiling: one batch already normalised on the device through the engine's
+training loop: forward, backward, optimizer; no stage 1, no stage 2), ``e2e`` (the recipe's real
+pipeline and stage 2 through the same loop: images/s and the fraction of time waiting for data; the
+bare step is measured too, to compare) or ``all``. Every mode also times stage 2 alone (RandAugment,
+mixup/CutMix, normalisation on one decoded batch on the device). Each (batch size, resolution) pair
+is one point, one process, per-device batch, no accumulation. Prints a table and a one-line verdict
+naming the slowest of stage 1, stage 2 and the step with their figures, writes OUT/profile.json
+(every figure and the environment) and OUT/profile.png (images/s vs batch size). Logic: toolkit/profiling.py.
 """
 from __future__ import annotations
 
