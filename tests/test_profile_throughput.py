@@ -260,7 +260,7 @@ def test_toggles(monkeypatch):
     cfg = load_config(ROOT / "recipes" / "a3.toml")
     assert cfg.train.precision == "auto" and toggled(cfg).precision == "fp32" and toggled(cfg, amp=True).precision == "bf16"
     assert toggled(cfg, "cuda").precision == "bf16" and toggled(cfg, "cuda", amp=False).precision == "fp32"
-    assert toggled(load_config(ROOT / "recipes" / "demo.toml"), amp=True).precision == "bf16"  # an fp32 recipe
+    assert toggled(load_config(ROOT / "recipes" / "demo.toml", ["train.precision=fp32"]), amp=True).precision == "bf16"
     assert toggled(cfg, channels_last=False).channels_last is False
     compiled = load_config(ROOT / "recipes" / "a3.toml", ["train.compile=true"])
     assert toggled(compiled).compile is False and toggled(compiled, "cuda").compile is True

@@ -1,7 +1,12 @@
 """`make demo`: Fashion-MNIST as an ImageNet-style folder tree -> converter -> train recipes/demo.toml.
 
-Each step is skipped when its output is already complete (the converter's manifest, the demo tree),
-so a second `make demo` only retrains. Prints the final validation top-1.
+The recipe is RSB A3's shape scaled down (RandAugment, mixup/CutMix, BCE with a target threshold,
+LAMB, warmup + cosine, progressive resolution; a small timm ResNet): the product's own path, through
+FFCV (DALI when FFCV is not installed; benchmarks/results/demo.md has why FFCV first). Each step
+is skipped when its output is already complete (the converter's manifest, the demo tree), so a
+second `make demo` only retrains. Ends with a short summary (val top-1, img/s, data-wait, wall time,
+run folder) and RUN/metrics.png (train loss, lr, val top-1 over time). Uses a CUDA GPU when torch
+sees one, as the engine does.
 """
 from __future__ import annotations
 
@@ -13,10 +18,14 @@ import sys
 import time
 from pathlib import Path
 
+from toolkit.run_report import format_summary, plot_metrics, read_metrics, summarize
+
 ROOT = Path(__file__).resolve().parents[1]
+
 DEMO = ROOT / "data" / "demo"
 SRC = DEMO / "src"
 CONVERTED = DEMO / "converted"
+RECIPE = "recipes/demo.toml"
 
 
 def run(cmd: list[str]) -> None:
@@ -28,7 +37,7 @@ def run(cmd: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="Other options (e.g. --set "
-                                     "train.epochs=1) are passed to python -m engine.run recipes/demo.toml.")
+                                     f"train.epochs=1) are passed to python -m engine.run {RECIPE}.")
     _, extra = parser.parse_known_args(argv)
     t0 = time.time()
     fmnist = Path("/usr/share/datasets/fashion-mnist")
@@ -42,17 +51,42 @@ def main(argv: list[str] | None = None) -> int:
     if not manifest.is_file() or set(json.loads(manifest.read_text()).get("formats", [])) != set(formats):
         run([sys.executable, "tools/convert_imagenet.py", str(SRC), str(CONVERTED), "--formats", ",".join(formats),
              "--workers", "2"])
+    pipeline = formats[0]
+    if pipeline == "ffcv":
+        print("demo: training through FFCV (stage 1) and the batched stage 2; on 2 CPU cores it fed this recipe "
+              "faster than DALI (benchmarks/results/demo.md)", flush=True)
+    else:
+        print("demo: FFCV is not installed; training through DALI (stage 1) and the batched stage 2", flush=True)
     out = ROOT / "runs" / "demo"
     if out.exists():  # a fresh run each time: old checkpoints would otherwise be resumed or mixed in
         shutil.rmtree(out)
-    run([sys.executable, "-m", "engine.run", "recipes/demo.toml", "--out", str(out)] + extra)
-    final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "val_top1" in line]
-    print(f"demo: done in {time.time() - t0:.0f} s; final val top-1 {final[-1]['val_top1']:.2f}% "
-          f"(run folder {out.relative_to(ROOT)})", flush=True)
+    run([sys.executable, "-m", "engine.run", RECIPE, "--out", str(out), "--set", f"data.pipeline={pipeline}"] + extra)
+    records = read_metrics(out)
+    summary = summarize(out.relative_to(ROOT), records)
+    png = _plot(records, out / "metrics.png", f"{RECIPE} through {pipeline}")
+    import torch  # after training: the summary names the device the engine picked (CUDA when it sees one)
+
+    device = "CUDA GPU" if torch.cuda.is_available() else "CPU"
+    print(format_summary(summary, pipeline=pipeline, device=device, png=png and png.relative_to(ROOT)))
+    print(f"demo: done in {_elapsed(time.time() - t0)} in all (data, conversion and training)", flush=True)
     return 0
 
 
+def _plot(records, path: Path, title: str) -> Path | None:
+    try:
+        return plot_metrics(records, path, title)
+    except ImportError:
+        print("demo: matplotlib is not installed (extra `dev`): no metrics.png", flush=True)
+        return None
+
+
+def _elapsed(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s:02d} s"
+
+
 def _formats() -> list[str]:
+    """The converter's formats: FFCV first (the demo's backend) when installed, DALI always."""
     formats = []
     try:
         import ffcv  # noqa: F401
