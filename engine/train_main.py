@@ -163,7 +163,7 @@ def _train(cfg: Config, d: DistInfo, out: Path, resume: str | None, max_steps: i
     log = RunLogger(cfg.log, out, to_dict(cfg), enabled=d.is_main, run_id=_run_id(out))
     log.info(f"batch: global {t.global_batch_size} = {per_device} per device x {d.world_size} processes x "
              f"{accum} accumulation steps; device {device}; precision {t.precision}"
-             + (" (auto)" if requested == "auto" else ""))
+             + (" (auto)" if requested == "auto" else "") + f"; stage 1 {cfg.data.pipeline}")
     stage2 = build_stage2(cfg.data, cfg.augment, train=True, label_smoothing=cfg.loss.label_smoothing,
                           channels_last=t.channels_last, seed=t.seed * 1000 + d.rank)
     stage2_eval = build_stage2(cfg.data, cfg.augment, train=False, channels_last=t.channels_last)
