@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         run([sys.executable, "tools/convert_imagenet.py", str(SRC), str(CONVERTED), "--formats", ",".join(formats),
              "--workers", "2"])
     pipeline = "dali"
-    print("demo: training through DALI (stage 1) and the batched stage 2 (RandAugment, mixup/CutMix); DALI "
-          "because FFCV's first-epoch compile makes a run this short slower (recipes/demo.toml)", flush=True)
+    print("demo: training through DALI (stage 1) and the batched stage 2 (RandAugment, mixup/CutMix); DALI, "
+          "not FFCV: FFCV compiles its pipeline in the first epoch, which a run this short does not win back "
+          "(recipes/demo.toml)", flush=True)
     out = ROOT / "runs" / "demo"
     if out.exists():  # a fresh run each time: old checkpoints would otherwise be resumed or mixed in
         shutil.rmtree(out)
