@@ -1,7 +1,7 @@
 """Ours against the peer a user would otherwise run: timm's loader and training step, on the demo data.
 
-    .venv/bin/python benchmarks/bench_vs_timm.py                      # 2 epochs each, one round
-    .venv/bin/python benchmarks/bench_vs_timm.py --epochs 3 --rounds 2 --backends ffcv,dali
+    python -m benchmarks.bench_vs_timm                      # 2 epochs each, one round
+    python -m benchmarks.bench_vs_timm --epochs 6 --rounds 2 --backends ffcv,dali
 
 timm side (what ``timm/train.py`` builds for the same A3-shaped recipe, here in a loop a reader can
 check against it): ``timm.data.create_dataset`` on the demo's class-folder tree, ``timm.data.
