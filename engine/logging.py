@@ -36,6 +36,7 @@ class RunLogger:
         self.start_clock(0.0)
         self._bar = None  # the epoch's tqdm bar, on a terminal only
         self._tty = sys.stderr.isatty()
+        self._show_progress = cfg.progress  # log.progress: the bar or the per-log-point lines
         if not enabled:
             return
         self.out.mkdir(parents=True, exist_ok=True)
@@ -76,20 +77,20 @@ class RunLogger:
         else:
             print(msg, file=sys.stderr, flush=True)
 
-    def epoch_start(self, epoch: int, steps: int, done: int, res: int, show_progress: bool) -> None:
+    def epoch_start(self, epoch: int, steps: int, done: int, res: int) -> None:
         """An epoch of ``steps`` optimizer steps begins (``done`` of them already, after a resume)."""
         if not self.enabled:
             return
         if done == 0:
             self.info(f"epoch {epoch}: train res {res}, {steps} steps")
-        if show_progress and self._tty:
+        if self._show_progress and self._tty:
             from tqdm import tqdm
 
-            self._close_bar()
+            self.end_progress()
             self._bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch}", unit="step", file=sys.stderr,
                              dynamic_ncols=True, leave=True)
 
-    def progress(self, rec: dict[str, Any], steps: int, show_progress: bool) -> None:
+    def progress(self, rec: dict[str, Any], steps: int) -> None:
         """A train record on the console: the bar (or a plain line) at a log point, and the epoch's
         totals on its last record."""
         if not self.enabled:
@@ -97,10 +98,10 @@ class RunLogger:
         if self._bar is not None:
             self._bar.n = rec["batch"]
             self._bar.set_postfix_str(_figures(rec), refresh=True)  # one redraw for both
-        elif show_progress:
+        elif self._show_progress:
             self.info(format_progress(rec, steps))
         if "epoch_time_s" in rec:
-            self._close_bar()
+            self.end_progress()
             self.info(format_epoch(rec))
 
     def start_clock(self, elapsed_before: float) -> None:
@@ -131,15 +132,12 @@ class RunLogger:
 
     def end_progress(self) -> None:
         """The epoch's training is over (done, stopped or evaluated next): the bar goes."""
-        self._close_bar()
-
-    def _close_bar(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
 
     def close(self) -> None:
-        self._close_bar()
+        self.end_progress()
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
@@ -168,6 +166,17 @@ def start_wandb(cfg: LogConfig, out: Path, config_dict: dict[str, Any], run_id: 
 def _has_netrc_login() -> bool:
     netrc = Path.home() / ".netrc"
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def say_once(msg: str, rank: int, world_size: int) -> None:
+    """An error line that every rank finds alike (config, data, NaN): rank 0 prints it to stderr. Any
+    other rank waits a few seconds before its caller exits: torchrun's agent SIGTERMs the whole group
+    as soon as one rank exits non-zero, so a silent rank that got there first would kill rank 0 before
+    its line is out (CI saw zero lines). Rank 0's own exit ends the group, so the wait costs nothing."""
+    if rank == 0:
+        print(msg, file=sys.stderr, flush=True)
+    elif world_size > 1:
+        time.sleep(5)
 
 
 def _figures(rec: dict[str, Any]) -> str:

@@ -39,15 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.recipe, args.overrides)
     except ConfigError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds it: rank 0 says it
-            print(f"error: {e}", file=sys.stderr)
-        else:
-            # torchrun's agent SIGTERMs the whole group as soon as any rank exits non-zero. A silent rank
-            # that got here first would kill rank 0 before its line is printed (seen on CI: zero lines).
-            # Rank 0's exit ends the group anyway, so this wait costs nothing.
-            import time
+        from engine.logging import say_once
 
-            time.sleep(5)
+        # under torchrun every rank finds it: rank 0 says it (before init_distributed, from torchrun's env)
+        say_once(f"error: {e}", int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
         return 2
     if args.help_config:
         print(explain(cfg))

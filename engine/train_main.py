@@ -9,7 +9,6 @@ import hashlib
 import math
 import signal
 import sys
-import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +22,7 @@ from engine import run_folder
 from common.config import Config, ConfigError, to_dict
 from pipelines.build import build_stage2, build_train_pipeline, build_val_pipeline, check_num_classes
 from engine.distributed import DistInfo, any_rank, barrier, cleanup, init_distributed, reduce_bn_stats
-from engine.logging import RunLogger
+from engine.logging import RunLogger, say_once
 from engine.precision import resolve_precision
 from engine.progressive import regularization_scale, resolution_for_epoch
 from engine.trainer import EpochProgress, NonFiniteLossError, StepContext, build_step, evaluate, train_one_epoch
@@ -131,15 +130,11 @@ def train(cfg: Config, out: Path, resume: str | None = None, max_steps: int | No
 
 def _say(d: DistInfo, msg: str, every_rank: bool = False) -> None:
     """An error line on stderr. Errors every rank finds alike (config, data, NaN) are printed by
-    rank 0 only; ``every_rank`` ones (out of memory) carry the rank. A silent rank waits a few seconds
-    before it exits: torchrun's agent SIGTERMs the whole group when any rank exits non-zero, and a silent
-    rank that got there first would kill rank 0 before its line is out. Rank 0's own exit ends the group."""
+    rank 0 only (``say_once``); ``every_rank`` ones (out of memory) carry the rank."""
     if every_rank and d.enabled:
         print(f"[rank {d.rank}] {msg}", file=sys.stderr, flush=True)
-    elif d.is_main:
-        print(msg, file=sys.stderr, flush=True)
-    elif d.enabled:
-        time.sleep(5)
+    else:
+        say_once(msg, d.rank, d.world_size)
 
 
 def _stderr(msg: str) -> None:
@@ -187,14 +182,14 @@ def _train(cfg: Config, d: DistInfo, out: Path, resume: str | None, max_steps: i
             res = resolution_for_epoch(t.progressive, epoch, epochs_total, t.train_res)
             stage2.set_magnitude_scale(regularization_scale(t.progressive, epoch, epochs_total))
             train_pipe.set_epoch(epoch, res, start_batch=prog.batch)
-            log.epoch_start(epoch, steps_per_epoch, prog.batch // accum, res, cfg.log.progress)
+            log.epoch_start(epoch, steps_per_epoch, prog.batch // accum, res)
             for rec in train_one_epoch(ctx, train_pipe, stage2, prog, steps_per_epoch=steps_per_epoch,
                                        log_every=t.log_every, stop=None if d.enabled else stop,
                                        max_steps=max_steps, loss_limit=t.loss_limit):
                 saver.confirm_pending()  # the loss window up to this step has passed its check
                 if "train_loss" in rec:
                     log.metrics(rec)
-                    log.progress(rec, steps_per_epoch, cfg.log.progress)
+                    log.progress(rec, steps_per_epoch)
                 stopped = rec.get("stopped")
                 if stopped is None and d.enabled and any_rank(stop.requested, device):
                     stopped = "stop requested"  # agreed at this log point, so every rank stops at the same step

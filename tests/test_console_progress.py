@@ -21,11 +21,11 @@ def _records(epoch: int, steps: int, every: int) -> list[dict]:
 
 @pytest.mark.parametrize("tty", [False, True])
 def test_bar_on_a_terminal_plain_lines_otherwise(tmp_path, capsys, tty):
-    log = RunLogger(LogConfig(wandb="off"), tmp_path, {}, enabled=True, run_id="x")
+    log = RunLogger(LogConfig(wandb="off", progress=True), tmp_path, {}, enabled=True, run_id="x")
     log._tty = tty  # what sys.stderr.isatty() said at start-up
-    log.epoch_start(1, 10, 0, 32, show_progress=True)
+    log.epoch_start(1, 10, 0, 32)
     for rec in _records(1, 10, 4):
-        log.progress(rec, 10, show_progress=True)
+        log.progress(rec, 10)
     log.info("epoch 1: val top-1 50.00")
     log.close()
     err = capsys.readouterr().err
@@ -41,11 +41,11 @@ def test_bar_on_a_terminal_plain_lines_otherwise(tmp_path, capsys, tty):
 
 
 def test_progress_off_keeps_the_epoch_totals(tmp_path, capsys):
-    log = RunLogger(LogConfig(wandb="off"), tmp_path, {}, enabled=True, run_id="x")
+    log = RunLogger(LogConfig(wandb="off", progress=False), tmp_path, {}, enabled=True, run_id="x")
     log._tty = True
-    log.epoch_start(0, 10, 0, 32, show_progress=False)
+    log.epoch_start(0, 10, 0, 32)
     for rec in _records(0, 10, 5):
-        log.progress(rec, 10, show_progress=False)
+        log.progress(rec, 10)
     log.close()
     err = capsys.readouterr().err
     assert "epoch 0 [" not in err and "\r" not in err and "epoch 0: trained in 12.5 s" in err
@@ -54,7 +54,7 @@ def test_progress_off_keeps_the_epoch_totals(tmp_path, capsys):
 def test_resumed_epoch_bar_starts_where_the_checkpoint_was(tmp_path, capsys):
     log = RunLogger(LogConfig(wandb="off"), tmp_path, {}, enabled=True, run_id="x")
     log._tty = True
-    log.epoch_start(2, 10, 6, 32, show_progress=True)
+    log.epoch_start(2, 10, 6, 32)
     log.close()
     err = capsys.readouterr().err
     assert "train res" not in err  # the epoch had begun before the resume
