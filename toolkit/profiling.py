@@ -29,6 +29,7 @@ batch size swept, which is what ``train.per_device_batch_size`` sets in a real r
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import platform
 import statistics
@@ -179,13 +180,8 @@ def measure_stage2(cfg: Config, batch: int, res: int, *, steps: int, warmup: int
     cfg = _at_point(cfg, batch, res)
     decoded = _one_batch(cfg, device)
     stage2 = _stage2(cfg)
-    seconds, images = _time_batches(_repeat(decoded), stage2, warmup=warmup, steps=steps, device=device)
+    seconds, images = _time_batches(itertools.repeat(decoded), stage2, warmup=warmup, steps=steps, device=device)
     return _row("data", "stage2", "-", cfg, batch, res, images / max(seconds, 1e-9), images, seconds)
-
-
-def _repeat(item) -> Iterator[Any]:
-    while True:
-        yield item
 
 
 # --------------------------------------------------------------------------- model and e2e modes
@@ -375,6 +371,11 @@ def _stage_rates(rows: list[dict[str, Any]]) -> tuple[tuple[int, int], dict[str,
     return p, by_point[p]
 
 
+def _in_series(stage2_ips: float, step_ips: float) -> float:
+    """images/s of stage 2 and the step one after the other in the training thread."""
+    return 1.0 / (1.0 / stage2_ips + 1.0 / step_ips)
+
+
 def diagnose(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
     """One line: which stage limits training and what to change, derived only from ``rows``.
 
@@ -407,7 +408,7 @@ def diagnose(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
 
     figures = ", ".join(f"{name} {fmt(v)} img/s" for name, v in sorted(rates.items(), key=lambda kv: kv[1]))
     if "stage 2" in rates and "the step" in rates:
-        serial = 1.0 / (1.0 / rates["stage 2"] + 1.0 / rates["the step"])
+        serial = _in_series(rates["stage 2"], rates["the step"])
         figures += f"; stage 2 + step in the training thread {fmt(serial)} img/s"
     waiting = e2e_row is not None and e2e_row["data_wait_frac"] is not None \
         and e2e_row["data_wait_frac"] > DATA_WAIT_LIMIT
@@ -462,7 +463,7 @@ def diagnose(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
         """What e2e could reach at ``p`` if stage 1 were free: the step, after stage 2 when measured."""
         step = model[p]["images_per_s"]
         if p in stage2:
-            return 1.0 / (1.0 / stage2[p]["images_per_s"] + 1.0 / step), "stage 2 + step"
+            return _in_series(stage2[p]["images_per_s"], step), "stage 2 + step"
         return step, "the bare step"
 
     below = [(p, e2e[p], *bound(p)) for p in e2e if p in model]
