@@ -55,12 +55,11 @@ def ours(backend: str, epochs: int, out: Path) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{backend}: engine failed: {proc.stderr[-2000:]}")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    epochs_done = [r for r in records if "epoch_time_s" in r]
-    seconds = sum(r["epoch_time_s"] for r in epochs_done)
-    images = sum(r["epoch_images_per_s"] * r["epoch_time_s"] for r in epochs_done)
-    top1 = [r for r in records if "val_top1" in r][-1]["val_top1"]
-    return {"side": f"ours ({backend})", "images_per_s": images / seconds, "train_s": seconds, "val_top1": top1}
+    from toolkit.run_report import summarize  # what make demo prints: img/s over the epochs' training time
+
+    s = summarize(out)
+    return {"side": f"ours ({backend})", "images_per_s": s["images_per_s"], "train_s": s["train_s"],
+            "val_top1": s["val_top1"]}
 
 
 def timm_side(epochs: int, out: Path) -> dict:

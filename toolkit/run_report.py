@@ -48,8 +48,8 @@ def format_summary(s: dict[str, Any], *, pipeline: str, device: str, png: Path |
     lines = [f"val top-1      {pct(s['val_top1'])}   (top-5 {pct(s['val_top5'])})",
              f"throughput     {s['images_per_s']:,.0f} img/s training ({pipeline} on {device}), "
              f"data-wait {100 * s['data_wait_frac']:.0f}%" if s["images_per_s"] else "throughput     -",
-             f"wall time      {_minutes(s['wall_s'])} for {s['epochs']} epoch{'' if s['epochs'] == 1 else 's'} "
-             f"({_minutes(s['train_s'])} training, the rest evaluation and checkpoints)",
+             f"wall time      {minutes(s['wall_s'])} for {s['epochs']} epoch{'' if s['epochs'] == 1 else 's'} "
+             f"({minutes(s['train_s'])} training, the rest evaluation and checkpoints)",
              f"run folder     {s['out']}"]
     if png is not None:
         lines.append(f"curves         {png}")
@@ -57,7 +57,8 @@ def format_summary(s: dict[str, Any], *, pipeline: str, device: str, png: Path |
     return "\n".join(["=" * width, *lines, "=" * width])
 
 
-def _minutes(seconds: float) -> str:
+def minutes(seconds: float) -> str:
+    """``3 min 05 s``, or ``42 s`` under a minute."""
     m, s = divmod(int(round(seconds)), 60)
     return f"{m} min {s:02d} s" if m else f"{s} s"
 

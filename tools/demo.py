@@ -2,7 +2,7 @@
 
 The recipe is RSB A3's shape scaled down (RandAugment, mixup/CutMix, BCE with a target threshold,
 LAMB, warmup + cosine, progressive resolution; a small timm ResNet): the product's own path, through
-DALI (the faster of DALI and FFCV for this short run: recipes/demo.toml says why). Each step
+DALI (recipes/demo.toml says why DALI rather than FFCV). Each step
 is skipped when its output is already complete (the converter's manifest, the demo tree), so a
 second `make demo` only retrains. Ends with a short summary (val top-1, img/s, data-wait, wall time,
 run folder) and RUN/metrics.png (train loss, lr, val top-1 over time). Uses a CUDA GPU when torch
@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from toolkit.run_report import format_summary, plot_metrics, read_metrics, summarize
+from common.config import load_config
+from toolkit.run_report import format_summary, minutes, plot_metrics, read_metrics, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,14 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     if not manifest.is_file() or set(json.loads(manifest.read_text()).get("formats", [])) != set(formats):
         run([sys.executable, "tools/convert_imagenet.py", str(SRC), str(CONVERTED), "--formats", ",".join(formats),
              "--workers", "2"])
-    pipeline = "dali"
-    print("demo: training through DALI (stage 1) and the batched stage 2 (RandAugment, mixup/CutMix); DALI, "
-          "not FFCV: FFCV compiles its pipeline in the first epoch, which a run this short does not win back "
-          "(recipes/demo.toml)", flush=True)
+    pipeline = load_config(ROOT / RECIPE).data.pipeline
+    print(f"demo: training through {pipeline} (stage 1) and the batched stage 2 (RandAugment, mixup/CutMix); "
+          f"{RECIPE} says why this backend", flush=True)
     out = ROOT / "runs" / "demo"
     if out.exists():  # a fresh run each time: old checkpoints would otherwise be resumed or mixed in
         shutil.rmtree(out)
-    run([sys.executable, "-m", "engine.run", RECIPE, "--out", str(out), "--set", f"data.pipeline={pipeline}"] + extra)
+    run([sys.executable, "-m", "engine.run", RECIPE, "--out", str(out)] + extra)
     records = read_metrics(out)
     summary = summarize(out.relative_to(ROOT), records)
     png = _plot(records, out / "metrics.png", f"{RECIPE} through {pipeline}")
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = "CUDA GPU" if torch.cuda.is_available() else "CPU"
     print(format_summary(summary, pipeline=pipeline, device=device, png=png and png.relative_to(ROOT)))
-    print(f"demo: done in {_elapsed(time.time() - t0)} in all (data, conversion and training)", flush=True)
+    print(f"demo: done in {minutes(time.time() - t0)} in all (data, conversion and training)", flush=True)
     return 0
 
 
@@ -76,11 +76,6 @@ def _plot(records, path: Path, title: str) -> Path | None:
     except ImportError:
         print("demo: matplotlib is not installed (extra `dev`): no metrics.png", flush=True)
         return None
-
-
-def _elapsed(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m} min {s:02d} s"
 
 
 def _formats() -> list[str]:
