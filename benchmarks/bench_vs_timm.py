@@ -61,22 +61,27 @@ SCALE, EVAL_CROP_PCT = (0.35, 1.0), 0.875
 BARE_WARMUP, BARE_STEPS, BARE_REPEATS = 10, 40, 3
 
 
-def _overrides(backend: str, epochs: int, precision: str) -> list[str]:
-    """The engine settings that make our run the timm side's twin (see the module docstring)."""
-    return [f"data.pipeline={backend}", f"train.epochs={epochs}", "train.progressive.kind=none",
+def _set_args(backend: str, epochs: int, precision: str) -> list[str]:
+    """The ``--set`` arguments that make our run the timm side's twin (see the module docstring)."""
+    sets = [f"data.pipeline={backend}", f"train.epochs={epochs}", "train.progressive.kind=none",
             f"train.train_res={RES}", f"train.global_batch_size={BATCH}", f"data.workers={WORKERS}",
             f"train.precision={precision}", "checkpoint.every_minutes=0", "log.progress=false"]
+    return [a for s in sets for a in ("--set", s)]
+
+
+def _run(cmd: list[str], what: str) -> None:
+    """One side in its own process; its stderr tail if it fails."""
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed: {proc.stderr[-2000:]}")
 
 
 def ours(backend: str, epochs: int, out: Path, precision: str) -> dict:
     """One engine run; img/s over the epochs' training time, final val top-1."""
     if out.exists():
         shutil.rmtree(out)
-    sets = _overrides(backend, epochs, precision)
-    cmd = [PY, "-m", "engine.run", "recipes/demo.toml", "--out", str(out)] + [a for s in sets for a in ("--set", s)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{backend}: engine failed: {proc.stderr[-2000:]}")
+    _run([PY, "-m", "engine.run", "recipes/demo.toml", "--out", str(out)] + _set_args(backend, epochs, precision),
+         f"{backend}: the engine")
     from toolkit.run_report import summarize  # what make demo prints: img/s over the epochs' training time
 
     s = summarize(out)
@@ -87,14 +92,10 @@ def ours(backend: str, epochs: int, out: Path, precision: str) -> dict:
 def ours_profile(backend: str, out: Path, precision: str) -> dict:
     """``tools/profile_throughput.py all`` for one backend at the run's settings: its stage 1 alone, stage 2
     alone and the bare step (the engine's train_one_epoch on one fixed batch), each on the whole machine."""
-    sets = _overrides(backend, 1, precision)
-    cmd = [PY, "tools/profile_throughput.py", "all", "recipes/demo.toml", "--batch-sizes", str(BATCH),
-           "--resolutions", str(RES), "--steps", str(BARE_STEPS), "--warmup", str(BARE_WARMUP),
-           "--repeats", str(BARE_REPEATS),
-           "--out", str(out)] + [a for s in sets for a in ("--set", s)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{backend}: profiler failed: {proc.stderr[-2000:]}")
+    _run([PY, "tools/profile_throughput.py", "all", "recipes/demo.toml", "--batch-sizes", str(BATCH),
+          "--resolutions", str(RES), "--steps", str(BARE_STEPS), "--warmup", str(BARE_WARMUP),
+          "--repeats", str(BARE_REPEATS), "--out", str(out)] + _set_args(backend, 1, precision),
+         f"{backend}: the profiler")
     rows = {(m["mode"], m["what"]): m for m in json.loads((out / "profile.json").read_text())["measurements"]}
     bare = rows[("model", "bare step")]
     return {"side": f"ours ({backend}), bare step (no loader)", "images_per_s": bare["images_per_s"],
@@ -116,9 +117,7 @@ def timm_side(epochs: int, out: Path, precision: str, bare: bool = False) -> dic
     """timm's loader and step in a fresh process (its own threads and workers, like a separate run)."""
     out.mkdir(parents=True, exist_ok=True)
     cmd = [PY, __file__, "--timm-run", str(out / "timm.json"), "--epochs", str(epochs), "--precision", precision]
-    proc = subprocess.run(cmd + (["--bare"] if bare else []), cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"timm: failed: {proc.stderr[-2000:]}")
+    _run(cmd + (["--bare"] if bare else []), "timm")
     return json.loads((out / "timm.json").read_text())
 
 
@@ -169,17 +168,20 @@ def timm_run(epochs: int, result: Path, precision: str, bare: bool) -> None:
         model.train()
         x, y = mixup(*next(iter(train_loader)))
         x = x.contiguous(memory_format=torch.channels_last)
-        windows = []
-        for i in range(BARE_WARMUP + BARE_REPEATS * BARE_STEPS):
-            if i >= BARE_WARMUP and (i - BARE_WARMUP) % BARE_STEPS == 0:
-                t0 = time.perf_counter()
-            step(x, y)
-            updates += 1
-            scheduler.step_update(num_updates=updates)
-            if i >= BARE_WARMUP and (i - BARE_WARMUP) % BARE_STEPS == BARE_STEPS - 1:
-                windows.append(time.perf_counter() - t0)
-        seconds = sorted(windows)[len(windows) // 2]
-        result.write_text(json.dumps({"side": "timm, bare step (no loader)", "images_per_s": BARE_STEPS * BATCH / seconds,
+
+        def steps(n: int) -> float:
+            nonlocal updates
+            t0 = time.perf_counter()
+            for _ in range(n):
+                step(x, y)
+                updates += 1
+                scheduler.step_update(num_updates=updates)
+            return time.perf_counter() - t0
+
+        steps(BARE_WARMUP)
+        windows = [steps(BARE_STEPS) for _ in range(BARE_REPEATS)]
+        result.write_text(json.dumps({"side": "timm, bare step (no loader)",
+                                      "images_per_s": BARE_STEPS * BATCH / statistics.median(windows),
                                       "train_s": sum(windows), "val_top1": None}))
         return
     for epoch in range(epochs):
