@@ -6,10 +6,11 @@ ffcv-imagenet ResNet-50 schedules fast (Leclerc et al. 2023, "FFCV: Accelerating
 Removing Data Bottlenecks"; docs: https://docs.ffcv.io).
 
 Per batch (train), all inside FFCV:
-:class:`PILRandomResizedCropDecoder` (decode + FFCV's timm/torchvision random-resized-crop box
-sampling with ``scale``/``ratio``, 10 attempts then the centre fallback; the crop resized with PIL's
-filters, not FFCV's OpenCV INTER_AREA: timm's ``random`` interpolation, bilinear or bicubic per image) →
-``RandomHorizontalFlip`` → ``ToTensor`` → ``ToDevice`` (``non_blocking=True``, CUDA only) →
+:class:`PILRandomResizedCropDecoder` (decode + timm/torchvision random-resized-crop box sampling
+with ``scale``/``ratio``, 10 attempts then the centre fallback; the crop resized with PIL's
+filters, not FFCV's OpenCV INTER_AREA: timm's ``random`` interpolation, bilinear or bicubic per
+image; the horizontal flip in the same pass) → ``ToTensor`` → ``ToDevice`` (``non_blocking=True``,
+CUDA only) →
 ``ToTorchImage(channels_last=True)``: an NHWC uint8 buffer viewed as NCHW, the layout stage 2 expects.
 Val: :class:`TimmEvalDecoder` — decode, then PIL's bicubic resize of the source box that timm's
 eval transform (resize the shorter side to ``floor(res / crop_pct)``, centre-crop ``res``) shows:
@@ -27,16 +28,19 @@ with no new Loader and no recompilation (the same trick as ffcv-imagenet's ``tra
 
 Buffer lifetime: FFCV reuses ``batches_ahead + 2`` output slots, so a yielded batch stays valid
 until a few later batches have been produced; consume it (or ``.clone()``) before keeping it.
-Random crops/flips use numba's per-thread generators, which FFCV does not let us seed: crops are
-random per run, not reproducible (the index order is).
+Random crops, filters and flips are drawn from a counter-based generator keyed by (seed, epoch,
+rank, image, place in the batch) (``pipelines/counter_rng.py``), not from numba's per-thread
+generators that FFCV does not let us seed: an FFCV run is the same for any thread count, and a
+resumed one repeats the uninterrupted run's crops.
 """
 from __future__ import annotations
 
 import math
-
+import os
 from pathlib import Path
 from typing import Iterator
 
+import numba
 import numpy as np
 import torch
 
@@ -50,12 +54,28 @@ try:
     from ffcv.loader import Loader
     from ffcv.pipeline.compiler import Compiler
     from ffcv.traversal_order.base import TraversalOrder
-    from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 except ImportError as e:  # pipelines/build.py turns this into the one-line "what to install" message
     raise MissingBackendError(f"FFCV is not importable ({e}): pip install -e '.[ffcv]' "
                               "(needs libturbojpeg and OpenCV dev packages), or set data.pipeline=reference") from None
 
-from pipelines import pil_resize
+from pipelines import counter_rng, pil_resize
+
+
+def _set_decode_threads(cls, n: int) -> None:
+    """FFCV's ``Compiler.set_num_threads`` (ffcv/pipeline/compiler.py), which ``Loader`` calls at
+    construction and its decoding thread at every epoch, without its ``torch.set_num_threads(n)``:
+    that line set torch's intra-op threads, the training step's, to ``data.workers``, so a change of
+    decoding threads changed the step's CPU reductions and the weights. Numba's count (the decode's
+    threads) is set as FFCV sets it; torch's stays what the user or ``OMP_NUM_THREADS`` chose."""
+    if n < 1:
+        n = os.cpu_count() or 1
+    cls.num_threads = n
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+Compiler.set_num_threads = classmethod(_set_decode_threads)
 from pipelines._stage1_common import (INTERPOLATION_CODES, EpochPlan, check_eval_interpolation, check_interpolation,
                                       read_split, require_file, resolve_device)
 
@@ -94,24 +114,25 @@ class TimmEvalDecoder(ResizedCropRGBImageDecoder):
         resample = pil_resize.resample_into
         res, short_side, cubic = self.res, self.short_side, self.cubic
 
-        def place(image, out):
+        def place(image, my_storage, k, sample):
             x0, y0, x1, y1 = box_of(image.shape[0], image.shape[1], res, short_side)
-            resample(image, x0, y0, x1, y1, out, False, cubic)
+            resample(image, x0, y0, x1, y1, my_storage[0][k], False, cubic)
 
         return _decode_each(self, Compiler.compile(place))
 
 
 def _decode_each(decoder, place):
-    """FFCV's per-batch decode loop (read, JPEG decode or raw pixels) with ``place(image, out)``,
-    a compiled function, writing each decoded image into its output slot: the one part in which
-    this module's decoders differ."""
+    """FFCV's per-batch decode loop (read, JPEG decode or raw pixels) with ``place(image,
+    my_storage, k, sample)``, a compiled function, writing the decoded image of ``sample`` (its
+    dataset index) into slot ``k`` of the output ``my_storage[0]``: the one part in which this
+    module's decoders differ."""
     read = decoder.memory_read
     loop = Compiler.get_iterator()
     decode_jpeg = Compiler.compile(imdecode)
     jpg = IMAGE_MODES["jpg"]
 
     def decode(batch_indices, my_storage, metadata, storage_state):
-        out, scratch = my_storage
+        out, scratch = my_storage[0], my_storage[1]
         for k in loop(len(batch_indices)):
             field = metadata[batch_indices[k]]
             data = read(field["data_ptr"], storage_state)
@@ -121,7 +142,7 @@ def _decode_each(decoder, place):
                 image = scratch[k].reshape(-1)[:3 * h * w].reshape(h, w, 3)
             else:
                 image = data.reshape(h, w, 3)
-            place(image, out[k])
+            place(image, my_storage, k, batch_indices[k])
         return out[:len(batch_indices)]
 
     decode.is_parallel = True
@@ -129,28 +150,60 @@ def _decode_each(decoder, place):
 
 
 class PILRandomResizedCropDecoder(RandomResizedCropRGBImageDecoder):
-    """FFCV's random-resized-crop decoder (its box sampling: ``scale``/``ratio``, 10 attempts,
-    centre fallback) with the crop resized by PIL's filters (``pipelines/pil_resize.py``) instead of
-    OpenCV INTER_AREA: timm's train interpolation, ``random`` by default (bilinear or bicubic per
-    image, as ``RandomResizedCropAndInterpolation``), or always ``bilinear`` / ``bicubic``. PIL's
-    bilinear is ~3x cheaper than FFCV's resize on CPU (benchmarks/results/pipelines_cpu.md). Same
-    memory declaration as FFCV's decoder; only the per-image code differs."""
+    """Decode, random-resized-crop and flip, with every random number drawn from a counter-based
+    generator (``pipelines/counter_rng.py``) keyed by (seed, epoch, rank) and the image's index and
+    place in the batch, instead of numba's unseeded per-thread generators that FFCV's own decoder
+    and ``RandomHorizontalFlip`` use: the crops of a run are the same for any thread count and after
+    a resume, as the reference and DALI backends' are.
 
-    def __init__(self, output_size, scale, ratio, interpolation: str = "random"):
+    The box follows torchvision's sampler (``scale``/``ratio``, 10 attempts, centre fallback, as
+    timm's ``RandomResizedCropAndInterpolation``); the crop is resized with PIL's filters
+    (``pipelines/pil_resize.py``) instead of OpenCV INTER_AREA, with timm's train interpolation:
+    ``random`` by default (bilinear or bicubic per image), or always ``bilinear`` / ``bicubic``; and
+    mirrored with probability ``hflip`` in the same pass. PIL's bilinear is ~3x cheaper than FFCV's
+    resize on CPU (benchmarks/results/pipelines_cpu.md).
+
+    The epoch's key reaches the compiled code through a third memory buffer of FFCV's: FFCV
+    allocates its buffers again at the start of every epoch (``EpochIterator`` ->
+    ``Graph.allocate_memory``), and :meth:`key_buffers` fills this one there."""
+
+    def __init__(self, output_size, scale, ratio, interpolation: str = "random", hflip: float = 0.5):
         super().__init__(output_size, scale=scale, ratio=ratio)
-        self.interpolation = interpolation
+        self.interpolation, self.hflip = interpolation, hflip
+
+    def declare_state_and_memory(self, previous_state):
+        state, (out, scratch) = super().declare_state_and_memory(previous_state)
+        return state, (out, scratch, AllocationQuery((1,), np.dtype("<u8")))
 
     def generate_code(self):
-        crop_box = Compiler.compile(self.get_crop_generator)
-        resize, pick_cubic = pil_resize.resize_into, pil_resize.pick_cubic
-        scale, ratio = np.array(self.scale), np.array(self.ratio)
-        mode = INTERPOLATION_CODES[self.interpolation]
+        crop_box, uniform = counter_rng.random_resized_crop, counter_rng.uniform
+        resize = pil_resize.resize_into
+        scale, ratio = np.array(self.scale, np.float64), np.array(self.ratio, np.float64)
+        mode, hflip = INTERPOLATION_CODES[self.interpolation], float(self.hflip)
+        draw_cubic, draw_flip = counter_rng.DRAW_CUBIC, counter_rng.DRAW_FLIP
 
-        def place(image, out):
-            top, left, ch, cw = crop_box(np.uint32(image.shape[0]), np.uint32(image.shape[1]), scale, ratio)
-            resize(np.ascontiguousarray(image[top:top + ch, left:left + cw]), out, False, pick_cubic(mode))
+        def place(image, my_storage, k, sample):
+            key = my_storage[2][k, 0]
+            top, left, ch, cw = crop_box(image.shape[0], image.shape[1], scale, ratio, key, sample, k)
+            cubic = mode == 1 or (mode == 2 and uniform(key, sample, k, draw_cubic) < 0.5)
+            flip = hflip > 0 and uniform(key, sample, k, draw_flip) < hflip
+            resize(np.ascontiguousarray(image[top:top + ch, left:left + cw]), my_storage[0][k], flip, cubic)
 
         return _decode_each(self, Compiler.compile(place))
+
+    def key_buffers(self, loader: "Loader", key_of_epoch) -> None:
+        """Make ``loader`` fill this decoder's key buffer with ``key_of_epoch()`` each time FFCV
+        allocates the epoch's memory (before its decoding thread starts)."""
+        graph = loader.graph
+        node_id = graph.operation_to_node[self][0].id
+        allocate = graph.allocate_memory
+
+        def allocate_and_key(batch_size, batches_ahead):
+            buffers = allocate(batch_size, batches_ahead)
+            buffers["operation"][node_id][2][...] = key_of_epoch()
+            return buffers
+
+        graph.allocate_memory = allocate_and_key
 
 
 class SamplerOrder(TraversalOrder):
@@ -212,10 +265,11 @@ class FFCVPipeline:
         self.crop_pct = crop_pct
         self.plan = EpochPlan(self.num_samples, train=self.train, batch_size=batch_size, rank=rank,
                               world_size=world_size, seed=seed, repeats=repeats)
+        self.seed, self.rank = seed, rank
         if self.train:
             self.decoder = PILRandomResizedCropDecoder((res, res), scale=tuple(scale), ratio=tuple(ratio),
-                                                       interpolation=interpolation)
-            image_ops = [self.decoder] + ([RandomHorizontalFlip(hflip)] if hflip > 0 else [])
+                                                       interpolation=interpolation, hflip=hflip)
+            image_ops = [self.decoder]
         else:
             self.decoder = TimmEvalDecoder(res, crop_pct, cubic=check_eval_interpolation(eval_interpolation))
             image_ops = [self.decoder]
@@ -237,9 +291,15 @@ class FFCVPipeline:
                              order=self._order, os_cache=os_cache, drop_last=self.train, seed=seed,
                              batches_ahead=batches_ahead,
                              pipelines={image_field: image_ops, label_field: label_ops})
+        if self.train:
+            self.decoder.key_buffers(self.loader, self.epoch_key)
         if self.loader.reader.num_samples != self.num_samples:
                 raise DataError(f"{self.beton} holds {self.loader.reader.num_samples} images but manifest.json says "
                             f"{self.num_samples}; re-run the converter")
+
+    def epoch_key(self) -> np.uint64:
+        """The counter-based generator's key for this rank's current epoch (its crops and flips)."""
+        return counter_rng.stream_key(self.seed, self.plan.epoch, self.rank)
 
     def set_epoch(self, epoch: int, res: int | None = None, start_batch: int = 0) -> None:
         """Reseed the order for ``epoch``, skip ``start_batch`` batches (indices only), and switch the

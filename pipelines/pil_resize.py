@@ -166,13 +166,6 @@ if AVAILABLE:
         """All of ``src`` resized into ``out`` with Pillow's BILINEAR filter, optionally mirrored."""
         _resize_whole(src, out, flip, False)
 
-    @_jit
-    def pick_cubic(mode):
-        """timm's train interpolation per image: ``mode`` 0 bilinear, 1 bicubic, 2 random (either,
-        with probability 1/2, as ``RandomResizedCropAndInterpolation(interpolation='random')``).
-        numba's generator: per thread, seeded by the caller's thread (FFCV's threads are not)."""
-        return mode == 1 or (mode == 2 and np.random.random() < 0.5)
-
     @njit(nogil=True, cache=True, error_model="numpy", parallel=True)
     def _resize_batch(flat, offsets, heights, widths, flips, cubics, out):
         for i in prange(out.shape[0]):
