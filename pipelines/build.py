@@ -80,11 +80,14 @@ def build_val_pipeline(data: DataConfig, ev: EvalConfig, *, rank: int, world_siz
 def build_stage2(data: DataConfig, aug: AugmentConfig, *, train: bool, label_smoothing: float = 0.0,
                  channels_last: bool = True, seed: int = 0):
     """Stage 2 for the recipe: augmentation (train) and normalization with ``data.mean``/``data.std``,
-    the same for every backend and for evaluation (the engine, evaluate, Grad-CAM, the profiler)."""
+    the same for every backend and for evaluation (the engine, evaluate, Grad-CAM, the profiler).
+    RandAugment's geometric ops resample with ``augment.train_interpolation`` as timm's
+    ``create_transform`` passes it to ``rand_augment_transform`` (a fixed filter when one is set;
+    ``random``: bilinear or bicubic per op call, timm's RandAugment default)."""
     from pipelines.augment import Stage2
 
     return Stage2(aug, data.num_classes, label_smoothing if train else 0.0, train=train, channels_last=channels_last,
-                  seed=seed, mean=tuple(data.mean), std=tuple(data.std))
+                  seed=seed, mean=tuple(data.mean), std=tuple(data.std), interpolation=aug.train_interpolation)
 
 
 def check_num_classes(data: DataConfig, pipeline) -> None:

@@ -110,3 +110,33 @@ def test_random_erasing_optional(batch):
 def test_bad_rand_augment_string_fails_at_construction():
     with pytest.raises(ValueError):
         Stage2(AugmentConfig(rand_augment="rand-q7"), 5, 0.0, train=True)
+
+
+@pytest.mark.parametrize("interpolation", ["random", "bilinear", "bicubic"])
+def test_rand_augment_resamples_with_the_train_interpolation_as_timm(interpolation):
+    """timm's create_transform hands a fixed ``--train-interpolation`` to RandAugment's geometric ops
+    (``hparams['interpolation']``) and leaves ``random`` to RandAugment's own random filter; the
+    recipe's ``augment.train_interpolation`` reaches our policy the same way."""
+    import timm.data
+    from PIL import Image
+
+    from common.config import DataConfig
+    from pipelines.build import build_stage2
+
+    aug = dataclasses.replace(A3, train_interpolation=interpolation)
+    ours = build_stage2(DataConfig(num_classes=5), aug, train=True).policy.interpolation
+    t = timm.data.create_transform(32, is_training=True, auto_augment=A3.rand_augment, interpolation=interpolation)
+    (ra,) = [tr for tr in t.transforms if type(tr).__name__ == "RandAugment"]
+    theirs = ra.ops[0].hparams.get("interpolation")
+    names = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic", None: "random"}
+    assert ours == names[theirs] == interpolation
+
+
+def test_random_erasing_keeps_the_channels_last_layout(batch):
+    """Stage 2's output is channels_last (the step's fast path) with random erasing on too."""
+    aug = dataclasses.replace(A3, random_erasing=1.0, mixup_alpha=0.0, cutmix_alpha=0.0)
+    out, _ = Stage2(aug, 5, 0.0, train=True, channels_last=True, seed=0)(batch)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    erased = (out != Stage2(dataclasses.replace(aug, random_erasing=0.0), 5, 0.0, train=True, channels_last=True,
+                            seed=0)(batch)[0])
+    assert erased.any()

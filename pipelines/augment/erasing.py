@@ -52,5 +52,7 @@ def random_erasing(x: torch.Tensor, prob: float, generator: torch.Generator) -> 
               (xs >= b[:, 2, None, None]) & (xs < b[:, 3, None, None])).unsqueeze(1)
     noise_gen = torch.Generator(device=x.device)
     noise_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-    noise = torch.randn(x.shape, generator=noise_gen, device=x.device, dtype=x.dtype)
+    # drawn in the batch's own memory layout (channels_last in training), so the result keeps it:
+    # torch.where takes its output layout from its operands, and an NCHW noise tensor made it NCHW
+    noise = torch.empty_like(x).normal_(generator=noise_gen)
     return torch.where(inside, noise, x)
