@@ -163,7 +163,8 @@ class CheckpointConfig:
 
     every_epochs: int = key(1, "epochs between end-of-epoch checkpoints")
     every_minutes: float = key(30.0, "also save mid-epoch at a log point this often; 0 = only at epoch ends")
-    keep_last: int = key(2, "end-of-epoch checkpoints to keep (older ones are removed)")
+    keep_last: int = key(2, "end-of-epoch checkpoints to keep, and as many mid-epoch/interrupted ones (older ones "
+                            "are removed; the newest checkpoint that passed its loss check is always kept)")
     keep_best: bool = key(True, "also write the weights of the best validation top-1 as best.safetensors")
     export_safetensors: bool = key(True, "write the final weights (the EMA's when kept) as model.safetensors for timm")
 

@@ -19,7 +19,8 @@ checks before saving) and is ``confirmed`` once a later loss check (the next log
 evaluation of those weights) has passed. When a run stops on a NaN/Inf or diverging loss, the
 checkpoints not yet confirmed are set aside (``reject``: renamed ``*.pt.rejected``), so
 ``--resume auto`` (``newest_usable``) continues from the last good one. ``prune`` keeps the newest
-``keep_last`` and, beside them, the newest confirmed checkpoint.
+``keep_last`` end-of-epoch checkpoints, as many of the others (mid-epoch, interrupted) and the
+newest confirmed one.
 """
 from __future__ import annotations
 
@@ -304,9 +305,20 @@ def reject(folder: Path) -> list[Path]:
 
 
 def prune(folder: Path, keep_last: int) -> None:
-    """Remove all but the newest ``keep_last`` checkpoints and the newest confirmed one."""
+    """Keep the newest ``keep_last`` end-of-epoch checkpoints (tag ``epoch`` in their record; one
+    without a record counts as one), the newest ``keep_last`` of the others (mid-epoch, interrupted:
+    the resume points between epochs) and the newest confirmed checkpoint; remove the rest. Mid-epoch
+    checkpoints every few minutes therefore never push the last epochs out, as
+    ``checkpoint.keep_last`` promises (timm's ``--checkpoint-hist`` counts epochs too)."""
     ckpts = list_checkpoints(folder)
-    keep = set(ckpts[len(ckpts) - keep_last:]) if keep_last > 0 else set()
+    epochs, others = [], []
+    for path in ckpts:
+        try:
+            tag = (read_record(path) or {}).get("tag", "epoch")
+        except UnreadableCheckpoint:
+            tag = "epoch"
+        (epochs if tag == "epoch" else others).append(path)
+    keep = set(epochs[len(epochs) - keep_last:] + others[len(others) - keep_last:]) if keep_last > 0 else set()
     confirmed = last_confirmed(folder)
     if confirmed is not None:
         keep.add(confirmed)

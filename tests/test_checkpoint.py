@@ -1,10 +1,12 @@
 """Checkpoint files: atomic replace, weights_only loading, damaged-file skipping, pruning, RNG round trip."""
 import random
+from dataclasses import fields
 
 import numpy as np
 import pytest
 import torch
 
+from common.config import CheckpointConfig
 from engine import checkpoint as ckpt
 
 
@@ -41,6 +43,22 @@ def test_prune_keeps_last_k_by_step(tmp_path):
         ckpt.atomic_save({}, tmp_path / ckpt.checkpoint_name(step // 100, step))
     ckpt.prune(tmp_path, 2)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [ckpt.checkpoint_name(5, 500), ckpt.checkpoint_name(50, 5000)]
+
+
+def test_prune_counts_end_of_epoch_checkpoints_as_keep_last_says(tmp_path):
+    """Mid-epoch checkpoints (every few minutes) do not push the last epochs out: keep_last=2 keeps
+    the two newest end-of-epoch checkpoints, the two newest of the others (mid-epoch, interrupted)
+    and the newest confirmed one."""
+    plan = [(1, "mid-epoch"), (2, "epoch"), (3, "mid-epoch"), (4, "epoch"), (5, "mid-epoch"), (6, "epoch"),
+            (7, "mid-epoch"), (8, "mid-epoch"), (9, "interrupted")]
+    for step, tag in plan:
+        ckpt.atomic_save({}, tmp_path / ckpt.checkpoint_name(0, step), {"tag": tag, "step": step,
+                                                                         "confirmed": step == 1})
+        ckpt.prune(tmp_path, 2)
+    kept = [int(p.name.split("-s")[1][:9]) for p in ckpt.list_checkpoints(tmp_path)]
+    assert kept == [1, 4, 6, 8, 9], kept
+    help_text = {f.name: f.metadata["help"] for f in fields(CheckpointConfig)}["keep_last"]
+    assert "end-of-epoch checkpoints to keep" in help_text and "mid-epoch" in help_text
 
 
 def test_rng_state_round_trip_through_weights_only_file(tmp_path):
