@@ -33,8 +33,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class NonFiniteLossError(RuntimeError):
-    """Loss became NaN/Inf outside fp16 loss scaling, or its mean passed ``train.loss_limit``, or
-    the weights are no longer finite; the run stops and the last good checkpoint stays."""
+    """Loss became NaN/Inf (or, with fp16, every loss of a window, or the loss scale collapsed), or its
+    mean passed ``train.loss_limit``, or the weights are no longer finite; the run stops and the last
+    good checkpoint stays. Raised only from values reduced over ranks, so under DDP every rank
+    raises it at the same step (``engine.failures``: printed once, by rank 0)."""
 
     def __init__(self, message: str, step: int | None = None):
         super().__init__(message)
@@ -83,8 +85,9 @@ class EpochProgress:
     epoch: int = 0
     batch: int = 0  # micro-batches consumed in this epoch
     step: int = 0  # global optimizer steps done
-    window_loss: float = 0.0  # loss summed since the last log point (micro-batch means)
-    window_count: int = 0
+    window_loss: float = 0.0  # finite losses summed since the last log point (micro-batch means)
+    window_count: int = 0  # micro-batches since the last log point
+    window_nonfinite: int = 0  # of which with a NaN/Inf loss (fp16 only: other precisions stop at once)
     skipped_images: int = 0  # unreadable images stage 1 replaced so far (Batch.skipped), this run
     epoch_time_s: float = 0.0  # this epoch's training wall time so far (over resumes; eval not included)
     epoch_wait_s: float = 0.0  # of which waiting for stage 1
@@ -102,19 +105,41 @@ def autocast(ctx: StepContext):
     return torch.autocast(device_type=ctx.device.type, dtype=DTYPES[ctx.precision])
 
 
+# fp16's dynamic loss scale halves at every step whose gradients overflow; below this floor every
+# step is being skipped and the run has diverged (fairseq's ``--min-loss-scale`` default, 1e-4:
+# ``fairseq/optim/dynamic_loss_scaler.py`` raises "Minimum loss scale reached" there).
+MIN_LOSS_SCALE = 1e-4
+
+
+@dataclass
+class WindowReading:
+    """What a log point reads of the loss window, over all ranks."""
+
+    mean: float  # mean of the finite micro-batch losses; NaN when none was finite
+    count: int  # micro-batches
+    images: int
+    first_bad: int | None  # first step with a non-finite loss (bf16/fp32 only), or None
+    nonfinite: int  # micro-batches whose loss was NaN/Inf
+    scale: float | None = None  # fp16: GradScaler's loss scale now
+
+
 class LossWindow:
     """Loss sum, non-finite count and the first non-finite step since the last log point, kept on
     the device.
 
     ``add`` queues a few tiny kernels and reads nothing; ``read`` is the one deliberate sync (all
     ranks' sums, the earliest bad step on any rank). With fp16, GradScaler skips the steps whose
-    loss overflowed, so non-finite losses are left out of the mean (and counted) instead of
-    stopping the run (``check_finite=False``)."""
+    gradients overflowed, so a non-finite loss is counted and left out of the mean instead of
+    stopping the run at once (``check_finite=False``); :func:`_check` then stops a window in which
+    no loss was finite, or whose loss scale collapsed below :data:`MIN_LOSS_SCALE`."""
 
-    def __init__(self, device: torch.device, start_loss: float, start_count: int, check_finite: bool):
+    def __init__(self, device: torch.device, start_loss: float, start_count: int, start_nonfinite: int,
+                 check_finite: bool, scaler: torch.amp.GradScaler | None = None):
         self.device, self.check_finite = device, check_finite
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.acc = torch.zeros(3, dtype=torch.float64, device=device)  # [finite loss sum, non-finite, first bad]
-        self.acc[0] += start_loss  # a Python scalar: no host-to-device copy
+        self.acc[0] += start_loss  # Python scalars: no host-to-device copy
+        self.acc[1] += start_nonfinite
         self.acc[2] = math.inf
         self.count = start_count  # micro-batches, a host number
         self.images = 0
@@ -129,8 +154,8 @@ class LossWindow:
         self.count += 1
         self.images += images
 
-    def read(self) -> tuple[float, int, int, int | None]:
-        """(mean loss, micro-batches, images, first non-finite step or None) over all ranks; resets."""
+    def read(self) -> WindowReading:
+        """The window over all ranks (a collective: every rank calls it at the same step); resets."""
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         sums[0:2] = self.acc[0:2]
         sums[2], sums[3] = self.count, self.images  # scalar fills: no host-to-device copy
@@ -138,15 +163,20 @@ class LossWindow:
         bad = all_reduce_min(self.acc[2:3].clone())
         # Deliberate sync: once per log point, the end of an epoch or a stop.
         loss_sum, nonfinite, count, images, first_bad = torch.cat([sums, bad]).tolist()
+        # fp16 only, at a log point: GradScaler's scale (the same on every rank: DDP's averaged
+        # gradients overflow on all ranks alike); one more read, where the step already syncs.
+        scale = self.scaler.get_scale() if self.scaler is not None else None
         self.reset()
-        mean = loss_sum / max(count - nonfinite, 1.0) if count > nonfinite else math.nan
-        return mean, int(count), int(images), (None if math.isinf(first_bad) else int(first_bad))
+        mean = loss_sum / (count - nonfinite) if count > nonfinite else math.nan
+        return WindowReading(mean, int(count), int(images), None if math.isinf(first_bad) else int(first_bad),
+                             int(nonfinite), scale)
 
-    def read_local(self) -> tuple[float, int, int | None]:
-        """This rank's (finite loss sum, micro-batches, first non-finite step) as they stand, for a
-        checkpoint written between log points (no collective). A sync, at a stop only."""
-        loss_sum, _, first_bad = self.acc.tolist()
-        return loss_sum, self.count, (None if math.isinf(first_bad) else int(first_bad))
+    def read_local(self) -> tuple[float, int, int, int, int | None]:
+        """This rank's (finite loss sum, micro-batches, non-finite micro-batches, images, first
+        non-finite step) as they stand, for a checkpoint written between log points (the sums stay
+        per rank). A sync, at a stop or the end of an epoch only."""
+        loss_sum, nonfinite, first_bad = self.acc.tolist()
+        return loss_sum, self.count, int(nonfinite), self.images, (None if math.isinf(first_bad) else int(first_bad))
 
     def reset(self) -> None:
         self.acc.zero_()
@@ -154,12 +184,21 @@ class LossWindow:
         self.count, self.images = 0, 0
 
 
-def _check(mean: float, first_bad: int | None, ctx: StepContext, prog: "EpochProgress", loss_limit: float) -> None:
-    if first_bad is not None:
-        raise NonFiniteLossError(f"loss is NaN/Inf at step {first_bad} (epoch {prog.epoch}); "
-                                 f"{advice(ctx.precision)}", step=first_bad)
-    if loss_limit > 0 and mean > loss_limit:
-        raise NonFiniteLossError(f"mean loss {mean:.3g} up to step {prog.step} (epoch {prog.epoch}) is above "
+def _check(r: WindowReading, ctx: StepContext, prog: "EpochProgress", loss_limit: float) -> None:
+    """Stops a diverging run (the same verdict on every rank: ``r`` is reduced over ranks)."""
+    if r.first_bad is not None:
+        raise NonFiniteLossError(f"loss is NaN/Inf at step {r.first_bad} (epoch {prog.epoch}); "
+                                 f"{advice(ctx.precision)}", step=r.first_bad)
+    if r.count and r.nonfinite == r.count:
+        raise NonFiniteLossError(f"every loss of the {r.count} micro-batches up to step {prog.step} (epoch {prog.epoch}) "
+                                 f"is NaN/Inf, also under fp16 loss scaling: the run is diverging; "
+                                 f"{advice(ctx.precision)}", step=prog.step)
+    if r.scale is not None and r.scale < MIN_LOSS_SCALE:
+        raise NonFiniteLossError(f"the fp16 loss scale collapsed to {r.scale:.3g} (below {MIN_LOSS_SCALE:g}) by step "
+                                 f"{prog.step} (epoch {prog.epoch}): gradients overflow at every step, so every "
+                                 f"step is skipped; {advice(ctx.precision)}", step=prog.step)
+    if loss_limit > 0 and r.mean > loss_limit:
+        raise NonFiniteLossError(f"mean loss {r.mean:.3g} up to step {prog.step} (epoch {prog.epoch}) is above "
                                  f"train.loss_limit={loss_limit:g}: the run is diverging; {advice(ctx.precision)}",
                                  step=prog.step)
 
@@ -184,14 +223,14 @@ def train_one_epoch(ctx: StepContext, pipeline, stage2, prog: EpochProgress, *, 
     Stops early when ``stop.requested`` is set (``stop``: any object with that attribute; pass
     None under DDP, where ranks agree on stopping at log points) or at ``max_steps``: the window is
     then read into ``prog`` (so a checkpoint written now resumes the running sums exactly) and the
-    last record carries ``"stopped"``. ``prog.window_loss``/``window_count`` are up to date at every
-    yield. Micro-batches beyond the last full accumulation group are not used. Raises
+    last record carries ``"stopped"``. ``prog.window_*`` are up to date at every yield. Micro-batches beyond the last full accumulation group are not used. Raises
     :class:`NonFiniteLossError` at the log point that finds a NaN/Inf loss or a mean above
     ``loss_limit`` (0 = no limit).
     """
     ctx.model.train()
     usable = steps_per_epoch * ctx.accum_steps
-    window = LossWindow(ctx.device, prog.window_loss, prog.window_count, check_finite=ctx.precision != "fp16")
+    window = LossWindow(ctx.device, prog.window_loss, prog.window_count, prog.window_nonfinite,
+                        check_finite=ctx.precision != "fp16", scaler=ctx.scaler)
     window_start = time.perf_counter()
     window_wait = 0.0
     it = iter(pipeline)
@@ -226,15 +265,16 @@ def train_one_epoch(ctx: StepContext, pipeline, stage2, prog: EpochProgress, *, 
         step_in_epoch = prog.batch // ctx.accum_steps
         epoch_done = prog.batch >= usable
         if step_in_epoch % log_every == 0 or epoch_done:
-            mean, count, world_images, first_bad = window.read()
-            _check(mean, first_bad, ctx, prog, loss_limit)
+            reading = window.read()
+            _check(reading, ctx, prog, loss_limit)
+            world_images = reading.images
             elapsed = time.perf_counter() - window_start
             prog.epoch_time_s += elapsed
             prog.epoch_wait_s += window_wait
             prog.epoch_images += world_images
             record = {"epoch": prog.epoch, "step": prog.step, "batch": step_in_epoch,
                       "lr": ctx.optimizer.param_groups[0]["lr"],
-                      "train_loss": mean, "images_per_s": world_images / max(elapsed, 1e-9),
+                      "train_loss": reading.mean, "images_per_s": world_images / max(elapsed, 1e-9),
                       "data_wait_frac": min(1.0, window_wait / max(elapsed, 1e-9)),
                       "skipped_images": prog.skipped_images}
             if epoch_done:
@@ -243,15 +283,15 @@ def train_one_epoch(ctx: StepContext, pipeline, stage2, prog: EpochProgress, *, 
                               epoch_data_wait_frac=min(1.0, prog.epoch_wait_s / max(prog.epoch_time_s, 1e-9)))
             window_wait = 0.0
             window_start = time.perf_counter()
-            prog.window_loss, prog.window_count = 0.0, 0
+            prog.window_loss, prog.window_count, prog.window_nonfinite = 0.0, 0, 0
             yield record if stopping is None else {**record, "stopped": stopping}
         elif stopping is not None:
-            _keep_window(window, ctx, prog)
-            # the time and images since the last log point still belong to this epoch (a stop between
-            # log points happens without DDP only, so this rank's images are all the images)
+            # A stop between log points: a lone process's stop request, or max_steps, which every
+            # rank reaches at the same step. The time and images since the last log point still
+            # belong to this epoch.
+            prog.epoch_images += _keep_window(window, ctx, prog)
             prog.epoch_time_s += time.perf_counter() - window_start
             prog.epoch_wait_s += window_wait
-            prog.epoch_images += window.images
             yield {"epoch": prog.epoch, "step": prog.step, "stopped": stopping}
         if stopping is not None:
             return
@@ -260,12 +300,24 @@ def train_one_epoch(ctx: StepContext, pipeline, stage2, prog: EpochProgress, *, 
     _keep_window(window, ctx, prog)
 
 
-def _keep_window(window: LossWindow, ctx: StepContext, prog: EpochProgress) -> None:
+def _keep_window(window: LossWindow, ctx: StepContext, prog: EpochProgress) -> int:
     """This rank's loss sums since the last log point into ``prog`` (a checkpoint written now
-    resumes them exactly), after checking them for a non-finite loss."""
-    loss_sum, count, first_bad = window.read_local()
-    _check(0.0, first_bad, ctx, prog, 0.0)
-    prog.window_loss, prog.window_count = loss_sum, count
+    resumes them exactly, per rank), after checking them for a non-finite loss; returns the images
+    of the window on all ranks. Under DDP every rank calls it at the same step (a stop at
+    ``max_steps``, the end of an epoch), so the first bad step and the images are agreed with two
+    small collectives and every rank reaches the same verdict. The fp16 rules wait for the next log
+    point, which reads these sums again: a partial window is too short to judge."""
+    loss_sum, count, nonfinite, images, first_bad = window.read_local()
+    if ctx.is_ddp:
+        bad = all_reduce_min(torch.tensor([math.inf if first_bad is None else float(first_bad)], dtype=torch.float64,
+                                          device=ctx.device))
+        total = all_reduce_sum(torch.tensor([float(images)], dtype=torch.float64, device=ctx.device))
+        # deliberate sync: at a stop or the end of an epoch only
+        first_bad = None if math.isinf(bad.item()) else int(bad.item())
+        images = int(total.item())
+    _check(WindowReading(0.0, count, images, first_bad, 0), ctx, prog, 0.0)
+    prog.window_loss, prog.window_count, prog.window_nonfinite = loss_sum, count, nonfinite
+    return images
 
 
 def _optimizer_step(ctx: StepContext) -> None:
