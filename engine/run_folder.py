@@ -3,17 +3,19 @@
 The file-level guarantees (atomic writes, checksums, weights_only loads) are ``engine.checkpoint``'s;
 this module holds the run's policy:
 
-* **Start.** Temporary files of a killed save are removed. A folder that already holds checkpoints
-  is continued only with ``--resume auto`` (or a path); ``--resume fresh`` moves the old run's files
-  into ``previous-<time>/`` and starts over. Without either, the run stops with one line rather than
-  mixing two runs' checkpoints (pruning by step number would delete the new ones).
+* **Start.** Temporary files of a killed save are removed. A folder that already holds a run's
+  checkpoints or output (records in ``metrics.jsonl``, exports) is continued only with ``--resume
+  auto`` (or a path); ``--resume fresh`` moves the old run's files into ``previous-<time>/`` and
+  starts over. Without either, the run stops with one line rather than mixing two runs'
+  checkpoints (pruning by step number would delete the new ones) or overwriting a finished run's
+  records and exports.
 * **Save** (every rank, same step). Weights and optimizer state must be finite, or nothing is
   written. BatchNorm running statistics are averaged over ranks into the checkpoint (timm's
   ``--dist-bn reduce``) while each rank keeps, and stores per rank, its own: a resumed run then
   continues exactly as an uninterrupted one, whose ranks never averaged at that step.
-* **Confirm / reject.** A checkpoint is confirmed when the next loss check passes; when a check
-  fails, the checkpoints written since the last confirmed one are set aside (see
-  ``engine.checkpoint``).
+* **Confirm / reject.** A checkpoint is confirmed (in its sidecar record) when the next loss check
+  passes, also the one a run resumed from; when a check fails, the checkpoints written since the
+  last confirmed one are set aside (see ``engine.checkpoint``).
 * **Resume.** ``auto``: the newest usable checkpoint; if the folder holds checkpoints and none can be
   used, one line listing them (never a silent fresh start). A path: that file, or one line saying
   why not.
@@ -21,6 +23,7 @@ this module holds the run's policy:
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -44,6 +47,11 @@ def prepare(out: Path, resume: str | None, d: DistInfo, log=print) -> None:
     if existing and resume is None:
         raise ConfigError(f"{out} already holds checkpoints (newest {existing[-1].name}); continue them with "
                           f"--resume auto, or start over with --resume fresh (moves them into {out}/previous-<time>/)")
+    outputs = run_outputs(out)
+    if outputs and resume is None:
+        raise ConfigError(f"{out} already holds a run's output ({', '.join(p.name for p in outputs)}); continue it "
+                          f"with --resume auto, start over with --resume fresh (moves them into "
+                          f"{out}/previous-<time>/), or choose another --out")
     barrier()  # every rank has looked before rank 0 moves anything
     if d.is_main:
         count, size = ckpt.clean_stale_temps(out)
@@ -54,6 +62,13 @@ def prepare(out: Path, resume: str | None, d: DistInfo, log=print) -> None:
             if moved:
                 log(f"--resume fresh: moved the previous run's files into {moved}")
     barrier()
+
+
+def run_outputs(out: Path) -> list[Path]:
+    """The files of an earlier run in ``out`` that a new run would overwrite (metrics with records,
+    exports); checkpoints are looked at separately."""
+    found = [out / name for name in RUN_FILES if (out / name).is_file()]
+    return [p for p in found if p.stat().st_size > 0]
 
 
 def _move_aside(out: Path) -> Path | None:
@@ -67,13 +82,17 @@ def _move_aside(out: Path) -> Path | None:
     return dest
 
 
-def all_finite(tensors: list[torch.Tensor]) -> bool:
-    """True when every float tensor is finite; one read from the device for all of them."""
-    floats = [t for t in tensors if t.is_floating_point() and t.numel()]
+def tensor_norms(tensors: list[torch.Tensor]) -> list[float]:
+    """The 2-norm of every floating tensor (NaN/Inf when it holds one); one read from the device."""
+    floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
     if not floats:
-        return True
-    norms = torch.stack([n.float() for n in torch._foreach_norm(floats)])
-    return bool(torch.isfinite(norms).all())  # deliberate sync: once per checkpoint
+        return []
+    return torch.stack([n.double() for n in torch._foreach_norm(floats)]).tolist()  # deliberate sync: per checkpoint
+
+
+class RanksDisagreeError(RuntimeError):
+    """Ranks that must hold the same weights do not (found at a checkpoint, from every rank's
+    fingerprint, so every rank raises it at the same step)."""
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -103,17 +122,12 @@ class Checkpointer:
 
     def save(self, prog: EpochProgress, best: dict, tag: str, *, confirmed: bool = False) -> Path | None:
         """Write a checkpoint of the state at ``prog``; returns its path on rank 0."""
-        tensors = [*self.model.parameters(), *self.model.buffers(), *_optimizer_tensors(self.optimizer)]
-        if self.ema is not None:
-            tensors += [*self.ema.module.parameters()]
-        if not all_finite(tensors):
-            raise NonFiniteLossError(f"weights or optimizer state are NaN/Inf at step {prog.step} (epoch {prog.epoch}); "
-                                     f"no checkpoint written; {advice(self.cfg.train.precision)}", step=prog.step)
+        self._check_ranks(prog)
         own = [b.detach().clone() for b in bn_running_stats(*self._modules())]
         reduce_bn_stats(*self._modules())  # the checkpoint holds the average over ranks ...
         per_rank = gather_objects({"stage1": random_state(self.stage1), "stage2": self.stage2.state_dict(),
                                    "rng": ckpt.rng_state(),
-                                   "window": [prog.window_loss, prog.window_count],
+                                   "window": [prog.window_loss, prog.window_count, prog.window_nonfinite],
                                    "bn": [b.cpu() for b in own] if self.d.enabled else None}, self.d)
         path = None
         try:
@@ -127,6 +141,33 @@ class Checkpointer:
         self.last_save = time.monotonic()
         return path
 
+    def _check_ranks(self, prog: EpochProgress) -> None:
+        """Nothing non-finite is written, and every rank holds the same weights: the parameters, the
+        EMA's and the optimizer state must be identical on every rank (DDP averages the gradients,
+        so every rank takes the same steps); their norms are compared bit for bit. BatchNorm
+        statistics are per rank (checked for finiteness only). One small gather of every rank's
+        verdict, so all ranks raise together (``engine.failures``: one line, from rank 0)."""
+        shared = [*self.model.parameters(), *_optimizer_tensors(self.optimizer)]
+        own = [*self.model.buffers()]
+        if self.ema is not None:
+            shared += [*self.ema.module.parameters()]
+            own += [*self.ema.module.buffers()]
+        norms = tensor_norms(shared + own)
+        fingerprint = norms[:len([t for t in shared if t.is_floating_point() and t.numel()])]
+        everyone = gather_objects({"finite": all(map(math.isfinite, norms)), "fingerprint": fingerprint}, self.d)
+        where = f"at step {prog.step} (epoch {prog.epoch}); no checkpoint written"
+        bad = [r for r, v in enumerate(everyone) if not v["finite"]]
+        if bad:
+            ranks = f" on rank {', '.join(map(str, bad))}" if self.d.enabled else ""
+            raise NonFiniteLossError(f"weights or optimizer state are NaN/Inf{ranks} {where}; "
+                                     f"{advice(self.cfg.train.precision)}", step=prog.step)
+        differ = [r for r, v in enumerate(everyone) if v["fingerprint"] != everyone[0]["fingerprint"]]
+        if differ:
+            raise RanksDisagreeError(f"rank {', '.join(map(str, differ))} of {self.d.world_size} holds other weights than "
+                                     f"rank 0 (model, EMA or optimizer state) {where}: every rank must hold the same "
+                                     f"model (a faulty GPU, or a bug: please report it); continue from the last "
+                                     f"checkpoint with --resume auto")
+
     def _write(self, prog: EpochProgress, best: dict, tag: str, per_rank: list, confirmed: bool) -> Path:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "ema": self.ema.module.state_dict() if self.ema else None,
@@ -138,6 +179,15 @@ class Checkpointer:
             self.pending.append(path)
         ckpt.prune(self.out, self.cfg.checkpoint.keep_last)
         return path
+
+    def await_check(self, path: Path) -> None:
+        """``path`` (the checkpoint this run resumed from) counts as good once the next loss check
+        passes, as if this process had written it: an ``interrupted`` checkpoint, or one written
+        just before a kill, was never checked by the run that wrote it. Its sidecar keeps the
+        verdict, so a later start knows it too."""
+        record = ckpt.read_record(path) or {}
+        if not record.get("confirmed") and path.parent.resolve() == self.out.resolve():
+            self.pending.append(path)
 
     def confirm_pending(self) -> None:
         """A loss check has passed since the pending checkpoints were written."""
@@ -190,6 +240,8 @@ def _load_into(state: dict, parts, stage1, stage2, prog: EpochProgress, best: di
     parts.scaler.load_state_dict(state["scaler"])
     if parts.ema is not None and state.get("ema") is not None:
         parts.ema.module.load_state_dict(state["ema"])
+    elif parts.ema is not None:  # an EMA the checkpoint did not keep starts from its weights, on every rank
+        parts.ema.set(parts.raw_model)
     for k, v in state["progress"].items():
         setattr(prog, k, v)
     best.update(state.get("best", {}))
@@ -203,6 +255,7 @@ def _load_into(state: dict, parts, stage1, stage2, prog: EpochProgress, best: di
     ckpt.set_rng_state(own["rng"])
     if "window" in own:  # this rank's loss sums since the last log point
         prog.window_loss, prog.window_count = float(own["window"][0]), int(own["window"][1])
+        prog.window_nonfinite = int(own["window"][2]) if len(own["window"]) > 2 else 0
     if own.get("bn") is not None:  # this rank's own BatchNorm statistics (the checkpoint holds the average)
         with torch.no_grad():
             for b, mine in zip(bn_running_stats(parts.raw_model, parts.ema.module if parts.ema else None), own["bn"]):

@@ -9,6 +9,7 @@ import hashlib
 import math
 import signal
 import sys
+import traceback
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -22,10 +23,13 @@ from engine import run_folder
 from common.config import Config, ConfigError, to_dict
 from pipelines.build import build_stage2, build_train_pipeline, build_val_pipeline, check_num_classes
 from engine.distributed import DistInfo, any_rank, barrier, cleanup, init_distributed, reduce_bn_stats
-from engine.logging import RunLogger, say_once
+from engine.failures import FailureBoard
+from engine.logging import RunLogger
 from engine.precision import resolve_precision
 from engine.progressive import regularization_scale, resolution_for_epoch
-from engine.trainer import EpochProgress, NonFiniteLossError, StepContext, build_step, evaluate, train_one_epoch
+from engine.optim import clear_grads
+from engine.trainer import (EpochProgress, NonFiniteLossError, StepContext, autocast, build_step, evaluate,
+                            train_one_epoch)
 from models.factory import UnknownModelError
 from pipelines.base import DataError, MissingBackendError
 
@@ -99,42 +103,54 @@ def seed_everything(seed: int) -> None:
 def train(cfg: Config, out: Path, resume: str | None = None, max_steps: int | None = None) -> int:
     """Train the recipe ``cfg`` into the run folder ``out``; returns the exit status: 0, 2 for a user
     error (one line: config, data, out of memory, full disk), 3 for a diverged run, 128 + signal
-    when stopped by SIGTERM/SIGINT (after an ``interrupted`` checkpoint)."""
+    when stopped by SIGTERM/SIGINT (after an ``interrupted`` checkpoint), 1 for a crash (its
+    traceback). Under DDP a failure on any rank ends every rank within seconds and its line is
+    printed once (``engine.failures``)."""
     d = init_distributed()
+    board = FailureBoard(d.rank, d.world_size, d.local_rank)
     existed = out.exists()
     try:
-        return _train(cfg, d, out, resume, max_steps)
-    except (ConfigError, DataError, MissingBackendError, UnknownModelError) as e:
-        _say(d, f"error: {e}")
-        return 2
-    except NonFiniteLossError as e:
-        _say(d, f"error: {e}; {run_folder.reject_after_failure(out)}" if d.is_main else "")
-        return 3
-    except torch.OutOfMemoryError:
-        per_device, _ = batch_composition(cfg.train.global_batch_size, d.world_size, cfg.train.per_device_batch_size)
-        _say(d, f"error: out of GPU memory at per-device batch {per_device}; set "
-                f"train.per_device_batch_size={max(1, per_device // 2)} (gradient accumulation keeps the global "
-                f"batch {cfg.train.global_batch_size})", every_rank=True)
-        return 2
-    except OSError as e:
-        if not ckpt.is_disk_full(e):
-            raise
-        detail = e.strerror if isinstance(e, ckpt.DiskFullError) else str(ckpt.disk_full(out, 0).strerror)
-        _say(d, f"error: {detail}; earlier checkpoints are intact, continue with --resume auto")
-        return 2
+        code = _train(cfg, d, out, resume, max_steps)
+        board.close()
+        barrier()  # every rank has stopped watching before rank 0 (the store's host under srun) ends
+        return code
+    except Exception as e:
+        code, line, agreed = _failure(e, cfg, d, out)
+        if line is None:  # not a failure we know: a bug, or a library's error; its traceback first
+            if not board.enabled:
+                raise
+            if board.posted_code() is None:  # not the consequence of another rank's failure
+                traceback.print_exc()
+            line = f"error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} " \
+                   f"(traceback above)"
+        board.fail(line, code, agreed=agreed)
+        return board.posted_code() or code
     finally:
+        board.close()
         cleanup()
         if not existed and d.is_main:
             run_folder.remove_if_empty(out)
 
 
-def _say(d: DistInfo, msg: str, every_rank: bool = False) -> None:
-    """An error line on stderr. Errors every rank finds alike (config, data, NaN) are printed by
-    rank 0 only (``say_once``); ``every_rank`` ones (out of memory) carry the rank."""
-    if every_rank and d.enabled:
-        print(f"[rank {d.rank}] {msg}", file=sys.stderr, flush=True)
-    else:
-        say_once(msg, d.rank, d.world_size)
+def _failure(e: Exception, cfg: Config, d: DistInfo, out: Path) -> tuple[int, str | None, bool]:
+    """(exit status, the one line, whether every rank raised it at the same step) for a failure the
+    user can act on; (1, None, False) for anything else."""
+    if isinstance(e, (ConfigError, DataError, MissingBackendError, UnknownModelError)):
+        return 2, f"error: {e}", False
+    if isinstance(e, NonFiniteLossError):  # raised on reduced values only: every rank at the same step
+        # rank 0 writes the checkpoints, so it sets aside the unconfirmed ones and prints the line
+        return 3, f"error: {e}; {run_folder.reject_after_failure(out)}" if d.is_main else f"error: {e}", True
+    if isinstance(e, run_folder.RanksDisagreeError):  # found from every rank's fingerprint: agreed
+        return 1, f"error: {e}", True
+    if isinstance(e, torch.OutOfMemoryError):
+        per_device, _ = batch_composition(cfg.train.global_batch_size, d.world_size, cfg.train.per_device_batch_size)
+        return 2, (f"error: out of GPU memory at per-device batch {per_device}; set "
+                   f"train.per_device_batch_size={max(1, per_device // 2)} (gradient accumulation keeps the global "
+                   f"batch {cfg.train.global_batch_size})"), False
+    if isinstance(e, OSError) and ckpt.is_disk_full(e):
+        detail = e.strerror if isinstance(e, ckpt.DiskFullError) else str(ckpt.disk_full(out, 0).strerror)
+        return 2, f"error: {detail}; earlier checkpoints are intact, continue with --resume auto", False
+    return 1, None, False
 
 
 def _stderr(msg: str) -> None:
@@ -173,7 +189,11 @@ def _train(cfg: Config, d: DistInfo, out: Path, resume: str | None, max_steps: i
         log.info(f"resumed from {resumed} at epoch {prog.epoch}, batch {prog.batch}, step {prog.step}")
     saver = run_folder.Checkpointer(out, cfg, d, ctx.raw_model, ctx.optimizer, ctx.scaler, ctx.ema, train_pipe,
                                     stage2, log)
-    _wrap_for_training(ctx, d, accum, t.compile)
+    if resumed is not None and d.is_main:
+        saver.await_check(resumed)  # good once the first loss check after it passes
+    res = resolution_for_epoch(t.progressive, prog.epoch, epochs_total, t.train_res)
+    _wrap_for_training(ctx, d, accum, t.compile, input_shape=(per_device, 3, res, res),
+                       channels_last=t.channels_last, ema_from_model=not resumed)
     final_metrics: dict[str, Any] = {}
     stopped = None
     with StopRequest() as stop:
@@ -208,7 +228,7 @@ def _train(cfg: Config, d: DistInfo, out: Path, resume: str | None, max_steps: i
             if evaluated:
                 final_metrics = _evaluate(ctx, val_pipe, stage2_eval, cfg, d, out, prog, best, log)
             prog.epoch, prog.batch = epoch + 1, 0
-            prog.window_loss, prog.window_count = 0.0, 0
+            prog.window_loss, prog.window_count, prog.window_nonfinite = 0.0, 0, 0
             prog.epoch_time_s, prog.epoch_wait_s, prog.epoch_images = 0.0, 0.0, 0
             if stopped is None and ((epoch + 1) % cfg.checkpoint.every_epochs == 0 or last_epoch):
                 path = saver.save(prog, best, "epoch", confirmed=evaluated)
@@ -254,8 +274,20 @@ def _run_id(out: Path) -> str:
     return hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]
 
 
-def _wrap_for_training(ctx: StepContext, d: DistInfo, accum: int, compile: bool) -> None:
-    """DDP (when distributed) and torch.compile around ``ctx.raw_model``; the step calls ``ctx.model``."""
+def _wrap_for_training(ctx: StepContext, d: DistInfo, accum: int, compile: bool, *, input_shape: tuple[int, ...],
+                       channels_last: bool, ema_from_model: bool) -> None:
+    """DDP (when distributed) and torch.compile around ``ctx.raw_model``; the step calls ``ctx.model``.
+
+    Under DDP, three things make every rank, and every start of the run, train the same model:
+
+    * DDP broadcasts rank 0's weights into every rank's model at construction (each rank built its
+      own from ``seed + rank``); the EMA then starts from that model (``ema_from_model``: a fresh
+      start), not from the rank's own initialisation (``engine.ema``).
+    * The gradient bucket layout is the same at every start (:func:`_settle_ddp_buckets`).
+    * DDP's runtime statistics are sampled only on the first 10 iterations, not every 100th: on
+      CUDA each sample synchronises the host (``Reducer::should_collect_runtime_stats``,
+      ``CudaTimer::measureDifference``); the first 10 cannot be turned off.
+    """
     ctx.accum_steps, ctx.is_ddp = accum, d.enabled
     if d.enabled:
         with warnings.catch_warnings():
@@ -266,8 +298,48 @@ def _wrap_for_training(ctx: StepContext, d: DistInfo, accum: int, compile: bool)
             ctx.model = nn.parallel.DistributedDataParallel(
                 ctx.raw_model, device_ids=[d.device.index] if d.device.type == "cuda" else None, bucket_cap_mb=64,
                 gradient_as_bucket_view=True, broadcast_buffers=False)
+        ctx.model._set_ddp_runtime_logging_sample_rate(DDP_STATS_NEVER)
+    if ctx.ema is not None and ema_from_model:
+        ctx.ema.set(ctx.raw_model)
     if compile:
         ctx.model = compile_for_training(ctx.model)
+    if d.enabled:
+        _settle_ddp_buckets(ctx, input_shape, channels_last)
+
+
+DDP_STATS_NEVER = 2**31 - 1  # DDP's runtime-statistics sample rate: "every 2^31-1 iterations" = never after the first 10
+
+
+def _settle_ddp_buckets(ctx: StepContext, input_shape: tuple[int, ...], channels_last: bool) -> None:
+    """One throw-away forward and backward on zeros, so that DDP rebuilds its gradient buckets
+    (in the order gradients became ready) before the first real step of this process.
+
+    Why: DDP reduces the first iteration of a process in one bucket in parameter order, and every
+    later one in the rebuilt buckets. A resumed process would reduce its first step in the other
+    layout than the uninterrupted run did at that step; the ring all-reduce then sums each element
+    in another rank order, and with more than two ranks (a + b + c != c + a + b in floating point)
+    the weights would differ in the last bits. Here every process, fresh or resumed, takes all its
+    real steps in the rebuilt layout. The zeros' gradients are dropped, and the BatchNorm
+    statistics and random states the forward touched are restored, so the run is as if it had
+    not happened."""
+    model = ctx.raw_model
+    buffers = [b.detach().clone() for b in model.buffers()]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if ctx.device.type == "cuda" else None
+    # the layout stage 2 gives the real batches, so a compiled model reuses this graph
+    x = torch.zeros(input_shape, device=ctx.device).contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    ctx.model.train()
+    with autocast(ctx):
+        out = ctx.model(x)
+    (out.float().sum() * 0.0).backward()
+    clear_grads(ctx.optimizer)
+    with torch.no_grad():
+        for b, saved in zip(model.buffers(), buffers):
+            b.copy_(saved)
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state_all(cuda_rng)
 
 
 def _finish(cfg: Config, d: DistInfo, out: Path, ctx: StepContext, prog: EpochProgress, final_metrics: dict,

@@ -47,6 +47,14 @@ def fmnist_tree(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def fmnist_converted(fmnist_tree, tmp_path_factory) -> Path:
+    """``fmnist_tree`` converted to FFCV and DALI once per session (shared by the engine's tests)."""
+    from tests.test_pipeline_parity import convert
+
+    return convert(fmnist_tree, tmp_path_factory.mktemp("fmnist_converted") / "converted")
+
+
+@pytest.fixture(scope="session")
 def tiny_runs(fmnist_tree, tmp_path_factory) -> dict[str, Path]:
     """Two finished 1-epoch engine runs on ``fmnist_tree`` that differ in seed: "ema" keeps an EMA
     of its weights (so the tools must pick the EMA weights, as the engine's final eval does),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -141,6 +142,29 @@ def test_kill_9_mid_epoch_then_resume_auto_is_exact(fmnist_tree, tmp_path):
     assert elapsed == sorted(elapsed), elapsed
 
 
+def test_ffcv_runs_repeat_for_any_thread_count_and_resume_exactly(fmnist_converted, tmp_path):
+    """FFCV draws its crops and flips from our counter-based generator (pipelines/counter_rng.py), not
+    from numba's unseeded per-thread ones, and leaves torch's threads alone: a 1-thread run, cut back
+    to its step-4 checkpoint (what a kill leaves) and resumed with 2 decoding threads, ends with the
+    uninterrupted 1-thread run's weights, bit for bit."""
+    pytest.importorskip("ffcv")
+    from safetensors.torch import load_file
+
+    sets = ("data.pipeline=ffcv", "train.epochs=1", "checkpoint.every_minutes=1e-9", "checkpoint.keep_last=20")
+    one = tmp_path / "one"
+    run_engine(fmnist_converted, one, *sets, "data.workers=1")
+    cut = tmp_path / "cut"
+    shutil.copytree(one, cut)
+    for p in cut.iterdir():
+        if p.name.startswith("ckpt-") and int(p.name.split("-s")[1][:9]) > 4 or p.suffix == ".safetensors":
+            p.unlink()
+    resumed = run_engine(fmnist_converted, cut, *sets, "data.workers=2", args=["--resume", "auto"])
+    assert "resumed from" in resumed.stderr and ", step 4" in resumed.stderr
+    a, b = load_file(str(one / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+
+
 def newest_per_point(records: list[dict]) -> list[dict]:
     latest = {(r["step"], "val_top1" in r): r for r in records}
     return [latest[k] for k in sorted(latest)]
@@ -174,10 +198,42 @@ def test_ctrl_c_checkpoints_then_resume_continues(fmnist_tree, tmp_path):
     stdout, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "stopped by SIGINT" in err and "final val top-1" not in stdout
-    state = torch.load(sorted(out.glob("ckpt-*.pt"))[-1], weights_only=True)
+    interrupted = sorted(out.glob("ckpt-*.pt"))[-1]
+    state = torch.load(interrupted, weights_only=True)
     assert state["tag"] == "interrupted"
+    # The run that wrote it never checked it. Resumed at a learning rate that diverges after one
+    # step, with a loss check at every step: the first check passes and confirms it (in its
+    # sidecar), so when the run then diverges it stays the last good checkpoint, not *.rejected.
+    diverge = tmp_path / "diverge"
+    shutil.copytree(out, diverge)
+    bad = run_engine(fmnist_tree, diverge, "train.epochs=20", "optim.lr=1000", "optim.warmup_epochs=0",
+                     "train.log_every=1", "checkpoint.every_minutes=1e-9", args=["--resume", "auto"], check=False)
+    assert bad.returncode == 3, bad.stderr[-2000:]
+    assert (diverge / interrupted.name).is_file() and json.loads((diverge / f"{interrupted.name}.json").read_text())[
+        "confirmed"]
+    assert f"the last good checkpoint is {interrupted.name}" in bad.stderr, bad.stderr[-2000:]
     resumed = run_engine(fmnist_tree, out, "train.epochs=20", "train.epochs=2", args=["--resume", "auto"], check=False)
     assert "resumed from" in resumed.stderr
+
+
+def test_a_folder_with_a_finished_run_needs_resume(fmnist_tree, tmp_path):
+    """A --max-steps run writes no checkpoint, only metrics and exports; a second run into the same
+    --out without --resume stops with one line and leaves them as they were."""
+    from engine.run import main
+    from tests.cli import run_main
+
+    out = tmp_path / "run"
+    first = run_main(main, engine_cmd(fmnist_tree, out, "train.epochs=1")[3:] + ["--max-steps", "2"])
+    assert first.returncode == 0 and not list(out.glob("ckpt-*")), first.stderr[-2000:]
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert {"metrics.jsonl", "model.safetensors"} <= set(before)
+    again = run_main(main, engine_cmd(fmnist_tree, out, "train.epochs=1")[3:] + ["--max-steps", "2"])
+    assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].startswith(
+        f"error: {out} already holds a run's output (metrics.jsonl"), again.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    fresh = run_main(main, engine_cmd(fmnist_tree, out, "train.epochs=1")[3:] + ["--max-steps", "2", "--resume", "fresh"])
+    assert fresh.returncode == 0 and (out / "metrics.jsonl").is_file()
+    assert sorted(p.name for p in next(out.glob("previous-*")).iterdir()) == sorted(before)
 
 
 def test_wandb_offline_run_has_config_metrics_and_artifact(fmnist_tree, tmp_path):
@@ -195,8 +251,10 @@ def test_wandb_offline_run_has_config_metrics_and_artifact(fmnist_tree, tmp_path
 
 @pytest.mark.slow
 def test_torchrun_two_processes_matches_single_process_and_its_export(fmnist_tree, tmp_path):
+    # with an EMA (decay 0.9: after 20 steps the initial weights still count 12%), whose weights are
+    # what the run evaluates and exports: every rank's must be the same
     common = ("train.epochs=2", "augment.rand_augment=", "augment.mixup_alpha=0", "augment.cutmix_alpha=0",
-              "model.drop_path_rate=0", "train.deterministic=false")
+              "model.drop_path_rate=0", "train.deterministic=false", "train.ema_decay=0.9")
     single = tmp_path / "single"
     run_engine(fmnist_tree, single, *common)
     ddp = tmp_path / "ddp"
@@ -216,8 +274,9 @@ def test_torchrun_two_processes_matches_single_process_and_its_export(fmnist_tre
     lb = [r["train_loss"] for r in b if "train_loss" in r]
     assert all(abs(x - y) < 0.15 * x for x, y in zip(la, lb))
     # BatchNorm statistics are averaged over ranks before evaluation and export (timm's --dist-bn
-    # reduce): the figures the run reported are those of the exported model, evaluated in one
-    # process. Without the reduction each rank evaluates its own statistics and the export is rank 0's.
+    # reduce) and every rank holds the same EMA: the figures the run reported are those of the
+    # exported model, evaluated in one process. Without the reduction each rank evaluates its own
+    # statistics; with an EMA per rank, each its own weights; and the export is rank 0's.
     from tests.test_evaluate import evaluate
 
     got = tmp_path / "export_eval.json"

@@ -19,8 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_pipeline_parity import convert
-
 ROOT = Path(__file__).resolve().parents[1]
 CHANCE = 10.0  # % top-1 of 10 balanced classes
 FAST = ["data.workers=0", "train.epochs=10", "train.global_batch_size=32", "train.log_every=20",
@@ -36,8 +34,8 @@ def fast_backend() -> str:
 
 
 @pytest.fixture(scope="module")
-def converted(fmnist_tree, tmp_path_factory) -> Path:
-    return convert(fmnist_tree, tmp_path_factory.mktemp("learn") / "converted")
+def converted(fmnist_converted) -> Path:
+    return fmnist_converted
 
 
 def train(root: Path, out: Path, pipeline: str) -> dict:
