@@ -23,7 +23,11 @@ DALI once), with a tiny ResNet in deterministic mode, and compares what happens 
   the message names the last good checkpoint and gives no fp32 advice to an fp32 run;
 * ``stale-temp``, ``bad-resume``, ``torchrun-config``: a temp file of a killed save is removed at
   start; ``--resume`` of a text file / truncated file is one line; a config error under torchrun
-  is printed once.
+  is printed once;
+* ``rank-error``: under torchrun, every image of one batch of rank 1 alone unreadable: one line
+  naming rank 1, every rank ends within seconds with its status;
+* ``resume-4-ranks``: 4 gloo ranks resumed from a mid-epoch checkpoint end bit-identical to an
+  uninterrupted 4-rank run (DDP's bucket layout is the same at every start).
 
 The test suite runs the same case functions with fewer kill points (tests/test_faults.py).
 """
@@ -35,6 +39,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -179,12 +184,11 @@ class Faults:
                    "all identical" if not bad else "; ".join(bad), not bad)
 
     def sigterm(self, pipeline: str = "reference") -> Row:
-        """torchrun, 2 ranks: SIGTERM to the process group in the middle of epoch 1. FFCV draws its
-        crops from numba's unseeded generators (pipelines/ffcv.py), so its runs are not
-        reproducible at all: there the resume is checked for continuing at the stop step, not for
-        identical weights."""
-        exact = pipeline != "ffcv"
-        full = self.full(pipeline, 2) if exact else None
+        """torchrun, 2 ranks: SIGTERM to the process group in the middle of epoch 1; every backend
+        (FFCV's crops come from a counter-based generator, pipelines/counter_rng.py) must resume
+        to the uninterrupted run's weights."""
+        exact = True
+        full = self.full(pipeline, 2)
         out = self.work / f"sigterm-{pipeline}"
         proc = subprocess.Popen(engine_cmd(self.data, out, pipeline=pipeline, nproc=2, port=29660), cwd=ROOT, env=ENV,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -204,12 +208,10 @@ class Faults:
         observed = (f"{len(stops)} stop line ({stops[0] if stops else '-'}), checkpoints {tags}, "
                     f"torchrun's own exit {proc.returncode}, DataLoader worker "
                     f"crash: {'yes' if worker_crash else 'no'}; resumed exit {resumed.returncode}, "
-                    + (f"weights {'identical' if same else 'DIFFER'} to an uninterrupted torchrun run" if exact else
-                       f"{'continued' if same else 'did NOT continue'} at step {stop_step} (weights not compared: "
-                       "FFCV's crops are unseeded)"))
+                    + f"weights {'identical' if same else 'DIFFER'} to an uninterrupted torchrun run")
         return Row(f"torchrun 2 ranks ({pipeline}): SIGTERM to the process group mid-epoch, then --resume auto",
                    "one stop line, one 'interrupted' checkpoint at a step all ranks agree on, no worker crash; "
-                   + ("resume bit-identical" if exact else "resume continues at that step"), observed, ok)
+                   "resume bit-identical", observed, ok)
 
     def _two_checkpoints(self, name: str) -> Path:
         """A copy of the finished plain 2-epoch run (checkpoints after epochs 0 and 1), to damage."""
@@ -354,6 +356,56 @@ class Faults:
         return Row("--resume of a text file; of a truncated checkpoint", "exit 2, one line each, never weights_only=False",
                    "; ".join(f"exit {c}: {msg}" for c, _, _, _, msg in seen), ok)
 
+    def rank_error(self) -> Row:
+        """torchrun, 2 ranks, reference pipeline on a copy of the source tree in which every image of
+        rank 1's third batch is unreadable (a node's damaged copy of the data): rank 1 alone raises,
+        while rank 0 waits in the gradient all-reduce."""
+        from pipelines.reference import folder_items
+        from pipelines.sampler import epoch_indices
+
+        tree = self.work / "rank-error-src"
+        if not tree.exists():
+            shutil.copytree(self.data.parent / "src", tree)
+        items, _ = folder_items(tree / "train", False)
+        per_device = 32  # global batch 64 over 2 ranks
+        for i in epoch_indices(len(items), epoch=0, seed=0, rank=1, world_size=2)[2 * per_device:3 * per_device]:
+            Path(items[i][0]).write_bytes(b"not a jpeg")
+        t0 = time.perf_counter()
+        proc = run(engine_cmd(tree, self.work / "rank-error", "train.epochs=1", "data.workers=0",
+                              "augment.rand_augment=", nproc=2, port=29680))
+        took = time.perf_counter() - t0
+        lines = error_lines(proc.stderr)
+        ours = any(f'File "{ROOT / pkg}' in proc.stderr for pkg in ("engine", "pipelines"))
+        ok = (len(lines) == 1 and lines[0].startswith("error: rank 1 of 2: no image of a batch") and not ours
+              and "exitcode: 2" in proc.stderr and "exitcode: 1" not in proc.stderr and took < 120)
+        return Row("torchrun 2 ranks: every image of rank 1's third batch unreadable (rank 0 is in the all-reduce)",
+                   "one line naming rank 1, every rank ends with its status (2) within seconds, no traceback of ours",
+                   f"{len(lines)} line(s): {lines[0] if lines else proc.stderr[-300:]}; torchrun exit {proc.returncode}, "
+                   f"ranks' exit codes {sorted(set(re.findall(r'exitcode: (-?[0-9]+)', proc.stderr)))}, run ended "
+                   f"{took:.0f} s after its start", ok)
+
+    def resume_4_ranks(self) -> Row:
+        """torchrun, 4 gloo ranks, checkpoints at every log point; a copy cut back to its step-4
+        checkpoint (what a kill at step 5 leaves) resumed with --resume auto."""
+        from safetensors.torch import load_file
+
+        sets = ("train.epochs=1", "checkpoint.every_minutes=1e-9", "checkpoint.keep_last=20", "data.workers=0",
+                "augment.rand_augment=")
+        full, cut = self.work / "four-full", self.work / "four-cut"
+        run(engine_cmd(self.data, full, *sets, nproc=4, port=29690), check=True)
+        shutil.copytree(full, cut)
+        for p in cut.iterdir():
+            if p.name.startswith("ckpt-") and int(p.name.split("-s")[1][:9]) > 4 or p.suffix == ".safetensors":
+                p.unlink()
+        resumed = run(engine_cmd(self.data, cut, *sets, nproc=4, port=29691, args=("--resume", "auto")))
+        a, b = load_file(str(full / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+        differ = [k for k in a if not torch.equal(a[k], b.get(k, torch.empty(0)))] if resumed.returncode == 0 else list(a)
+        ok = resumed.returncode == 0 and ", step 4\n" in resumed.stderr and not differ
+        return Row("torchrun 4 ranks (gloo): resumed from the step-4 checkpoint of a 10-step run",
+                   "final weights bit-identical to the uninterrupted 4-rank run",
+                   f"resumed exit {resumed.returncode}; " + ("weights identical" if not differ else
+                                                             f"{len(differ)} of {len(a)} tensors DIFFER"), ok)
+
     def torchrun_config(self) -> Row:
         cmd = engine_cmd(self.data, self.work / "cfg", "optim.lrr=1", nproc=2, port=29670)
         proc = run(cmd)
@@ -363,7 +415,7 @@ class Faults:
 
 
 CASES = ("kill9", "sigterm", "corrupt", "truncated", "all-bad", "enospc", "diverge", "stale-temp", "bad-resume",
-         "torchrun-config")
+         "torchrun-config", "rank-error", "resume-4-ranks")
 
 
 def run_cases(faults: Faults, names: list[str], kill_points: int) -> list[Row]:
@@ -388,6 +440,10 @@ def run_cases(faults: Faults, names: list[str], kill_points: int) -> list[Row]:
             got = [faults.stale_temp()]
         elif name == "bad-resume":
             got = [faults.bad_resume()]
+        elif name == "rank-error":
+            got = [faults.rank_error()]
+        elif name == "resume-4-ranks":
+            got = [faults.resume_4_ranks()]
         else:
             got = [faults.torchrun_config()]
         for row in got:

@@ -10,7 +10,9 @@ FFCV stop).
 * the newest checkpoint damaged in the middle (same size): refused by its checksum, the previous
   one used, final weights identical; every checkpoint unusable: one line, then ``--resume fresh``;
 * ENOSPC on a small tmpfs (root only) while training and converting: one line with the bytes;
-* a stale temp file, ``--resume`` of a text file / cut checkpoint, a config error under torchrun.
+* a stale temp file, ``--resume`` of a text file / cut checkpoint, a config error under torchrun;
+* an error on rank 1 alone (its batch unreadable): one line with the rank, the group ends at once;
+* 4 ranks resumed from a mid-epoch checkpoint: bit-identical to the uninterrupted 4-rank run.
 """
 from __future__ import annotations
 
@@ -59,3 +61,15 @@ def test_full_disk_is_one_line_with_the_bytes(faults):
 def test_stale_temp_removed_and_bad_resume_and_torchrun_config_error_are_one_line(faults):
     for row in (faults.stale_temp(), faults.bad_resume(), faults.torchrun_config()):
         check(row)
+
+
+def test_an_error_on_rank_1_alone_is_one_line_and_ends_the_group(faults):
+    """Before: rank 1 waited 5 s and exited without a word; rank 0 died in the all-reduce (gloo) or
+    would wait for NCCL's timeout; no line said why."""
+    check(faults.rank_error())
+
+
+def test_a_4_rank_resume_is_bit_identical(faults):
+    """Before: the resumed processes reduced their first step in DDP's initial one-bucket layout, the
+    uninterrupted run in the rebuilt buckets; with 4 ranks the sums differ in the last bits."""
+    check(faults.resume_4_ranks())
