@@ -165,7 +165,7 @@ def _train(cfg: Config, d: DistInfo, out: Path, resume: str | None, max_steps: i
     """The run top to bottom: set-up, resume, the epoch loop (log points, mid-epoch checkpoints,
     stop decisions, evaluation, end-of-epoch checkpoints), the export."""
     requested = cfg.train.precision
-    cfg = _set_up_device(cfg, d)
+    cfg = set_up_device(cfg, d)
     t, device = cfg.train, d.device
     per_device, accum = batch_composition(t.global_batch_size, d.world_size, t.per_device_batch_size)
     epochs_total = t.epochs + cfg.optim.cooldown_epochs
@@ -192,7 +192,7 @@ def _train(cfg: Config, d: DistInfo, out: Path, resume: str | None, max_steps: i
     if resumed is not None and d.is_main:
         saver.await_check(resumed)  # good once the first loss check after it passes
     res = resolution_for_epoch(t.progressive, prog.epoch, epochs_total, t.train_res)
-    _wrap_for_training(ctx, d, accum, t.compile, input_shape=(per_device, 3, res, res),
+    wrap_for_training(ctx, d, accum, t.compile, input_shape=(per_device, 3, res, res),
                        channels_last=t.channels_last, ema_from_model=not resumed)
     final_metrics: dict[str, Any] = {}
     stopped = None
@@ -238,7 +238,7 @@ def _train(cfg: Config, d: DistInfo, out: Path, resume: str | None, max_steps: i
     return _finish(cfg, d, out, ctx, prog, final_metrics, stop if stopped == "stop requested" else None, log)
 
 
-def _set_up_device(cfg: Config, d: DistInfo) -> Config:
+def set_up_device(cfg: Config, d: DistInfo) -> Config:
     """The recipe with ``train.precision`` resolved for this device; cuDNN flags and seeds set."""
     t = cfg.train
     precision = resolve_precision(t.precision, d.device, warn=_stderr if d.is_main else _quiet)
@@ -274,7 +274,7 @@ def _run_id(out: Path) -> str:
     return hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]
 
 
-def _wrap_for_training(ctx: StepContext, d: DistInfo, accum: int, compile: bool, *, input_shape: tuple[int, ...],
+def wrap_for_training(ctx: StepContext, d: DistInfo, accum: int, compile: bool, *, input_shape: tuple[int, ...],
                        channels_last: bool, ema_from_model: bool) -> None:
     """DDP (when distributed) and torch.compile around ``ctx.raw_model``; the step calls ``ctx.model``.
 

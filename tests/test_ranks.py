@@ -54,15 +54,15 @@ def _ema_work(rank: int, world: int, folder: str) -> None:
     model and EMA it builds, DDP, then the engine's epoch loop."""
     from common.config import load_config
     from engine.distributed import DistInfo
-    from engine.train_main import _set_up_device, _wrap_for_training
+    from engine.train_main import set_up_device, wrap_for_training
     from engine.trainer import EpochProgress, build_step, train_one_epoch
     from pipelines.build import build_stage2
     from pipelines.synthetic import SyntheticPipeline
 
     d = DistInfo(rank, world, rank, torch.device("cpu"))
-    cfg = _set_up_device(load_config("recipes/a3.toml", SMALL), d)  # seeds with seed + rank
+    cfg = set_up_device(load_config("recipes/a3.toml", SMALL), d)  # seeds with seed + rank
     ctx = build_step(cfg, d.device, 4)
-    _wrap_for_training(ctx, d, 1, False, input_shape=(8, 3, 16, 16), channels_last=True, ema_from_model=True)
+    wrap_for_training(ctx, d, 1, False, input_shape=(8, 3, 16, 16), channels_last=True, ema_from_model=True)
     pipe = SyntheticPipeline(batch_size=8, res=16, num_classes=10, num_samples=32, seed=rank, channels_last=True)
     stage2 = build_stage2(cfg.data, cfg.augment, train=True, seed=rank)
     for _ in train_one_epoch(ctx, pipe, stage2, EpochProgress(), steps_per_epoch=4, log_every=2):
@@ -150,16 +150,16 @@ def test_the_failure_board_ends_a_rank_blocked_where_no_error_reaches_it(tmp_pat
 def _stats_work(rank: int, world: int, folder: str) -> None:
     from common.config import load_config
     from engine.distributed import DistInfo
-    from engine.train_main import _set_up_device, _wrap_for_training
+    from engine.train_main import set_up_device, wrap_for_training
     from engine.trainer import build_step
 
     d = DistInfo(rank, world, rank, torch.device("cpu"))
-    cfg = _set_up_device(load_config("recipes/a3.toml", SMALL), d)
+    cfg = set_up_device(load_config("recipes/a3.toml", SMALL), d)
     ctx = build_step(cfg, d.device, 4)
     ctx.raw_model = ctx.model = torch.nn.Linear(4, 2)
     ctx.optimizer = torch.optim.SGD(ctx.raw_model.parameters(), lr=0.1)
     ctx.ema = None
-    _wrap_for_training(ctx, d, 1, False, input_shape=(2, 4), channels_last=False, ema_from_model=False)
+    wrap_for_training(ctx, d, 1, False, input_shape=(2, 4), channels_last=False, ema_from_model=False)
     recorded = []
     for _ in range(200):
         ctx.model(torch.randn(2, 4)).sum().backward()
