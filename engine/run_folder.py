@@ -67,6 +67,13 @@ def _move_aside(out: Path) -> Path | None:
     return dest
 
 
+def trained_epoch(prog: EpochProgress) -> int:
+    """The epoch of the last step in the weights, counted from 0 as metrics.jsonl and timm count: what a
+    checkpoint's name and record say. At an epoch's end ``prog`` already points at the next epoch's
+    batch 0, so the end-of-epoch checkpoint of epoch 5 is ``ckpt-e0005-...``, not ``e0006``."""
+    return prog.epoch - 1 if prog.batch == 0 and prog.epoch > 0 else prog.epoch
+
+
 def all_finite(tensors: list[torch.Tensor]) -> bool:
     """True when every float tensor is finite; one read from the device for all of them."""
     floats = [t for t in tensors if t.is_floating_point() and t.numel()]
@@ -132,8 +139,9 @@ class Checkpointer:
                  "scaler": self.scaler.state_dict(), "ema": self.ema.module.state_dict() if self.ema else None,
                  "progress": prog.state_dict(), "per_rank": per_rank, "world_size": self.d.world_size,
                  "config": to_dict(self.cfg), "best": dict(best), "tag": tag}
-        path = self.out / ckpt.checkpoint_name(prog.epoch, prog.step)
-        ckpt.atomic_save(state, path, {"epoch": prog.epoch, "step": prog.step, "tag": tag, "confirmed": confirmed})
+        epoch = trained_epoch(prog)
+        path = self.out / ckpt.checkpoint_name(epoch, prog.step)
+        ckpt.atomic_save(state, path, {"epoch": epoch, "step": prog.step, "tag": tag, "confirmed": confirmed})
         if not confirmed:
             self.pending.append(path)
         ckpt.prune(self.out, self.cfg.checkpoint.keep_last)
