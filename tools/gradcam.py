@@ -30,15 +30,20 @@ from pathlib import Path
 
 import torch
 
+from common.cli import examples, prog
 from common.config import ConfigError, LogConfig
 from pipelines.base import DataError
 from toolkit.gradcam import LayerError, compare, log_wandb, predictions_right, render_grid
 from toolkit.load_model import CheckpointError
 
+SCRIPT = "python tools/gradcam.py"
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
+    name = prog(SCRIPT)
+    p = argparse.ArgumentParser(prog=name, description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=examples(__doc__.split("\n", 1)[1], SCRIPT, name))
     p.add_argument("checkpoints", nargs="+", help="ckpt-*.pt or *.safetensors files, one column each")
     p.add_argument("--labels", help="comma-separated column titles (default: each run folder's name)")
     p.add_argument("--data", help="val images (default: the first checkpoint's data.root)")

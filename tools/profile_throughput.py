@@ -23,10 +23,13 @@ from pathlib import Path
 
 import torch
 
+from common.cli import examples, prog
 from common.config import ConfigError
 from models.factory import UnknownModelError
 from pipelines.base import DataError, MissingBackendError
 from toolkit import profiling
+
+SCRIPT = "python tools/profile_throughput.py"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,8 +39,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog=__doc__.split("\n", 1)[1])
+    name = prog(SCRIPT)
+    p = _Parser(prog=name, description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog=examples(__doc__.split("\n", 1)[1], SCRIPT, name))
     p.add_argument("mode", help="data | model | e2e | all")
     p.add_argument("recipe", help="recipe TOML, e.g. recipes/demo.toml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
