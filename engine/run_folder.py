@@ -138,7 +138,8 @@ class Checkpointer:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "ema": self.ema.module.state_dict() if self.ema else None,
                  "progress": prog.state_dict(), "per_rank": per_rank, "world_size": self.d.world_size,
-                 "config": to_dict(self.cfg), "best": dict(best), "tag": tag}
+                 "config": to_dict(self.cfg), "best": dict(best), "tag": tag,
+                 "workdir": str(Path.cwd())}  # what the config's relative paths (data.root) are relative to
         epoch = trained_epoch(prog)
         path = self.out / ckpt.checkpoint_name(epoch, prog.step)
         ckpt.atomic_save(state, path, {"epoch": epoch, "step": prog.step, "tag": tag, "confirmed": confirmed})
@@ -220,7 +221,7 @@ def _load_into(state: dict, parts, stage1, stage2, prog: EpochProgress, best: di
 def export(model: nn.Module, path: Path, cfg: Config, metrics: dict[str, Any], epoch: int) -> None:
     meta = {"arch": cfg.model.arch, "num_classes": str(cfg.data.num_classes), "epoch": str(epoch),
             "val_top1": str(metrics.get("val_top1", "")), "eval_res": str(cfg.eval.res),
-            "crop_pct": str(cfg.eval.crop_pct), "config": json.dumps(to_dict(cfg))}
+            "crop_pct": str(cfg.eval.crop_pct), "config": json.dumps(to_dict(cfg)), "workdir": str(Path.cwd())}
     ckpt.export_safetensors(model.state_dict(), path, meta)
 
 

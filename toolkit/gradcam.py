@@ -180,10 +180,11 @@ def compare(checkpoints: list[str], *, labels: str | None = None, data: str | No
     if num_images < 1:
         raise ConfigError("--num-images must be at least 1")
     names = column_labels(checkpoints, labels)
-    loaded = [load_model(c, device, recipe=recipe) for c in checkpoints]
+    loaded = [load_model(checkpoints[0], device, recipe=recipe, data=data)]  # the first run's data, found
     first = loaded[0][1]
+    loaded += [load_model(c, device, recipe=recipe, data=first.data.root) for c in checkpoints[1:]]
     res, crop_pct = res or first.eval.res, crop_pct or first.eval.crop_pct
-    samples = pick_samples(data or first.data.root, num_images, res, crop_pct)
+    samples = pick_samples(first.data.root, num_images, res, crop_pct)
     columns = []
     for label, (model, cfg) in zip(names, loaded):
         exp = explain(model, cfg, samples.images, target_layer(model, cfg.model.arch, layer), device)
