@@ -676,7 +676,7 @@ def figure(rows: list[dict[str, Any]], title: str = "", verdict: str = ""):
             ax.set_ylim(bottom=0, top=1.12 * max(values))  # room above the highest point for the ring
         if limit is not None and limit["mode"] == mode:
             ax.plot([limit["batch"]], [limit["images_per_s"]], "o", ms=16, mfc="none", mec="tab:red", mew=2.2,
-                    gid="bottleneck", label=f"bottleneck: {limit['what']} @{limit['res']}px", zorder=5)
+                    gid="bottleneck", label=f"bottleneck: {limit['what']} @{limit['res']}px", zorder=5, clip_on=False)
             ax.set_title(f"{mode}: the bottleneck", color="tab:red")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
