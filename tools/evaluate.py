@@ -1,6 +1,6 @@
 """Evaluate a checkpoint on a validation set: top-1 / top-5 (and loss), printed and as JSON.
 
-    python tools/evaluate.py runs/a1/ckpt-e0599-s000374400.pt --data data/imagenet
+    python tools/evaluate.py runs/a1/ckpt-e0599-s000375000.pt --data data/imagenet
     python tools/evaluate.py runs/a1/best.safetensors --data data/imagenet --pipeline dali --res 288 --flip-tta
     python tools/evaluate.py runs/a1/model.safetensors --data imagenetv2-matched-frequency-format-val \\
         --imagenet-v2 --json runs/a1/eval_v2.json
