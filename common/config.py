@@ -311,6 +311,24 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
     return _merge(parent, data)
 
 
+def _closest_key(key: str) -> str:
+    """The full dotted key meant by a mistyped one: each part replaced by the closest name valid at its
+    level (``optimm.lr`` -> ``optim.lr``, ``train.progresive.kind`` -> ``train.progressive.kind``), else
+    the closest of all keys (a section name alone is no key to set)."""
+    cls: Any = Config
+    fixed = []
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            break
+        hints = typing.get_type_hints(cls)
+        name = part if part in hints else _closest(part, list(hints))
+        fixed.append(name)
+        cls = hints[name]
+    keys = all_keys()
+    guess = ".".join(fixed)
+    return guess if guess in keys else _closest(key, keys)
+
+
 def _field_type(key: str) -> Any:
     """The annotated type of a dotted key such as ``train.progressive.kind``."""
     cls: Any = Config
@@ -318,11 +336,7 @@ def _field_type(key: str) -> Any:
     for i, part in enumerate(parts):
         hints = typing.get_type_hints(cls)
         if part not in hints:
-            prefix = ".".join(parts[:i])
-            names = list(hints)
-            guess = _closest(part, names)
-            full_guess = f"{prefix}.{guess}" if prefix else guess
-            raise ConfigError(f"unknown key {key}; did you mean {full_guess}?")
+            raise ConfigError(f"unknown key {key}; did you mean {_closest_key(key)}?")
         cls = hints[part]
     if dataclasses.is_dataclass(cls):
         raise ConfigError(f"--set {key}: names a section; set one of its keys, e.g. {key}.{dataclasses.fields(cls)[0].name}")
@@ -471,10 +485,46 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def explain(cfg: Config | None = None) -> str:
+def _leaf_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for name, value in data.items():
+        keys += _leaf_keys(value, f"{prefix}{name}.") if isinstance(value, dict) else [f"{prefix}{name}"]
+    return keys
+
+
+def key_sources(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+    """Where each key a recipe sets comes from: the file's name along its ``base`` chain (the last
+    file to set it), or ``--set`` for an override; keys not listed keep their default. Call it after
+    :func:`load_config` accepted the same recipe and overrides."""
+    chain = []
+    path = Path(path)
+    while True:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+        chain.append((path, data))
+        base = data.pop("base", None)
+        if base is None:
+            break
+        path = path.parent / base
+    sources: dict[str, str] = {}
+    for file, data in reversed(chain):
+        sources.update({k: file.name for k in _leaf_keys(data)})
+    for text in overrides:
+        sources[text.split("=", 1)[0].strip()] = "--set"
+    return sources
+
+
+def explain(cfg: Config | None = None, sources: dict[str, str] | None = None) -> str:
     """Every key with its value (the defaults, or ``cfg``'s) and its help, as commented TOML:
-    what ``python -m engine.run --help-config`` prints (ffcv-imagenet's fastargs sections do this)."""
+    what ``python -m engine.run --help-config`` prints (ffcv-imagenet's fastargs sections do this).
+    With ``sources`` (:func:`key_sources`) each value says who set it: the recipe file (with the
+    default it replaces), ``--set``, or ``default``."""
     lines: list[str] = []
+    defaults = Config()
+    if sources is not None:
+        files = sorted(set(sources.values()) - {"--set"})
+        lines += [f"# where each value comes from: (set by FILE) the recipe's files ({', '.join(files) or 'none'}); "
+                  "(--set) the command line; (default) neither", ""]
 
     def table(cls: type, values: Any, name: str) -> None:
         lines.append(f"[{name}]  # {(cls.__doc__ or '').strip().splitlines()[0]}")
@@ -484,7 +534,7 @@ def explain(cfg: Config | None = None) -> str:
             if dataclasses.is_dataclass(value):
                 nested.append((f, value))
                 continue
-            lines.append(f"{f.name} = {toml_value(value)}  # {f.metadata['help']}")
+            lines.append(f"{f.name} = {toml_value(value)}  # {_origin(f'{name}.{f.name}', value)}{f.metadata['help']}")
             choices = CHOICES.get(f"{name}.{f.name}")
             if choices and not all(c in f.metadata["help"] for c in choices):
                 lines[-1] += f" (one of {', '.join(choices)})"
@@ -492,7 +542,17 @@ def explain(cfg: Config | None = None) -> str:
         for f, value in nested:
             table(type(value), value, f"{name}.{f.name}")
 
-    cfg = cfg or Config()
+    def _origin(key: str, value: Any) -> str:
+        if sources is None:
+            return ""
+        where = sources.get(key)
+        if where is None:
+            return "(default) "
+        default = get_value(defaults, key)
+        by = "--set" if where == "--set" else f"set by {where}"
+        return f"({by}) " if value == default else f"({by}; default {toml_value(default)}) "
+
+    cfg = cfg or defaults
     for f in dataclasses.fields(Config):
         table(type(getattr(cfg, f.name)), getattr(cfg, f.name), f.name)
     return "\n".join(lines)

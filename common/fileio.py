@@ -25,6 +25,26 @@ def replace_durably(tmp: Path, final: Path) -> None:
     fsync_dir(Path(final).parent)
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status, since
+    4.7); elsewhere set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def chmod_from_umask(path: Path) -> None:
+    """Give ``path`` the mode a plain ``open(path, "w")`` would have (0666 less the umask): for files a
+    library creates private (0600), which the user shares."""
+    os.chmod(path, 0o666 & ~umask())
+
+
 def commit(tmp: Path, final: Path) -> None:
     """fsync the data of a closed temporary file, then :func:`replace_durably` it to ``final``."""
     with open(tmp, "rb+") as f:

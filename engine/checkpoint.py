@@ -40,7 +40,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from common.fileio import commit, fsync_dir, replace_durably
+from common.fileio import chmod_from_umask, commit, fsync_dir, replace_durably
 
 CKPT_RE = re.compile(r"^ckpt-e(\d+)-s(\d+)\.pt$")
 TEMP_RE = re.compile(r"^\..+\.tmp-(\d+)$")  # ".<final name>.tmp-<pid>", as this module and fileio write them
@@ -361,5 +361,10 @@ def export_safetensors(state_dict: dict[str, torch.Tensor], path: Path, metadata
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=metadata)
+        chmod_from_umask(tmp)  # safetensors creates its file 0600; an export is for sharing
+
     # safetensors reports ENOSPC as its own SafetensorError: _write_via_temp recognizes it too
-    _write_via_temp(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata), state_bytes(tensors))
+    _write_via_temp(Path(path), write, state_bytes(tensors))

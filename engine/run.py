@@ -1,4 +1,4 @@
-"""CLI entry: ``python -m engine.run RECIPE [--set k=v ...] [--print-config] [--help-config] [--out DIR] ...``.
+"""Train a recipe: the engine's command line (``rsb-train``, or ``python -m engine.run``).
 
 Works as a single process or under ``torchrun``. User-caused errors (bad recipe, missing data,
 missing backend) print one line to stderr and exit with status 2; no traceback.
@@ -9,17 +9,33 @@ import argparse
 import os
 import sys
 
-from common.config import ConfigError, explain, load_config, to_toml
+from common.cli import examples, prog
+from common.config import ConfigError, explain, key_sources, load_config, to_toml
+
+MODULE = "python -m engine.run"
+DESCRIPTION = "Train a recipe (TOML) into a run folder: checkpoints, metrics.jsonl, exports."
+EXAMPLES = f"""examples:
+  {MODULE} recipes/demo.toml --out runs/demo                # the demo recipe, one process
+  {MODULE} recipes/a1.toml --out runs/a1 --resume auto      # continue a stopped run
+  {MODULE} recipes/a3.toml --set optim.lr=0.006 --set data.pipeline=dali
+  {MODULE} recipes/a1.toml --help-config                    # every key: value, where it is set, what it does
+  torchrun --nproc_per_node 8 -m engine.run recipes/a1.toml --out runs/a1   # one node, 8 GPUs
+
+Exit status: 0 done; 2 a user error (one line); 3 a diverged run; 128 + signal when stopped by
+SIGTERM/SIGINT after writing a checkpoint (continue with --resume auto)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine.run", description=__doc__.splitlines()[0])
+    name = prog(MODULE)
+    p = argparse.ArgumentParser(prog=name, description=DESCRIPTION, epilog=examples(EXAMPLES, MODULE, name),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", nargs="?", help="recipe TOML, e.g. recipes/a1.toml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a recipe value (repeatable), e.g. --set optim.lr=0.008")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe as TOML and exit")
     p.add_argument("--help-config", action="store_true",
-                   help="list every recipe key with its value (the recipe's, else the default) and what it does")
+                   help="list every recipe key with its value, whether the recipe (and which file), --set or the "
+                        "default gives it, and what it does")
     p.add_argument("--out", default=None, help="output folder (checkpoints, metrics.jsonl); default runs/<recipe>")
     p.add_argument("--resume", default=None,
                    help="'auto': continue from the newest usable checkpoint in --out; a ckpt-*.pt path; 'fresh': "
@@ -35,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.help_config:
             print(explain())
             return 0
-        parser.error("the recipe is required, e.g. python -m engine.run recipes/a3.toml")
+        parser.error(f"the recipe is required, e.g. {parser.prog} recipes/a3.toml")
     try:
         cfg = load_config(args.recipe, args.overrides)
     except ConfigError as e:
@@ -45,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         say_once(f"error: {e}", int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
         return 2
     if args.help_config:
-        print(explain(cfg))
+        print(explain(cfg, key_sources(args.recipe, args.overrides)))
         return 0
     if args.print_config:
         print(to_toml(cfg))

@@ -82,6 +82,13 @@ def _move_aside(out: Path) -> Path | None:
     return dest
 
 
+def trained_epoch(prog: EpochProgress) -> int:
+    """The epoch of the last step in the weights, counted from 0 as metrics.jsonl and timm count: what a
+    checkpoint's name and record say. At an epoch's end ``prog`` already points at the next epoch's
+    batch 0, so the end-of-epoch checkpoint of epoch 5 is ``ckpt-e0005-...``, not ``e0006``."""
+    return prog.epoch - 1 if prog.batch == 0 and prog.epoch > 0 else prog.epoch
+
+
 def tensor_norms(tensors: list[torch.Tensor]) -> list[float]:
     """The 2-norm of every floating tensor (NaN/Inf when it holds one); one read from the device."""
     floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
@@ -172,9 +179,11 @@ class Checkpointer:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "ema": self.ema.module.state_dict() if self.ema else None,
                  "progress": prog.state_dict(), "per_rank": per_rank, "world_size": self.d.world_size,
-                 "config": to_dict(self.cfg), "best": dict(best), "tag": tag}
-        path = self.out / ckpt.checkpoint_name(prog.epoch, prog.step)
-        ckpt.atomic_save(state, path, {"epoch": prog.epoch, "step": prog.step, "tag": tag, "confirmed": confirmed})
+                 "config": to_dict(self.cfg), "best": dict(best), "tag": tag,
+                 "workdir": str(Path.cwd())}  # what the config's relative paths (data.root) are relative to
+        epoch = trained_epoch(prog)
+        path = self.out / ckpt.checkpoint_name(epoch, prog.step)
+        ckpt.atomic_save(state, path, {"epoch": epoch, "step": prog.step, "tag": tag, "confirmed": confirmed})
         if not confirmed:
             self.pending.append(path)
         ckpt.prune(self.out, self.cfg.checkpoint.keep_last)
@@ -265,7 +274,7 @@ def _load_into(state: dict, parts, stage1, stage2, prog: EpochProgress, best: di
 def export(model: nn.Module, path: Path, cfg: Config, metrics: dict[str, Any], epoch: int) -> None:
     meta = {"arch": cfg.model.arch, "num_classes": str(cfg.data.num_classes), "epoch": str(epoch),
             "val_top1": str(metrics.get("val_top1", "")), "eval_res": str(cfg.eval.res),
-            "crop_pct": str(cfg.eval.crop_pct), "config": json.dumps(to_dict(cfg))}
+            "crop_pct": str(cfg.eval.crop_pct), "config": json.dumps(to_dict(cfg)), "workdir": str(Path.cwd())}
     ckpt.export_safetensors(model.state_dict(), path, meta)
 
 

@@ -119,7 +119,8 @@ def test_override_int_widens_to_float_and_quoted_string():
 # --------------------------------------------------------------------------- every bad input, one line each
 BAD_OVERRIDES = [
     ("optim.lrr=1", "unknown key optim.lrr; did you mean optim.lr?"),
-    ("optimm.lr=1", "unknown key optimm.lr; did you mean optim?"),
+    ("optimm.lr=1", "unknown key optimm.lr; did you mean optim.lr?"),  # the full key, not the section
+    ("train.progresive.kind=none", "unknown key train.progresive.kind; did you mean train.progressive.kind?"),
     ("optim.lr=abc", "--set optim.lr=abc: expected float"),
     ("train.epochs=1.5", "train.epochs: expected an integer, got 1.5"),
     ("train.channels_last=yes", "--set train.channels_last=yes: expected bool"),
@@ -239,3 +240,46 @@ def test_help_config_lists_every_key_with_a_help_string():
             assert "  # " in line, line
     assert listed == set(all_keys())
     assert 'rand_augment = "rand-m7-mstd0.5-inc1"' in out  # the recipe's values, not the defaults
+
+
+def test_help_config_marks_what_the_recipe_sets():
+    """Each value says whether the recipe chain (which file), --set or the default gives it; checked
+    against the TOML files themselves, read here with tomllib."""
+    import subprocess
+    import sys
+    import tomllib
+
+    out = subprocess.run([sys.executable, "-m", "engine.run", "recipes/demo.toml", "--set", "train.epochs=3",
+                          "--help-config"], capture_output=True, text=True, check=True, cwd=RECIPES.parent).stdout
+
+    def leaves(table, prefix=""):
+        for k, v in table.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+
+    setter = {}  # key -> the last file of the chain demo -> a3 -> a2 -> a1 that sets it
+    path = RECIPES / "demo.toml"
+    chain = []
+    while path:
+        data = tomllib.loads(path.read_text())
+        chain.append((path.name, data))
+        path = RECIPES / data.pop("base") if "base" in data else None
+    for name, data in reversed(chain):
+        setter.update({k: name for k, _ in leaves(data)})
+    assert setter["model.arch"] == "demo.toml" and setter["optim.name"] != "demo.toml"  # the chain matters
+    section, seen = "", {}
+    for line in out.splitlines():
+        if line.startswith("["):
+            section = line[1:line.index("]")]
+        elif " = " in line:
+            key = f"{section}.{line.split(' = ')[0]}"
+            seen[key] = line.split("  # ", 1)[1]
+    assert seen["train.epochs"].startswith("(--set; default 100) ")
+    assert seen["model.arch"].startswith('(set by demo.toml; default "resnet50") ')
+    for key, origin in seen.items():
+        if key == "train.epochs":
+            continue
+        if key in setter:
+            assert origin.startswith(f"(set by {setter[key]}"), (key, origin)
+        else:
+            assert origin.startswith("(default) "), (key, origin)
+    assert sum(o.startswith("(default) ") for o in seen.values()) >= 10

@@ -98,8 +98,9 @@ def test_class_index_folders_label_by_number_not_by_sorted_name(fmnist_tree, tmp
 
 @pytest.mark.parametrize("args, message", [
     (("missing.pt",), "not found"),
-    (("{bogus}",), "cannot use"),
-    (("{cut}",), "does not end like one (truncated, or another kind of file)\n"),
+    (("{bogus}",), "bogus.pt is not a checkpoint: it is a text file (it starts 'not a checkpoint')"),
+    (("{cut}",), "does not end like one (truncated, or another kind of file)\n"),  # a zip cut short: truncated
+    (("{text_export}",), "notes.safetensors is not a checkpoint: it is a text file"),
     (("{ckpt}", "--recipe", "recipes/a3.toml"), "weights do not fit model.arch=resnet50 with 1000 classes: layer1.0.conv1.weight is [32, 64, 3, 3] in the "
      "file, [64, 64, 1, 1] in the model; pass the recipe the run used with --recipe (or none: the file's own config)\n"),
     (("{ckpt}", "--imagenet-v2", "--pipeline", "ffcv"), "--pipeline reference"),
@@ -110,7 +111,9 @@ def test_user_errors_are_one_line(tiny_runs, tmp_path, args, message):
     ckpt = sorted(tiny_runs["plain"].glob("ckpt-*.pt"))[-1]
     cut = tmp_path / "cut.pt"
     cut.write_bytes(ckpt.read_bytes()[:5000])
-    proc = evaluate(*(a.format(bogus=bogus, ckpt=ckpt, cut=cut) for a in args))
+    text_export = tmp_path / "notes.safetensors"
+    text_export.write_text("# my notes\n")
+    proc = evaluate(*(a.format(bogus=bogus, ckpt=ckpt, cut=cut, text_export=text_export) for a in args))
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert "weights_only=False" not in proc.stderr, proc.stderr

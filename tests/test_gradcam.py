@@ -19,7 +19,7 @@ from pipelines.augment import Stage2
 from pipelines.base import Batch
 
 ROOT = Path(__file__).resolve().parents[1]
-RES = 64  # resnet_tiny's layer4 is 1x1 at 32 px (a flat map); at 64 px it is 2x2
+RES = 64  # resnet_tiny's layer4 is 1x1 at 32 px (a flat map), 2x2 at 64 px; layer3 is 4x4 at 64 px
 
 
 def final_ckpt(run: Path) -> Path:
@@ -60,10 +60,11 @@ def test_heatmaps_differ_between_checkpoints_and_match_the_definition(tiny_runs,
     out = {}
     for name, run in tiny_runs.items():
         model, cfg = load_model(final_ckpt(run))
-        layer = target_layer(model, cfg.model.arch)
-        assert layer is model.layer4[-1]
+        target = target_layer(model, cfg.model.arch, res=RES)
+        assert target.name == "layer3" and target.module is model.layer3[-1]
+        layer = target.module
         exp = explain(model, cfg, samples.images, layer, torch.device("cpu"))
-        assert exp.feature_hw == (2, 2) and exp.cams.shape == (5, RES, RES)
+        assert exp.feature_hw == (4, 4) and exp.cams.shape == (5, RES, RES)
         assert exp.cams.min() >= 0 and exp.cams.max() <= 1 + 1e-6
         again = explain(model, cfg, samples.images, layer, torch.device("cpu"))
         np.testing.assert_array_equal(again.cams, exp.cams)  # deterministic
@@ -120,17 +121,38 @@ def cli(capsys, *args) -> tuple[int, str, str]:
     return code, out, err
 
 
+def test_default_layer_is_the_deepest_at_least_4x4_and_says_so(tiny_runs, tmp_path, capsys):
+    """At the run's 32 px resnet_tiny's layer4 is 1x1 (a flat heat-map): the default is the deepest stage
+    whose map is at least 4x4, found from timm's own feature_info (each stage's reduction)."""
+    from toolkit.gradcam import compare
+
+    ckpt = final_ckpt(tiny_runs["plain"])
+    model, cfg = load_model(ckpt)
+    for res in (32, 64, 224):
+        expected = [f["module"] for f in model.feature_info if f["module"].startswith("layer")
+                    and res // f["reduction"] >= 4][-1]
+        assert target_layer(model, cfg.model.arch, res=res).name == expected, res
+    code, out, err = cli(capsys, ckpt, "--num-images", "3", "--cell-px", "20", "--out", tmp_path / "a.png")
+    assert code == 0 and (tmp_path / "a.png").is_file(), err
+    assert "Grad-CAM layer: layer2, 4x4 at res 32 (the deepest stage at least 4x4; deeper: layer3 2x2, " \
+           "layer4 1x1" in out, out
+    assert "flat" not in err
+    result = compare([str(ckpt)], num_images=3, warn=pytest.fail)
+    assert all(cam.std() > 0.05 for cam in result["columns"][0][1].cams)  # every heat-map points somewhere
+
+
 def test_flat_map_is_flagged(tiny_runs, tmp_path, capsys):
-    code, _, err = cli(capsys, final_ckpt(tiny_runs["plain"]), "--num-images", "1", "--cell-px", "20",
-                       "--out", tmp_path / "a.png")
+    code, out, err = cli(capsys, final_ckpt(tiny_runs["plain"]), "--num-images", "1", "--cell-px", "20",
+                         "--layer", "layer4", "--out", tmp_path / "a.png")
     assert code == 0 and "1x1 at res 32" in err and (tmp_path / "a.png").is_file()
+    assert "Grad-CAM layer: layer4, as --layer says" in out
 
 
 def test_target_layer_choice():
     with pytest.raises(LayerError, match="--layer"):
-        target_layer(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), "tiny_cnn")
+        target_layer(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), "tiny_cnn", res=32)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
-    assert target_layer(model, "tiny_cnn", "0") is model[0]
+    assert target_layer(model, "tiny_cnn", "0").module is model[0]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -3,6 +3,7 @@ window (warm-up excluded, data wait counted), one-line user errors, and the bott
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -135,7 +136,7 @@ def test_warmup_is_outside_the_window_and_waiting_is_counted(fmnist_tree, monkey
     assert row["seconds"] >= 1.2
     waited = row["data_wait_frac"] * row["seconds"]
     assert 1.2 <= waited < 2.1  # a 1 s warm-up sleep counted in the window would break the upper bound
-    assert profiling.diagnose([row], {"workers": 2, "pipeline": "reference", "device": "cpu"}).startswith("data-bound")
+    assert profiling.diagnose([row], {"workers": 2, "pipeline": "reference", "device": "cpu"})[0][1].startswith("data-bound")
 
 
 # --------------------------------------------------------------------------- user errors
@@ -178,23 +179,28 @@ def row(mode, what, batch, res, ips, *, wait=None, workers=4, precision="bf16", 
 ENV = {"workers": 4, "pipeline": "reference", "device": "cuda", "cpus_usable": 16, "cpu_count": 16}
 
 
+def verdict(rows, env) -> str:
+    """The findings as the tool prints them, one line each."""
+    return "\n".join(profiling.verdict_lines(profiling.diagnose(rows, env)))
+
+
 def test_rule_data_wait_over_limit_is_data_bound():
     rows = [row("model", "bare step", 256, 224, 3000.0), row("e2e", "recipe step", 256, 224, 1200.0, wait=0.55)]
-    line = profiling.diagnose(rows, ENV)
-    assert line.startswith("data-bound") and "55%" in line
+    line = verdict(rows, ENV)
+    assert line.startswith("bottleneck: data-bound") and "55%" in line
     assert "raise data.workers (now 4)" in line and "switch data.pipeline to ffcv/dali" in line
 
 
 def test_rule_stage1_slower_than_the_step_is_data_bound_even_without_e2e():
     rows = [row("data", "stage1", 256, 224, 900.0), row("model", "bare step", 256, 224, 3000.0)]
-    line = profiling.diagnose(rows, {**ENV, "pipeline": "ffcv"})
-    assert line.startswith("data-bound") and "stage 1 900 img/s" in line and "the step 3,000 img/s" in line
+    line = verdict(rows, {**ENV, "pipeline": "ffcv"})
+    assert line.startswith("bottleneck: data-bound") and "stage 1 900 img/s" in line and "the step 3,000 img/s" in line
     assert "ffcv/dali" not in line  # already a fast backend: only more workers
 
 
 def test_rule_workers_at_cpu_count_says_so():
     rows = [row("e2e", "recipe step", 64, 32, 500.0, wait=0.4)]
-    line = profiling.diagnose(rows, {**ENV, "workers": 2, "cpus_usable": 2, "device": "cpu"})
+    line = verdict(rows, {**ENV, "workers": 2, "cpus_usable": 2, "device": "cpu"})
     assert "data.workers is already 2 on 2 usable CPUs" in line
 
 
@@ -203,36 +209,37 @@ def test_rule_compute_bound_points_at_amp_channels_last_and_batch():
             row("model", "bare step", 128, 224, 1200.0, precision="fp32", channels_last=False),
             row("data", "stage1", 64, 224, 5000.0), row("data", "stage1", 128, 224, 5000.0),
             row("e2e", "recipe step", 128, 224, 1150.0, wait=0.02, precision="fp32", channels_last=False)]
-    line = profiling.diagnose(rows, ENV)
-    assert line.startswith("compute-bound")
+    line = verdict(rows, ENV)
+    assert line.startswith("bottleneck: compute-bound")
     assert "train.precision=bf16" in line and "train.channels_last=true" in line
-    assert "still rises 50% from batch 64 to 128" in line and "per_device_batch_size" in line
+    assert "advice: batch 64 -> 128, res 224: the step's images/s rises 50%: raise train.per_device_batch_size" in line
 
 
 def test_rule_flat_batch_curve_on_cpu_suggests_no_batch_change():
     rows = [row("model", "bare step", 64, 32, 1000.0, precision="fp32"),
             row("model", "bare step", 128, 32, 1050.0, precision="fp32")]
-    line = profiling.diagnose(rows, {**ENV, "device": "cpu"})
-    assert line.startswith("compute-bound") and "batch_size" not in line and "bf16" not in line  # AMP advice is CUDA's
+    line = verdict(rows, {**ENV, "device": "cpu"})
+    assert line.startswith("bottleneck: compute-bound") and "batch_size" not in line and "bf16" not in line  # AMP advice is CUDA's
 
 
 def test_rule_e2e_far_below_the_step_without_waiting():
     rows = [row("model", "bare step", 64, 32, 1000.0, precision="fp32"),
             row("e2e", "recipe step", 64, 32, 500.0, wait=0.05, precision="fp32")]
-    line = profiling.diagnose(rows, {**ENV, "device": "cpu"})
-    assert line.startswith("compute-bound") and "e2e reaches 50% of the bare step at batch 64 res 32" in line
-    assert "compete with the step for the CPU cores" in line
+    line = verdict(rows, {**ENV, "device": "cpu"})
+    assert line.startswith("bottleneck: compute-bound") and "batch 64, res 32: e2e reaches 50% of the bare step" in line
+    assert "decode workers share the CPU cores with the step" in line
 
 
 def test_rule_resolution_cost_when_nothing_else_applies():
     rows = [row("model", "bare step", 128, 160, 3000.0), row("model", "bare step", 128, 224, 1500.0)]
-    line = profiling.diagnose(rows, ENV)
-    assert "res 224 costs 2.0x res 160" in line and "train.progressive" in line
+    line = verdict(rows, ENV)
+    assert "batch 128, res 160 -> 224: 2.0x the step's time per image" in line and "train.progressive" in line
 
 
 def test_rule_data_only():
-    line = profiling.diagnose([row("data", "stage1", 64, 224, 1000.0)], ENV)
-    assert line.startswith("stage 1 only: 1,000 img/s (250 per worker, 4 workers)") and "mode all" in line
+    line = verdict([row("data", "stage1", 64, 224, 1000.0)], ENV)
+    assert line.startswith("bottleneck: stage 1 only: 1,000 img/s at batch 64, res 224 (250 per worker, 4 workers)")
+    assert "mode all" in line
 
 
 def test_merge_repeats_takes_the_median_window():
@@ -247,7 +254,7 @@ def test_spread_note_only_when_repeats_disagree():
     assert profiling.spread_note(steady) is None
     noisy = steady + profiling.merge_repeats([row("e2e", "recipe step", 64, 32, v, wait=0.0) for v in (100.0, 800.0)])
     note = profiling.spread_note(noisy)
-    assert note.startswith("note: repeats of 1 of 2 model/e2e points differ more than 2x (up to 8.0x)")
+    assert note.startswith("repeats of 1 of 2 points differ more than 1.5x (up to 8.0x, recipe step at batch 64, res 32)")
 
 
 def test_toggles(monkeypatch):
@@ -279,21 +286,21 @@ def _three_stages(stage1: float, stage2: float, step: float, e2e: float, wait: f
             row("e2e", "recipe step", 256, 32, e2e, wait=wait, precision="fp32", pipeline="ffcv")]
 
 
-@pytest.mark.parametrize("slow, head", [("stage 1", "data-bound (stage 1 is the slowest"),
-                                        ("stage 2", "stage2-bound (stage 2 is the slowest"),
-                                        ("the step", "compute-bound (the step is the slowest")])
+@pytest.mark.parametrize("slow, head", [("stage 1", "bottleneck: data-bound: stage 1 is the slowest"),
+                                        ("stage 2", "bottleneck: stage2-bound: stage 2 is the slowest"),
+                                        ("the step", "bottleneck: compute-bound: the step is the slowest")])
 def test_verdict_names_the_slowest_stage_with_its_figures(slow, head):
     """The measured figures with one stage in turn made the slowest (a third of the next slowest)."""
     rates = {k: v for k, v in MEASURED.items() if k != "e2e"}
     rates[slow] = min(rates.values()) / 3
     serial = 1 / (1 / rates["stage 2"] + 1 / rates["the step"])
     e2e = min(rates["stage 1"], serial) * 0.9
-    line = profiling.diagnose(_three_stages(rates["stage 1"], rates["stage 2"], rates["the step"], e2e, 0.05),
+    line = verdict(_three_stages(rates["stage 1"], rates["stage 2"], rates["the step"], e2e, 0.05),
                               {**ENV, "device": "cpu", "workers": 2, "cpus_usable": 2, "pipeline": "ffcv"})
     assert line.startswith(head), line
     for name, v in rates.items():
         assert f"{name} {v:,.0f} img/s" in line
-    assert f"stage 2 + step in the training thread {serial:,.0f} img/s" in line
+    assert f"stage 2 + step {serial:,.0f}" in line
     assert f"e2e {e2e:,.0f} img/s, waiting for data 5%" in line
     # the figures are listed slowest first
     order = sorted(rates, key=rates.get)
@@ -304,13 +311,91 @@ def test_verdict_names_the_slowest_stage_with_its_figures(slow, head):
 def test_verdict_as_measured_and_waiting_overrides():
     env = {**ENV, "device": "cpu", "workers": 2, "cpus_usable": 2, "pipeline": "ffcv"}
     m = MEASURED
-    line = profiling.diagnose(_three_stages(m["stage 1"], m["stage 2"], m["the step"], m["e2e"], 0.02), env)
-    assert line.startswith("compute-bound (the step is the slowest at batch 256 res 32")
+    line = verdict(_three_stages(m["stage 1"], m["stage 2"], m["the step"], m["e2e"], 0.02), env)
+    assert line.startswith("bottleneck: compute-bound: the step is the slowest at batch 256, res 32")
     # e2e far below stage 2 + step without waiting: the decode workers take the cores
     serial = 1 / (1 / m["stage 2"] + 1 / m["the step"])
     if m["e2e"] < profiling.FAR_BELOW_CEILING * serial:
         assert f"e2e reaches {100 * m['e2e'] / serial:.0f}% of stage 2 + step" in line
     # stage 1 alone keeps up, but e2e waits: data-bound all the same
-    line = profiling.diagnose(_three_stages(m["stage 1"], m["stage 2"], m["the step"], m["e2e"], 0.45), env)
-    assert line.startswith("data-bound (e2e waits for data more than 20% of the time")
+    line = verdict(_three_stages(m["stage 1"], m["stage 2"], m["the step"], m["e2e"], 0.45), env)
+    assert line.startswith("bottleneck: data-bound: e2e waits for data more than 20% of the time")
     assert "data.workers is already 2 on 2 usable CPUs" in line
+
+
+# --------------------------------------------------------------------------- noisy repeats, one line per finding
+def repeated(mode, what, batch, res, windows, **kw):
+    """A merged row as merge_repeats makes it from one window per repeat."""
+    return profiling.merge_repeats([row(mode, what, batch, res, w, **kw) for w in windows])[0]
+
+
+CPU = {**ENV, "device": "cpu", "workers": 2, "cpus_usable": 2, "pipeline": "dali"}
+
+
+def test_advice_from_repeats_that_disagree_is_held_back():
+    """The issue's run under load: repeats up to 8.7x apart made "images/s still rises 590% from batch 128
+    to 256: raise train.per_device_batch_size". Such advice is held back, with the reason."""
+    stages = [row("data", "stage1", b, 32, 15_000.0, workers=2) for b in (128, 256)] + \
+        [row("data", "stage2", b, 32, 30_000.0, workers=2) for b in (128, 256)]
+    noisy = stages + [repeated("model", "bare step", 128, 32, [300.0, 2_600.0], precision="fp32"),
+                      repeated("model", "bare step", 256, 32, [2_070.0, 240.0, 2_090.0], precision="fp32")]
+    line = verdict(noisy, CPU)
+    assert "per_device_batch_size" not in line, line
+    held = [ln for ln in line.splitlines() if ln.startswith("held back: ")]
+    assert held and "batch 128 -> 256, res 32" in held[0] and "not acted on: its repeats differ 8.7x" in held[0]
+    # the same medians from repeats that agree: the advice is given
+    quiet = stages + [repeated("model", "bare step", 128, 32, [300.0, 302.0], precision="fp32"),
+                      repeated("model", "bare step", 256, 32, [2_070.0, 2_080.0, 2_090.0], precision="fp32")]
+    assert "advice: batch 128 -> 256, res 32: the step's images/s rises" in verdict(quiet, CPU)
+    # a 14% rise from repeats 1.3x apart: within their own disagreement, so not acted on either
+    close = stages + [repeated("model", "bare step", 128, 32, [1_800.0, 2_340.0], precision="fp32"),
+                      repeated("model", "bare step", 256, 32, [2_350.0, 2_400.0], precision="fp32")]
+    line = verdict(close, CPU)
+    assert "advice: batch 128" not in line and "within its repeats' 1.30x spread" in line, line
+
+
+def test_one_short_line_per_finding_each_with_its_batch_and_resolution():
+    """The quiet run the issue quotes: the rise belongs to res 32 while the verdict's point is res 24;
+    each line names its own point."""
+    rows = []
+    for res, (s128, s256) in {24: (2_450.0, 2_500.0), 32: (1_820.0, 2_075.0)}.items():
+        for b, step in ((128, s128), (256, s256)):
+            rows += [row("data", "stage1", b, res, 16_000.0, workers=2, pipeline="dali"),
+                     row("data", "stage2", b, res, 30_000.0, workers=2, pipeline="-"),
+                     row("model", "bare step", b, res, step, precision="fp32"),
+                     row("e2e", "recipe step", b, res, 0.6 * step, wait=0.05, precision="fp32", pipeline="dali")]
+    lines = profiling.verdict_lines(profiling.diagnose(rows, CPU))
+    assert lines[0] == "bottleneck: compute-bound: the step is the slowest at batch 256, res 24"
+    for line in lines:
+        assert len(line) <= 130 and re.search(r"batch \d+( -> \d+)?, res \d+", line), line
+    rise = [ln for ln in lines if "rises" in ln]
+    assert rise == ["advice: batch 128 -> 256, res 32: the step's images/s rises 14%: raise "
+                    "train.per_device_batch_size"]
+    assert sum("e2e reaches" in ln for ln in lines) == 4  # one per point, each with its own batch and res
+
+
+def test_png_marks_the_bottleneck_and_keeps_legends_off_the_data():
+    m = MEASURED
+    rows = [*_three_stages(m["stage 1"], m["stage 2"], m["the step"], m["e2e"], 0.02),
+            *_three_stages(m["stage 1"], m["stage 2"], 1.1 * m["the step"], m["e2e"], 0.02)]
+    for r in rows[4:]:
+        r["batch"] = 128
+    fig = profiling.figure(rows, "title", "bottleneck: ...")
+    fig.canvas.draw()
+    marks = [(ax, line) for ax in fig.axes for line in ax.get_lines() if line.get_gid() == "bottleneck"]
+    assert len(marks) == 1
+    ax, ring = marks[0]
+    # the step is the slowest stage, at the point where it is fastest (batch 128), as the verdict says
+    assert ax.get_title() == "model: the bottleneck"
+    assert (list(ring.get_xdata()), list(ring.get_ydata())) == ([128], [1.1 * m["the step"]])
+    assert profiling.diagnose(rows, {**CPU, "pipeline": "ffcv"})[0][1].endswith("slowest at batch 128, res 32")
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        legend = ax.get_legend().get_window_extent(renderer)
+        assert not legend.overlaps(ax.get_window_extent(renderer))  # under the panel, not on it
+        for line in ax.get_lines():
+            for x, y in ax.transData.transform(line.get_xydata()):
+                assert not legend.contains(x, y)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

@@ -53,16 +53,17 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data: str | None = None, pipe
                         precision: str | None = None, device: str | torch.device = "cpu",
                         recipe: str | None = None) -> dict[str, Any]:
     """Top-1/top-5/loss of ``checkpoint`` (``ckpt-*.pt`` or ``*.safetensors``) on its run's val set,
-    or on ``data``; None for a setting means the run's own (``data.root``, ``data.pipeline``,
+    or on ``data``; None for a setting means the run's own (``data.root``: relative to the run's working
+    folder, ``toolkit.load_model.run_data_root``; ``data.pipeline``,
     ``eval.res``...). ``flip_tta`` averages the softmax of each image and its mirror. Returns the
     settings used and the metrics. Raises CheckpointError, ConfigError, DataError or
     MissingBackendError with a one-line message."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda asked for but no CUDA device is visible; use --device cpu")
-    model, cfg = load_model(checkpoint, device, recipe=recipe)
+    model, cfg = load_model(checkpoint, device, recipe=recipe, data=data)  # the run's data.root found, or data
     cfg = replace(cfg,
-                  data=replace(cfg.data, root=data or cfg.data.root, pipeline=pipeline or cfg.data.pipeline,
+                  data=replace(cfg.data, pipeline=pipeline or cfg.data.pipeline,
                                workers=workers if workers is not None else cfg.data.workers),
                   eval=replace(cfg.eval, res=res or cfg.eval.res, crop_pct=crop_pct or cfg.eval.crop_pct,
                                batch_size=batch_size or cfg.eval.batch_size))

@@ -8,8 +8,11 @@ only decides what it is computed on, so that comparing checkpoints is fair:
 * the same images for every checkpoint, cut by the reference reader's eval transform (resize the
   shorter side to ``floor(res / crop_pct)``, centre-crop ``res``) and normalized by each run's own
   eval stage 2, i.e. what the engine's evaluation feeds the model;
-* the last convolutional stage as target layer (``layer4[-1]`` for timm ResNets, where the paper
-  puts it: the last spatial features before pooling), or a named module;
+* the target layer: the deepest ResNet stage whose feature map is still at least 4x4 at the
+  resolution used (:func:`target_layer`), or a named module. The paper puts it at the last
+  convolutional features (``layer4``), whose map is res / 32: 7x7 at 224 px, but 1x1 at the demo's
+  32 px, where the map is one number and the heat-map a flat sheet; the deepest 4x4-or-larger stage
+  keeps the most semantic features that can still point somewhere;
 * the class explained is the model's own prediction, in fp32 (gradients need no autocast).
 
 Grid: one row per image; the first column is the image (titled with its true class), then one
@@ -38,26 +41,67 @@ from toolkit.evaluate import val_pipeline_for
 from toolkit.load_model import load_model
 
 TITLE_PT = 6.5  # points; the figure is laid out in cells of one inch, so text scales with cell_px
+MIN_MAP = 4  # the default layer's map is at least MIN_MAP x MIN_MAP: 1x1 is flat, 2x2 four blocks
+STAGES = ("layer1", "layer2", "layer3", "layer4")  # timm ResNet/ResNet-D/SE-ResNet... stages, input side first
 
 
 class LayerError(ValueError):
     """No Grad-CAM target layer for this model; one-line message."""
 
 
-def target_layer(model: nn.Module, arch: str, name: str | None = None) -> nn.Module:
-    """``name`` (a dotted module path such as ``layer3`` or ``layer4.0``) when given, else the last
-    block of the last stage of a ResNet-style model (timm ResNet/ResNet-D/SE-ResNet...: ``layer4``)."""
+@dataclass
+class Layer:
+    """The Grad-CAM target: the module, the name ``--layer`` takes for it, and why it was chosen."""
+    name: str
+    module: nn.Module
+    why: str
+
+
+def stage_maps(model: nn.Module, res: int, channels_last: bool = False) -> list[tuple[str, tuple[int, int]]]:
+    """(stage name, output height x width) of each ResNet stage of ``model`` for a ``res`` x ``res``
+    input, input side first; one forward pass of a blank image."""
+    stages = [(n, m) for n in STAGES if isinstance(m := getattr(model, n, None), nn.Sequential) and len(m)]
+    sizes: dict[str, tuple[int, int]] = {}
+
+    def record(name: str):
+        def hook(module, inputs, output) -> None:  # returns None: the output stays as it is
+            sizes[name] = tuple(output.shape[-2:])
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in stages]
+    param = next(model.parameters())
+    x = torch.zeros(1, 3, res, res, device=param.device, dtype=param.dtype)
+    try:
+        with torch.no_grad():
+            model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [(n, sizes[n]) for n, _ in stages]
+
+
+def target_layer(model: nn.Module, arch: str, name: str | None = None, res: int = 224,
+                 channels_last: bool = False) -> Layer:
+    """``name`` (a dotted module path such as ``layer3`` or ``layer4.0``) when given; else the deepest
+    ResNet stage whose map is at least MIN_MAP x MIN_MAP at ``res`` (its last block: the stage's
+    output), or the shallowest stage when none is (with a note)."""
     if name:
         try:
-            return model.get_submodule(name)
+            return Layer(name, model.get_submodule(name), "as --layer says")
         except AttributeError:
             stages = [n for n, _ in model.named_children()]
             raise LayerError(f"{arch} has no module {name!r}; top-level modules are {', '.join(stages)}") from None
-    last = getattr(model, "layer4", None)
-    if isinstance(last, nn.Sequential) and len(last):
-        return last[-1]
-    raise LayerError(f"no default Grad-CAM layer for model.arch={arch} (no ResNet layer4); "
-                     "name its last conv stage with --layer")
+    maps = stage_maps(model, res, channels_last)
+    if not maps:
+        raise LayerError(f"no default Grad-CAM layer for model.arch={arch} (no ResNet stages layer1..layer4); "
+                         "name its last conv stage with --layer")
+    big = [(n, hw) for n, hw in maps if min(hw) >= MIN_MAP]
+    pick, hw = big[-1] if big else maps[0]
+    deeper = ", ".join(f"{n} {h}x{w}" for n, (h, w) in maps[[n for n, _ in maps].index(pick) + 1:])
+    why = (f"{hw[0]}x{hw[1]} at res {res} (the deepest stage at least {MIN_MAP}x{MIN_MAP}" if big else
+           f"{hw[0]}x{hw[1]} at res {res} (no stage reaches {MIN_MAP}x{MIN_MAP}: a larger --res shows more")
+    why += (f"; deeper: {deeper}" if deeper else "") + "; --layer picks another)"
+    return Layer(pick, getattr(model, pick)[-1], why)
 
 
 @dataclass
@@ -144,7 +188,7 @@ def flat_map_note(feature_hw: tuple[int, int], res: int) -> str | None:
     if math.prod(feature_hw) > 1:
         return None
     return (f"note: the target layer is 1x1 at res {res}, so its heat-map is flat; "
-            "use a larger --res or an earlier --layer (e.g. layer3)")
+            "use a larger --res or an earlier --layer (e.g. layer3), or leave --layer out")
 
 
 def column_labels(checkpoints: list[str], labels: str | None = None) -> list[str]:
@@ -171,28 +215,41 @@ def compare(checkpoints: list[str], *, labels: str | None = None, data: str | No
             warn: Callable[[str], None] = _to_stderr) -> dict[str, Any]:
     """Loads every checkpoint and explains the same images with each: ``num_images`` val images of
     ``data`` (default: the first checkpoint's data.root) cut at ``res`` / ``crop_pct`` (default: the
-    first checkpoint's eval settings); ``layer`` names the target module (default: the last block of
-    layer4). Returns what :func:`render_grid` and :func:`log_wandb` need; ``warn`` gets the note for a
-    flat (1x1) map. Raises CheckpointError, ConfigError, DataError or LayerError (one line)."""
+    first checkpoint's eval settings); ``layer`` names the target module (default: per checkpoint, the
+    deepest stage at least 4x4 at ``res``, :func:`target_layer`). Returns what :func:`render_grid` and
+    :func:`log_wandb` need, with each column's layer and why (``"layers"``); ``warn`` gets the note
+    for a flat (1x1) map. Raises CheckpointError, ConfigError, DataError or LayerError (one line)."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda asked for but no CUDA device is visible; use --device cpu")
     if num_images < 1:
         raise ConfigError("--num-images must be at least 1")
     names = column_labels(checkpoints, labels)
-    loaded = [load_model(c, device, recipe=recipe) for c in checkpoints]
+    loaded = [load_model(checkpoints[0], device, recipe=recipe, data=data)]  # the first run's data, found
     first = loaded[0][1]
+    loaded += [load_model(c, device, recipe=recipe, data=first.data.root) for c in checkpoints[1:]]
     res, crop_pct = res or first.eval.res, crop_pct or first.eval.crop_pct
-    samples = pick_samples(data or first.data.root, num_images, res, crop_pct)
-    columns = []
+    samples = pick_samples(first.data.root, num_images, res, crop_pct)
+    columns, layers = [], []
     for label, (model, cfg) in zip(names, loaded):
-        exp = explain(model, cfg, samples.images, target_layer(model, cfg.model.arch, layer), device)
+        target = target_layer(model, cfg.model.arch, layer, res, cfg.train.channels_last)
+        exp = explain(model, cfg, samples.images, target.module, device)
         note = flat_map_note(exp.feature_hw, res)
         if note:
             warn(f"{label}: {note}")
         columns.append((label, exp))
+        layers.append((label, target.name, target.why))
     return {"samples": samples, "columns": columns, "res": res, "crop_pct": crop_pct,
-            "checkpoints": [str(c) for c in checkpoints], "layer": layer}
+            "checkpoints": [str(c) for c in checkpoints], "layer": layer, "layers": layers}
+
+
+def layer_lines(result: dict[str, Any]) -> list[str]:
+    """What the tool prints about the target layer: one line when every column uses the same one."""
+    layers = result["layers"]
+    if len({(name, why) for _, name, why in layers}) == 1:
+        _, name, why = layers[0]
+        return [f"Grad-CAM layer: {name}, {why}"]
+    return [f"{label}: Grad-CAM layer {name}, {why}" for label, name, why in layers]
 
 
 def predictions_right(result: dict[str, Any]) -> list[tuple[str, int]]:
@@ -254,7 +311,8 @@ def log_wandb(result: dict[str, Any], where: Path, mode: str, project: str = Log
                     f"{class_name(samples.class_names, int(exp.pred[r]))} ({100 * exp.prob[r]:.1f}%)"]
         table.add_data(*row)
     config = {"checkpoints": result["checkpoints"], "labels": [label for label, _ in columns],
-              "res": result["res"], "crop_pct": result["crop_pct"], "layer": result["layer"] or "layer4[-1]"}
+              "res": result["res"], "crop_pct": result["crop_pct"],
+              "layer": {label: name for label, name, _ in result["layers"]}}
     run = start_wandb(LogConfig(wandb=mode, project=project, run_name="gradcam"), Path(where),
                       config, uuid.uuid4().hex[:12])  # a fresh run per invocation
     run.log({"gradcam": table})
@@ -263,5 +321,5 @@ def log_wandb(result: dict[str, Any], where: Path, mode: str, project: str = Log
     return str(Path(folder).parent)
 
 
-__all__ = ["LayerError", "target_layer", "Samples", "pick_samples", "Explanation", "explain", "overlay",
+__all__ = ["LayerError", "Layer", "MIN_MAP", "stage_maps", "target_layer", "layer_lines", "Samples", "pick_samples", "Explanation", "explain", "overlay",
            "class_name", "flat_map_note", "column_labels", "compare", "predictions_right", "render_grid", "log_wandb"]

@@ -12,6 +12,11 @@ Two inputs are accepted:
 The model comes back in eval mode, in channels_last memory when the run trained that way, so that
 evaluating it runs the very kernels the engine ran (that is what makes ``tools/evaluate.py``
 reproduce the engine's top-1 exactly).
+
+A recipe's ``data.root`` is usually relative (``data/imagenet``): relative to the folder the run was
+started in, which checkpoints and exports record (``workdir``). :func:`run_data_root` resolves it
+there (else here), so a tool started from another folder reads the run's own data, or says which
+paths it tried.
 """
 from __future__ import annotations
 
@@ -26,17 +31,51 @@ from torch import nn
 from engine import checkpoint as ckpt
 from common.config import Config, ConfigError, config_from_dict, load_config
 from models.factory import create_model
+from pipelines.base import DataError
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
 
 
 class CheckpointError(ValueError):
     """The file is missing or not a checkpoint/export of this project; one-line message."""
 
 
-def load_config_and_state(path: str | Path, recipe: str | None = None) -> tuple[Config, dict[str, torch.Tensor]]:
+def _not_a_checkpoint(path: Path, kind: str) -> str | None:
+    """Why ``path`` cannot be a ``kind`` ("pt" or "safetensors") file at all, judged by its first bytes:
+    a text file or another format is named as such rather than as a damaged checkpoint; None when
+    the start fits (a file cut short is then found by the reader)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "it is empty"
+    if kind == "pt" and head.startswith(ZIP_MAGIC):
+        return None
+    if kind == "safetensors" and len(head) > 8 and head[8:9] == b"{":  # u64 header length, then its JSON
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\n\r\t" for c in text):
+        first = text.strip().splitlines()[0][:40] if text.strip() else ""
+        return f"it is a text file (it starts {first!r})"
+    what = "a zip archive (torch.save)" if kind == "pt" else "a safetensors file"
+    return f"it is not {what}"
+
+
+def load_config_and_state(path: str | Path,
+                          recipe: str | None = None) -> tuple[Config, dict[str, torch.Tensor], str | None]:
+    """(the run's config, the weights to evaluate, the folder the run was started in when recorded).
+    With ``recipe`` the config is that recipe's, whose paths are relative to this folder."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; pass a ckpt-*.pt or *.safetensors file from a run folder")
-    if path.suffix == ".safetensors":
+    kind = "safetensors" if path.suffix == ".safetensors" else "pt"
+    why = _not_a_checkpoint(path, kind)
+    if why:
+        raise CheckpointError(f"{path} is not a checkpoint: {why}; pass a ckpt-*.pt or *.safetensors file "
+                              "from a run folder")
+    if kind == "safetensors":
         return _from_safetensors(path, recipe)
     try:
         state = ckpt.load(path)
@@ -46,10 +85,10 @@ def load_config_and_state(path: str | Path, recipe: str | None = None) -> tuple[
         raise CheckpointError(f"{path} is not a checkpoint written by engine.run (no model/config inside)")
     cfg = config_from_dict(state["config"]) if recipe is None else load_config(recipe)
     weights = state["ema"] if state.get("ema") else state["model"]
-    return cfg, weights
+    return cfg, weights, state.get("workdir") if recipe is None else None
 
 
-def _from_safetensors(path: Path, recipe: str | None) -> tuple[Config, dict[str, torch.Tensor]]:
+def _from_safetensors(path: Path, recipe: str | None) -> tuple[Config, dict[str, torch.Tensor], str | None]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -74,7 +113,29 @@ def _from_safetensors(path: Path, recipe: str | None) -> tuple[Config, dict[str,
                                    crop_pct=float(meta.get("crop_pct", cfg.eval.crop_pct))))
     else:
         raise CheckpointError(f"{path} carries no config metadata; pass --recipe RECIPE.toml for its model settings")
-    return cfg, weights
+    return cfg, weights, meta.get("workdir") if recipe is None else None
+
+
+def run_data_root(root: str, workdir: str | None) -> str:
+    """The run's ``data.root`` as a path to read here: as it is when absolute; a relative one against
+    the run's recorded working folder, else against the current folder (checkpoints from before the
+    working folder was recorded). Raises DataError naming every path tried."""
+    path = Path(root)
+    if path.is_absolute():
+        tried = [path]
+    else:
+        tried = list(dict.fromkeys(([Path(workdir) / path] if workdir else []) + [Path.cwd() / path]))
+    for candidate in tried:
+        if candidate.exists():
+            return str(candidate)
+    places = " or ".join(str(p) for p in tried)
+    if path.is_absolute():
+        where = ""
+    elif workdir:
+        where = " (against the run's working folder, then the current one)"
+    else:
+        where = " (against the current folder: no working folder recorded)"
+    raise DataError(f"data.root {root} not found: tried {places}{where}; pass --data with the converted val data")
 
 
 def build_model(cfg: Config, weights: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
@@ -96,12 +157,15 @@ def build_model(cfg: Config, weights: dict[str, torch.Tensor], device: torch.dev
     return model.eval()
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu",
-               recipe: str | None = None) -> tuple[nn.Module, Config]:
-    """(model in eval mode on ``device``, the run's resolved config). Raises CheckpointError or
-    ConfigError with a one-line message."""
-    cfg, weights = load_config_and_state(path, recipe)
-    return build_model(cfg, weights, torch.device(device)), cfg
+def load_model(path: str | Path, device: torch.device | str = "cpu", recipe: str | None = None,
+               data: str | None = None) -> tuple[nn.Module, Config]:
+    """(model in eval mode on ``device``, the run's resolved config with ``data.root`` set to ``data``,
+    else to the run's own data found by :func:`run_data_root`). Raises CheckpointError, ConfigError or
+    DataError with a one-line message."""
+    cfg, weights, workdir = load_config_and_state(path, recipe)
+    model = build_model(cfg, weights, torch.device(device))  # first: weights that do not fit say so
+    root = data or run_data_root(cfg.data.root, workdir)
+    return model, replace(cfg, data=replace(cfg.data, root=root))
 
 
-__all__ = ["CheckpointError", "ConfigError", "load_config_and_state", "build_model", "load_model"]
+__all__ = ["CheckpointError", "ConfigError", "load_config_and_state", "run_data_root", "build_model", "load_model"]

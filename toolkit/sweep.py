@@ -72,6 +72,15 @@ KEYS = {
 SUBMITIT_GENERIC = ("timeout_min", "mem_gb", "tasks_per_node", "cpus_per_task", "nodes", "name", "gpus_per_node",
                     "stderr_to_stdout")
 DEFAULT_TIMEOUT_MIN = 24 * 60  # submitit's own defaults (2-5 minutes) would kill real trials
+DEMO_DATA = ("data/demo/src", "data/demo/converted")  # what `make demo` writes (tools/demo.py), repository-relative
+
+
+def _demo_hint(path: str | Path) -> str:
+    """A pointer to `make demo` when a missing ``path`` is the demo's data (a fresh clone has none)."""
+    posix = Path(path).as_posix().rstrip("/")
+    if any(posix == d or posix.endswith("/" + d) for d in DEMO_DATA):
+        return "; it is the demo's data: run `make demo` first (it writes data/demo/src and data/demo/converted)"
+    return ""
 
 
 class SweepError(ValueError):
@@ -360,7 +369,7 @@ def check_data(trial: TrialSpec) -> None:
     try:
         check_data_root(cfg.data)
     except DataError as e:
-        raise SweepError(str(e)) from None
+        raise SweepError(f"{e}{_demo_hint(cfg.data.root)}") from None
 
 
 def subset_folder(subset: Subset, out: Path, sweep_path: Path) -> tuple[Path, Path]:
@@ -370,7 +379,8 @@ def subset_folder(subset: Subset, out: Path, sweep_path: Path) -> tuple[Path, Pa
     if not src.is_absolute() and not src.is_dir():
         src = sweep_path.parent / subset.src
     if not src.is_dir():
-        raise SweepError(f"[budget.subset] src {subset.src} is not a folder (give the class-folder tree to convert)")
+        raise SweepError(f"[budget.subset] src {subset.src} is not a folder (give the class-folder tree to convert)"
+                         f"{_demo_hint(subset.src)}")
     settings = json.dumps([str(src.resolve()), subset.classes, subset.limit_per_class, sorted(subset.formats)])
     return src, (out / f"subset-{hashlib.sha1(settings.encode()).hexdigest()[:8]}").resolve()
 
@@ -578,6 +588,7 @@ def plan_sweep(sweep: Sweep, out: Path, prepare: bool = True) -> list[TrialSpec]
     once (the converter) before planning; without it (dry run, report only) only its folder is named."""
     subset_root = None
     if sweep.subset is not None and prepare:
+        subset_folder(sweep.subset, out, sweep.path)  # a missing source stops here, before any folder is made
         out.mkdir(parents=True, exist_ok=True)
         subset_root = prepare_subset(sweep.subset, out, sweep.path)
     elif sweep.subset is not None:

@@ -3,6 +3,8 @@
 and DALI webdataset shards, one decode per image, resumable after Ctrl-C or kill -9.
 
     python tools/convert_imagenet.py SRC OUT [--formats ffcv,dali] [--workers N] [--verify]
+    python tools/convert_imagenet.py /data/ILSVRC2012 data/imagenet --formats ffcv,dali --workers 32
+    python tools/convert_imagenet.py data/demo/src data/demo/converted --formats dali --workers 2   # the demo data
 
 Exit status: 0 done; 1 more than --max-skip-frac of a split skipped, or --verify found a problem;
 2 a usage error (message on one line); 130 interrupted (rerun the same command to resume).
@@ -15,15 +17,21 @@ import os
 import sys
 from pathlib import Path
 
+from common.cli import examples, prog
 from pipelines.convert.convert import FORMATS, WRITE_MODES, Settings, convert, skip_problems
 from pipelines.convert.sources import SourceError
 from pipelines.convert.state import StateError
 
 D = Settings()
+SCRIPT = "python tools/convert_imagenet.py"
 
 
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each option's help; the examples in the epilog as written."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,8 +40,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _Parser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    name = prog(SCRIPT)
+    p = _Parser(prog=name, description=__doc__.split("\n\n")[0], epilog=examples(__doc__.split("\n\n", 1)[1], SCRIPT, name),
+                formatter_class=_HelpFormatter)
     p.add_argument("src", type=Path, help="ImageNet folder: train/ + val/, Kaggle root, or the ILSVRC2012 tars")
     p.add_argument("out", type=Path, help="output folder (ffcv/, dali/, manifest.json)")
     p.add_argument("--formats", default=",".join(D.formats), help="comma list of: ffcv, dali")

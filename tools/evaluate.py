@@ -1,6 +1,6 @@
 """Evaluate a checkpoint on a validation set: top-1 / top-5 (and loss), printed and as JSON.
 
-    python tools/evaluate.py runs/a1/ckpt-e0599-s000374400.pt --data data/imagenet
+    python tools/evaluate.py runs/a1/ckpt-e0599-s000375000.pt --data data/imagenet
     python tools/evaluate.py runs/a1/best.safetensors --data data/imagenet --pipeline dali --res 288 --flip-tta
     python tools/evaluate.py runs/a1/model.safetensors --data imagenetv2-matched-frequency-format-val \\
         --imagenet-v2 --json runs/a1/eval_v2.json
@@ -24,15 +24,20 @@ from pathlib import Path
 
 import torch
 
+from common.cli import examples, prog
 from common.config import CHOICES, ConfigError
 from pipelines.base import DataError, MissingBackendError
 from toolkit.evaluate import evaluate_checkpoint
 from toolkit.load_model import CheckpointError
 
+SCRIPT = "python tools/evaluate.py"
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
+    name = prog(SCRIPT)
+    p = argparse.ArgumentParser(prog=name, description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=examples(__doc__.split("\n", 1)[1], SCRIPT, name))
     p.add_argument("checkpoint", help="ckpt-*.pt or *.safetensors from a run folder")
     p.add_argument("--data", help="val data (default: the run's data.root)")
     p.add_argument("--pipeline", choices=[c for c in CHOICES["data.pipeline"] if c != "synthetic"],

@@ -2,8 +2,8 @@
 
     python tools/gradcam.py runs/a1/model.safetensors runs/a2/model.safetensors runs/a3/model.safetensors \\
         --labels A1,A2,A3 --data data/imagenet --num-images 8 --out gradcam.png
-    python tools/gradcam.py runs/demo/ckpt-e0001-s000000234.pt runs/demo/model.safetensors \\
-        --labels "epoch 1,epoch 2" --res 64 --layer layer3 --wandb offline
+    python tools/gradcam.py runs/demo/model.safetensors --out runs/demo/gradcam.png     # after make demo
+    python tools/gradcam.py runs/demo/model.safetensors --res 64 --layer layer2 --wandb offline
 
 Grid: one row per image; the first column is the image (titled with its true class), then one
 heat-map overlay per checkpoint, titled with the checkpoint's label and its predicted class and
@@ -16,8 +16,9 @@ checkpoint's data.root; a converter output whose manifest names its source tree,
 val/<class>/, or a class-folder directory), cut at --res / --crop-pct (default: the first
 checkpoint's eval settings) and normalized as each run's eval did.
 
-Target layer: the last block of layer4 (the last conv stage of a ResNet); --layer names another
-module, e.g. ``layer3`` when layer4 is too coarse (a 1x1 map at small --res is flat).
+Target layer: the deepest ResNet stage whose map is at least 4x4 at the resolution used (layer4 at
+224 px, 7x7; layer2 at the demo's 32 px, where layer4 is 1x1 and its heat-map flat); the output says
+which. --layer names another module, e.g. layer3 or layer4.0.
 --wandb offline|online logs a ``gradcam`` table (image, true class, per checkpoint: overlay and
 prediction) to a run under --wandb-dir (default: the PNG's folder).
 Logic: toolkit/gradcam.py; this file parses options and prints.
@@ -30,22 +31,27 @@ from pathlib import Path
 
 import torch
 
+from common.cli import examples, prog
 from common.config import ConfigError, LogConfig
 from pipelines.base import DataError
-from toolkit.gradcam import LayerError, compare, log_wandb, predictions_right, render_grid
+from toolkit.gradcam import LayerError, compare, layer_lines, log_wandb, predictions_right, render_grid
 from toolkit.load_model import CheckpointError
+
+SCRIPT = "python tools/gradcam.py"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
+    name = prog(SCRIPT)
+    p = argparse.ArgumentParser(prog=name, description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=examples(__doc__.split("\n", 1)[1], SCRIPT, name))
     p.add_argument("checkpoints", nargs="+", help="ckpt-*.pt or *.safetensors files, one column each")
     p.add_argument("--labels", help="comma-separated column titles (default: each run folder's name)")
     p.add_argument("--data", help="val images (default: the first checkpoint's data.root)")
     p.add_argument("--num-images", type=int, default=8, help="rows of the grid (default 8)")
     p.add_argument("--res", type=int, help="default: the first checkpoint's eval.res")
     p.add_argument("--crop-pct", type=float, help="default: the first checkpoint's eval.crop_pct")
-    p.add_argument("--layer", help="target module by name, e.g. layer3 (default: the last block of layer4)")
+    p.add_argument("--layer", help="target module by name, e.g. layer3 (default: the deepest stage at least 4x4)")
     p.add_argument("--out", type=Path, default=Path("gradcam.png"), help="PNG to write (default gradcam.png)")
     p.add_argument("--cell-px", type=int, default=160, help="pixels per grid cell; PNG is cols x rows cells")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -72,6 +78,8 @@ def main(argv=None) -> int:
         print(str(e.code), file=sys.stderr)
         return 2
     rows = len(result["samples"].labels)
+    for line in layer_lines(result):
+        print(line)
     for label, right in predictions_right(result):
         print(f"{label}: {right}/{rows} predictions right")
     print(f"wrote {args.out} ({rows} images x {len(result['columns'])} checkpoints)"

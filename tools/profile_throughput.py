@@ -11,9 +11,12 @@ training loop: forward, backward, optimizer; no stage 1, no stage 2), ``e2e`` (t
 pipeline and stage 2 through the same loop: images/s and the fraction of time waiting for data; the
 bare step is measured too, to compare) or ``all``. Every mode also times stage 2 alone (RandAugment,
 mixup/CutMix, normalisation on one decoded batch on the device). Each (batch size, resolution) pair
-is one point, one process, per-device batch, no accumulation. Prints a table and a one-line verdict
-naming the slowest of stage 1, stage 2 and the step with their figures, writes OUT/profile.json
-(every figure and the environment) and OUT/profile.png (images/s vs batch size). Logic: toolkit/profiling.py.
+is one point, one process, per-device batch, no accumulation. Prints a table, then one short line per
+finding, each with its batch size and resolution: "bottleneck:" (the slowest of stage 1, stage 2 and
+the step), "figures:" (what that rests on), "advice:" (what to change); advice whose figures come
+from repeats that disagree (more than 1.5x, or more than the effect claimed) is "held back:" with the
+reason. Writes OUT/profile.json (every figure, the findings and the environment) and OUT/profile.png
+(images/s vs batch size, the bottleneck marked). Logic: toolkit/profiling.py.
 """
 from __future__ import annotations
 
@@ -23,10 +26,13 @@ from pathlib import Path
 
 import torch
 
+from common.cli import examples, prog
 from common.config import ConfigError
 from models.factory import UnknownModelError
 from pipelines.base import DataError, MissingBackendError
 from toolkit import profiling
+
+SCRIPT = "python tools/profile_throughput.py"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,8 +42,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog=__doc__.split("\n", 1)[1])
+    name = prog(SCRIPT)
+    p = _Parser(prog=name, description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog=examples(__doc__.split("\n", 1)[1], SCRIPT, name))
     p.add_argument("mode", help="data | model | e2e | all")
     p.add_argument("recipe", help="recipe TOML, e.g. recipes/demo.toml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -67,9 +74,10 @@ def run(args: argparse.Namespace) -> int:
                                channels_last=args.channels_last, compile=args.compile, out=args.out)
     sys.stderr.flush()
     print(profiling.format_table(report["measurements"]))
-    print(f"bottleneck: {report['bottleneck']}")
+    for line in profiling.verdict_lines(report["findings"]):
+        print(line)
     if report["note"]:
-        print(report["note"])
+        print(f"note: {report['note']}")
     json_path, png_path = profiling.write_profile(report)
     print(f"wrote {json_path} and {png_path}", flush=True)
     return 0

@@ -17,14 +17,20 @@ import argparse
 import sys
 from pathlib import Path
 
+from common.cli import examples, prog
 from common.config import ConfigError
 from toolkit.sweep import (EXECUTORS, SweepError, budget_text, default_out, pending, plan_sweep, read_sweep,
                            run_trials, start_sweep, trial_summary)
 from toolkit.sweep_report import write_report
 
+SCRIPT = "python tools/sweep.py"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tools/sweep.py", description=__doc__.splitlines()[0])
+    name = prog(SCRIPT)
+    p = argparse.ArgumentParser(prog=name, description=__doc__.splitlines()[0],
+                                epilog=examples(__doc__.split("\n", 1)[1], SCRIPT, name),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", help="sweep file (TOML), e.g. sweeps/a3_lr_demo.toml")
     p.add_argument("--out", default=None, help="sweep folder (default runs/sweeps/<sweep file name>)")
     p.add_argument("--executor", choices=EXECUTORS, default=None,
