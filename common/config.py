@@ -204,6 +204,11 @@ SECTION_OWNERS: dict[str, str] = {
 }
 
 
+# The resize filters, as timm names them: every backend and stage 2 take these names, and the
+# compiled resizes their index (0 bilinear, 1 bicubic, 2 random: either, per image).
+TRAIN_INTERPOLATIONS = ("bilinear", "bicubic", "random")
+EVAL_INTERPOLATIONS = ("bilinear", "bicubic")
+
 # Closed sets of values; checked after loading so a typo in a value is caught too.
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.pipeline": ("ffcv", "dali", "reference", "synthetic"),
@@ -212,8 +217,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("lamb", "sgd", "adamw"),
     "optim.schedule": ("cosine", "step_free_linear", "constant"),
     "augment.mix_mode": ("batch", "pair", "elem"),
-    "augment.train_interpolation": ("random", "bilinear", "bicubic"),
-    "eval.interpolation": ("bicubic", "bilinear"),
+    "augment.train_interpolation": TRAIN_INTERPOLATIONS,
+    "eval.interpolation": EVAL_INTERPOLATIONS,
     "loss.name": ("bce", "ce"),
     "log.wandb": ("off", "offline", "online"),
 }

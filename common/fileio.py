@@ -1,4 +1,4 @@
-"""Durable file replacement, shared by the checkpoint writer and the converter.
+"""Durable file replacement and file digests, shared by the checkpoint writer and the converter.
 
 A file is written under a temporary name in its final folder, its data fsync'd, then renamed over
 the final name: rename is atomic on POSIX, so a final name never holds a half-written file, even
@@ -7,8 +7,11 @@ the directory entry and is not durable until the directory is flushed.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+
+HASH_CHUNK = 1 << 22  # read 4 MiB at a time: a checkpoint or a .beton is hashed without loading it
 
 
 def fsync_dir(path: Path) -> None:
@@ -50,3 +53,12 @@ def commit(tmp: Path, final: Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     replace_durably(tmp, final)
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in chunks (checkpoint records, the converter's manifest)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()

@@ -40,11 +40,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from common.fileio import chmod_from_umask, commit, fsync_dir, replace_durably
+from common.fileio import chmod_from_umask, commit, fsync_dir, replace_durably, sha256_file
 
 CKPT_RE = re.compile(r"^ckpt-e(\d+)-s(\d+)\.pt$")
 TEMP_RE = re.compile(r"^\..+\.tmp-(\d+)$")  # ".<final name>.tmp-<pid>", as this module and fileio write them
-HASH_CHUNK = 1 << 22
 
 
 class UnreadableCheckpoint(Exception):
@@ -165,14 +164,6 @@ def read_record(path: Path) -> dict[str, Any] | None:
         return json.loads(rec.read_text())
     except (OSError, ValueError) as e:
         raise UnreadableCheckpoint(f"its record {rec.name} is unreadable ({type(e).__name__})") from None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify(path: Path) -> dict[str, Any] | None:

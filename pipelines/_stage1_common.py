@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.config import EVAL_INTERPOLATIONS, TRAIN_INTERPOLATIONS
 from pipelines.base import DataError
-from pipelines.convert.manifest import load_manifest
+from pipelines.dataroot import load_manifest
 from pipelines.sampler import ShardSampler
 
 def convert_hint(root: Path, fmt: str) -> str:
@@ -48,18 +49,18 @@ class SplitInfo:
 
 
 # timm's train interpolations (``augment.train_interpolation``), as the compiled resizes take them.
-INTERPOLATION_CODES = {"bilinear": 0, "bicubic": 1, "random": 2}
+INTERPOLATION_CODES = {name: code for code, name in enumerate(TRAIN_INTERPOLATIONS)}
 
 
 def check_interpolation(name: str) -> None:
     if name not in INTERPOLATION_CODES:
-        raise ValueError(f"interpolation must be random, bilinear or bicubic, got {name!r}")
+        raise ValueError(f"interpolation must be one of {', '.join(TRAIN_INTERPOLATIONS)}, got {name!r}")
 
 
 def check_eval_interpolation(name: str) -> bool:
     """True for bicubic, False for bilinear (``eval.interpolation``)."""
-    if name not in ("bilinear", "bicubic"):
-        raise ValueError(f"eval_interpolation must be bilinear or bicubic, got {name!r}")
+    if name not in EVAL_INTERPOLATIONS:
+        raise ValueError(f"eval_interpolation must be one of {', '.join(EVAL_INTERPOLATIONS)}, got {name!r}")
     return name == "bicubic"
 
 

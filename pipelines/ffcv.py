@@ -42,7 +42,6 @@ from typing import Iterator
 
 import numba
 import numpy as np
-import torch
 
 from pipelines.base import Batch, DataError, MissingBackendError
 

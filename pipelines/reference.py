@@ -62,9 +62,9 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from torchvision.transforms import InterpolationMode
 
 from ._stage1_common import check_eval_interpolation, check_interpolation
-from .convert.manifest import load_manifest
+from .dataroot import load_manifest
 from .base import Batch, DataError
-from .convert.items import decode_items
+from .dataroot import decode_items
 from .sampler import ShardSampler
 
 INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}

@@ -106,7 +106,7 @@ def test_rgb_jpeg_sources_are_stored_as_their_own_bytes(converted):
 def test_item_list_names_each_stored_image_in_storage_order(converted):
     """items/<split>.tsv: the source file (relative to SRC) and label of every stored sample, in
     the shards' order; skipped files are not listed. The reference pipeline reads exactly these."""
-    from pipelines.convert.items import decode_items
+    from pipelines.dataroot import decode_items
     src, out, _ = converted
     for split in ("train", "val"):
         entry = manifest(out)["splits"][split]

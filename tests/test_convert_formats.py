@@ -122,7 +122,7 @@ def test_decode_matches_reference_convert():
 
 
 def test_item_list_round_trips_tabs_and_undecodable_names():
-    from pipelines.convert.items import decode_items, encode_items
+    from pipelines.dataroot import decode_items, encode_items
 
     names = ["train/a/x.JPEG", "train/a/tab\tin name.JPEG", "train/b/" + os.fsdecode(b"\xff\xfe.JPEG"),
              "train/b/ spaces and a CR \r"]

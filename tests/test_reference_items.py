@@ -18,7 +18,7 @@ import torch
 
 from pipelines.base import DataError
 from pipelines.convert.convert import Settings, convert
-from pipelines.convert.items import decode_items
+from pipelines.dataroot import decode_items
 from pipelines.reference import ReferencePipeline, _Folder
 from tests.conftest import write_fmnist_tree
 from tests.test_convert_fixtures import shard_samples

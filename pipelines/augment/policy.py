@@ -23,6 +23,8 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
+from common.config import TRAIN_INTERPOLATIONS
+
 LEVEL_DENOM = 10.0  # magnitudes are on a 0..10 scale
 
 OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
@@ -32,7 +34,6 @@ OPS_INCREASING = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncr
                   "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 
 IMAGENET_FILL = (124, 116, 104)  # round(255 * IMAGENET_DEFAULT_MEAN), timm's img_mean hparam
-INTERPOLATIONS = ("random", "bilinear", "bicubic")
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,8 @@ def parse_rand_augment(config: str, *, interpolation: str = "random") -> RandAug
     parts = config.split("-")
     if parts[0] != "rand":
         raise ValueError(f"RandAugment config must start with 'rand', got {config!r}")
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    if interpolation not in TRAIN_INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {TRAIN_INTERPOLATIONS}, got {interpolation!r}")
     kw: dict = {"interpolation": interpolation}
     increasing = False
     for part in parts[1:]:

@@ -7,8 +7,10 @@ Modules, one job each:
 ``decode``   bytes -> RGB pixels the way the reference loader sees them, -> stored JPEG;
 ``dali_out`` webdataset shard + index writer; ``ffcv_out`` FFCV part store + ``.beton`` writer;
 ``state``    per-chunk completion records, settings fingerprint, atomic file helpers;
-``manifest`` the ``manifest.json`` that readers and ``--verify`` trust;
-``items``    the stored item list per split (source path + label), what the reference pipeline reads;
+``manifest`` builds the ``manifest.json`` that readers and ``--verify`` trust;
 ``convert``  the resumable multi-process driver; ``verify`` re-reads outputs.
+
+The format of what it writes (the manifest, the item list per split) is ``pipelines/dataroot.py``'s,
+which the readers import too.
 """
 TOOL_VERSION = "1.0.0"

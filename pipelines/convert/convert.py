@@ -30,16 +30,14 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from common.fileio import commit
+from common.fileio import commit, sha256_file
+from pipelines.dataroot import ITEMS_DIR, SCHEMA, encode_items, items_info, items_path, manifest_path
 
 from . import TOOL_VERSION
 from .dali_out import ShardWriter, write_index
 from .decode import SkipImage, decode_source, encode_jpeg, passes_through, resize_to_fit
-from .ffcv_out import MODE_JPG, MODE_RAW, PartWriter, sha256_file, write_beton
-from .items import ITEMS_DIR, encode_items, items_info, items_path
-from .manifest import SCHEMA, build_manifest, label_digest, manifest_path, split_paths
+from .ffcv_out import MODE_JPG, MODE_RAW, PartWriter, write_beton
+from .manifest import build_manifest, label_digest, split_paths
 from .sources import Item, SplitSource, discover, read_item
 from .state import (STATE_DIR, Lock, StateError, check_plan, chunk_record_path, read_json, remove_temps, tmp_name,
                     write_atomic, write_json)

@@ -16,7 +16,6 @@ spelled out here because importing ``ffcv`` costs ~10 s; a test checks them agai
 """
 from __future__ import annotations
 
-import hashlib
 import io
 from pathlib import Path
 
@@ -142,9 +141,3 @@ def read_beton(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
     return meta, alloc, int(header["page_size"])
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()

@@ -1,4 +1,4 @@
-"""``manifest.json``: what a conversion produced, the contract its readers and ``--verify`` trust.
+"""Writing ``manifest.json`` (its format, and reading it: ``pipelines/dataroot.py``).
 
 Top level: ``version`` (tool version), ``format`` (this file's schema), ``source`` (absolute SRC),
 ``formats``, ``settings``, ``exif_orientation``. Per split (``splits.<name>``): ``images`` written,
@@ -17,34 +17,16 @@ Paths of outputs are relative to OUT, so a converted folder can be moved; item p
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from pipelines.base import DataError
+from pipelines.dataroot import SCHEMA
 
 from . import TOOL_VERSION
 
-SCHEMA = 2  # 2: per-split ``items``
 EXIF_POLICY = "ignored, as PIL Image.open(p).convert('RGB') (the reference loader) ignores it"
-
-
-def manifest_path(out: Path) -> Path:
-    return out / "manifest.json"
-
-
-def load_manifest(root: Path, hint: str) -> dict | None:
-    """``root/manifest.json`` parsed; None when there is none; :class:`DataError` (ending with
-    ``hint``, what to run) when it cannot be read."""
-    path = manifest_path(root)
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {path} ({e}); {hint}") from None
 
 
 def split_paths(out: Path, split: str, chunk: int) -> dict[str, Path]:

@@ -19,10 +19,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.fileio import sha256_file
+
 from .dali_out import read_index
-from .ffcv_out import MODE_JPG, MODE_RAW, read_beton, sha256_file
-from .items import decode_items
-from .manifest import label_digest, manifest_path
+from .ffcv_out import MODE_JPG, MODE_RAW, read_beton
+from pipelines.dataroot import decode_items, manifest_path
+from .manifest import label_digest
 from .state import read_json
 
 SLICE = 2048  # beton samples per verify task
