@@ -128,15 +128,16 @@ def test_warmup_is_outside_the_window_and_waiting_is_counted(fmnist_tree, monkey
                               num_samples=8 * 4, device=device))
         return made[-1]
 
-    monkeypatch.setattr(profiling, "_pipeline", fake_pipeline)
-    row = profiling.measure_step(cfg, 8, 32, steps=3, warmup=2, device=torch.device("cpu"), synthetic=False)
+    monkeypatch.setattr(profiling.measure, "_pipeline", fake_pipeline)
+    row = profiling.measure.measure_step(cfg, 8, 32, steps=3, warmup=2, device=torch.device("cpu"), synthetic=False)
     assert made[0].served == 5  # 2 warm-up + 3 timed; 4 per epoch, so the window crosses an epoch boundary
     assert row["images"] == 3 * 8
     # the two 1 s warm-up sleeps are not in the window, the three 0.4 s sleeps are, as data wait
     assert row["seconds"] >= 1.2
     waited = row["data_wait_frac"] * row["seconds"]
     assert 1.2 <= waited < 2.1  # a 1 s warm-up sleep counted in the window would break the upper bound
-    assert profiling.diagnose([row], {"workers": 2, "pipeline": "reference", "device": "cpu"})[0][1].startswith("data-bound")
+    assert profiling.verdict.diagnose([row], {"workers": 2, "pipeline": "reference",
+                                              "device": "cpu"})[0][1].startswith("data-bound")
 
 
 # --------------------------------------------------------------------------- user errors
@@ -181,7 +182,7 @@ ENV = {"workers": 4, "pipeline": "reference", "device": "cuda", "cpus_usable": 1
 
 def verdict(rows, env) -> str:
     """The findings as the tool prints them, one line each."""
-    return "\n".join(profiling.verdict_lines(profiling.diagnose(rows, env)))
+    return "\n".join(profiling.verdict.verdict_lines(profiling.verdict.diagnose(rows, env)))
 
 
 def test_rule_data_wait_over_limit_is_data_bound():
@@ -244,16 +245,17 @@ def test_rule_data_only():
 
 def test_merge_repeats_takes_the_median_window():
     rows = [row("model", "bare step", 64, 32, v) for v in (100.0, 1000.0, 900.0)]
-    merged = profiling.merge_repeats(rows)
+    merged = profiling.verdict.merge_repeats(rows)
     assert len(merged) == 1 and merged[0]["images_per_s"] == 900.0
     assert merged[0]["images_per_s_repeats"] == [100.0, 1000.0, 900.0] and merged[0]["images"] == 300
 
 
 def test_spread_note_only_when_repeats_disagree():
-    steady = profiling.merge_repeats([row("model", "bare step", 64, 32, v) for v in (1000.0, 1100.0, 950.0)])
-    assert profiling.spread_note(steady) is None
-    noisy = steady + profiling.merge_repeats([row("e2e", "recipe step", 64, 32, v, wait=0.0) for v in (100.0, 800.0)])
-    note = profiling.spread_note(noisy)
+    steady = profiling.verdict.merge_repeats([row("model", "bare step", 64, 32, v) for v in (1000.0, 1100.0, 950.0)])
+    assert profiling.verdict.spread_note(steady) is None
+    noisy = steady + profiling.verdict.merge_repeats([row("e2e", "recipe step", 64, 32, v, wait=0.0)
+                                                      for v in (100.0, 800.0)])
+    note = profiling.verdict.spread_note(noisy)
     assert note.startswith("repeats of 1 of 2 points differ more than 1.5x (up to 8.0x, recipe step at batch 64, res 32)")
 
 
@@ -261,7 +263,7 @@ def test_toggles(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100 stand-in
 
     def toggled(cfg, device="cpu", **kw):
-        return profiling.apply_toggles(cfg, **{"amp": None, "channels_last": None, "compile": None, **kw},
+        return profiling.measure.apply_toggles(cfg, **{"amp": None, "channels_last": None, "compile": None, **kw},
                                        device=torch.device(device)).train
 
     cfg = load_config(ROOT / "recipes" / "a3.toml")
@@ -315,7 +317,7 @@ def test_verdict_as_measured_and_waiting_overrides():
     assert line.startswith("bottleneck: compute-bound: the step is the slowest at batch 256, res 32")
     # e2e far below stage 2 + step without waiting: the decode workers take the cores
     serial = 1 / (1 / m["stage 2"] + 1 / m["the step"])
-    if m["e2e"] < profiling.FAR_BELOW_CEILING * serial:
+    if m["e2e"] < profiling.verdict.FAR_BELOW_CEILING * serial:
         assert f"e2e reaches {100 * m['e2e'] / serial:.0f}% of stage 2 + step" in line
     # stage 1 alone keeps up, but e2e waits: data-bound all the same
     line = verdict(_three_stages(m["stage 1"], m["stage 2"], m["the step"], m["e2e"], 0.45), env)
@@ -326,7 +328,7 @@ def test_verdict_as_measured_and_waiting_overrides():
 # --------------------------------------------------------------------------- noisy repeats, one line per finding
 def repeated(mode, what, batch, res, windows, **kw):
     """A merged row as merge_repeats makes it from one window per repeat."""
-    return profiling.merge_repeats([row(mode, what, batch, res, w, **kw) for w in windows])[0]
+    return profiling.verdict.merge_repeats([row(mode, what, batch, res, w, **kw) for w in windows])[0]
 
 
 CPU = {**ENV, "device": "cpu", "workers": 2, "cpus_usable": 2, "pipeline": "dali"}
@@ -364,7 +366,7 @@ def test_one_short_line_per_finding_each_with_its_batch_and_resolution():
                      row("data", "stage2", b, res, 30_000.0, workers=2, pipeline="-"),
                      row("model", "bare step", b, res, step, precision="fp32"),
                      row("e2e", "recipe step", b, res, 0.6 * step, wait=0.05, precision="fp32", pipeline="dali")]
-    lines = profiling.verdict_lines(profiling.diagnose(rows, CPU))
+    lines = profiling.verdict.verdict_lines(profiling.verdict.diagnose(rows, CPU))
     assert lines[0] == "bottleneck: compute-bound: the step is the slowest at batch 256, res 24"
     for line in lines:
         assert len(line) <= 130 and re.search(r"batch \d+( -> \d+)?, res \d+", line), line
@@ -380,7 +382,7 @@ def test_png_marks_the_bottleneck_and_keeps_legends_off_the_data():
             *_three_stages(m["stage 1"], m["stage 2"], 1.1 * m["the step"], m["e2e"], 0.02)]
     for r in rows[4:]:
         r["batch"] = 128
-    fig = profiling.figure(rows, "title", "bottleneck: ...")
+    fig = profiling.report.figure(rows, "title", "bottleneck: ...")
     fig.canvas.draw()
     marks = [(ax, line) for ax in fig.axes for line in ax.get_lines() if line.get_gid() == "bottleneck"]
     assert len(marks) == 1
@@ -388,7 +390,7 @@ def test_png_marks_the_bottleneck_and_keeps_legends_off_the_data():
     # the step is the slowest stage, at the point where it is fastest (batch 128), as the verdict says
     assert ax.get_title() == "model: the bottleneck"
     assert (list(ring.get_xdata()), list(ring.get_ydata())) == ([128], [1.1 * m["the step"]])
-    assert profiling.diagnose(rows, {**CPU, "pipeline": "ffcv"})[0][1].endswith("slowest at batch 128, res 32")
+    assert profiling.verdict.diagnose(rows, {**CPU, "pipeline": "ffcv"})[0][1].endswith("slowest at batch 128, res 32")
     renderer = fig.canvas.get_renderer()
     for ax in fig.axes:
         legend = ax.get_legend().get_window_extent(renderer)

@@ -16,7 +16,7 @@ finding, each with its batch size and resolution: "bottleneck:" (the slowest of 
 the step), "figures:" (what that rests on), "advice:" (what to change); advice whose figures come
 from repeats that disagree (more than 1.5x, or more than the effect claimed) is "held back:" with the
 reason. Writes OUT/profile.json (every figure, the findings and the environment) and OUT/profile.png
-(images/s vs batch size, the bottleneck marked). Logic: toolkit/profiling.py.
+(images/s vs batch size, the bottleneck marked). Logic: toolkit/profiling/ (measure, verdict, report).
 """
 from __future__ import annotations
 
@@ -73,12 +73,12 @@ def run(args: argparse.Namespace) -> int:
                                repeats=args.repeats, threads=args.threads, device=args.device, amp=args.amp,
                                channels_last=args.channels_last, compile=args.compile, out=args.out)
     sys.stderr.flush()
-    print(profiling.format_table(report["measurements"]))
-    for line in profiling.verdict_lines(report["findings"]):
+    print(profiling.report.format_table(report["measurements"]))
+    for line in profiling.verdict.verdict_lines(report["findings"]):
         print(line)
     if report["note"]:
         print(f"note: {report['note']}")
-    json_path, png_path = profiling.write_profile(report)
+    json_path, png_path = profiling.report.write_profile(report)
     print(f"wrote {json_path} and {png_path}", flush=True)
     return 0
 
