@@ -1,6 +1,6 @@
 """The training step, one epoch of it, and evaluation: plain functions, no callbacks.
 
-Host syncs (DESIGN.md): on CUDA the host must run ahead of the GPU, so a step reads nothing back.
+Host syncs (docs/design.md, "The hot path"): on CUDA the host must run ahead of the GPU, so a step reads nothing back.
 The loss of each micro-batch is summed on the device together with "the first step whose loss
 was not finite", and both are read once per log point (``log_every`` optimizer steps), at the end
 of the epoch and when a stop is requested. Checkpoints are written only right after such a read,

@@ -2,7 +2,7 @@
 rank visits, and the batch bookkeeping both backends must agree on.
 
 Kept backend-free (numpy/torch only) so it imports without ffcv or DALI. The index semantics come
-from :mod:`pipelines.sampler` (the one sampler every backend uses, DESIGN.md); this module only adds
+from :mod:`pipelines.sampler` (the one sampler every backend uses, docs/design.md); this module only adds
 the two rules the pipelines layer on top:
 
 * train: drop the last partial batch (``len = indices // batch_size``), as timm and torch loaders

@@ -1,4 +1,4 @@
-"""The one contract every data pipeline implements (see shared/DESIGN.md).
+"""The one contract every data pipeline implements (see docs/design.md).
 
 Stage 1 (a backend: ffcv, dali, reference, synthetic) yields :class:`Batch` objects whose
 images are uint8, NCHW-shaped and channels_last in memory (an NHWC buffer viewed as NCHW),

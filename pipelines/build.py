@@ -1,7 +1,7 @@
 """Builds the recipe's train and val pipelines; the only place that maps config to a backend.
 
 A backend the recipe names but this machine lacks is an error with what to install, never a
-silent switch to another backend (DESIGN.md: no silent fallbacks that change the recipe).
+silent switch to another backend (docs/design.md: a missing backend is an error, never a silent switch).
 """
 from __future__ import annotations
 

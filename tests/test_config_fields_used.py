@@ -1,4 +1,4 @@
-"""Every recipe key is read, by the package that owns its section (DESIGN.md: a key that is set
+"""Every recipe key is read, by the package that owns its section (docs/design.md: a key that is set
 but never used is silent recipe drift).
 
 ``common.config.SECTION_OWNERS`` says which package reads each section. For each leaf key

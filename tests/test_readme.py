@@ -29,7 +29,6 @@ USER_DATA = {  # what the user brings; the README names them as examples of thei
     "LOC_val_solution.csv": "Kaggle's val labels",
     "my_sweep.toml": "the user's own sweep file",
     "/shared/runs/a1": "a run folder on the user's shared file system",
-    "../shared/DESIGN.md": "the team's design notes beside the repository, not in it",
 }
 WRITTEN_ELSEWHERE = {  # files a command the README names writes, on a machine this suite does not assume
     "benchmarks/results/gpu.md": "written by python -m benchmarks.gpu_check on a CUDA GPU",

@@ -1,4 +1,4 @@
-"""Stage 2: the one augmentation stage every pipeline feeds (see shared/DESIGN.md).
+"""Stage 2: the one augmentation stage every pipeline feeds (see docs/design.md).
 
 Train: RandAugment (if ``aug.rand_augment``) -> normalize (uint8 -> float/bf16, channels_last)
 -> random erasing (if ``aug.random_erasing``) -> mixup/CutMix (if an alpha > 0; otherwise
