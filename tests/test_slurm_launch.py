@@ -47,6 +47,17 @@ def test_dry_run_for_4_nodes_of_8_gpus_is_the_job_a_user_expects(tmp_path):
     assert "toolkit.slurm_task torchrun --nproc-per-node 8 --" in torchrun and "--ntasks-per-node=1 " in torchrun
 
 
+def test_the_readme_shows_the_dry_run_as_it_is():
+    """README "Run on a Slurm cluster" holds the --dry-run job for 4 nodes x 8 GPUs: keep it true."""
+    readme = (ROOT / "README.md").read_text()
+    shown = readme.split("<!-- dry-run: 4 nodes x 8 GPUs -->\n```bash\n", 1)[1].split("```", 1)[0]
+    proc = launch("recipes/a1.toml", "--nodes", "4", "--gpus-per-node", "8", "--time", "24:00:00", "--out",
+                  "/shared/runs/a1", "--partition", "gpu", "--dry-run")
+    actual = proc.stdout.replace(str(Path.cwd()), "/shared/rsb-trainer").replace(
+        str(Path(__import__("sys").executable)), "/shared/rsb-trainer/.venv/bin/python")
+    assert shown == actual
+
+
 @pytest.mark.parametrize("args,message", [
     (["--set", "optim.lrr=1"], "unknown key optim.lrr"),
     (["--nodes", "3", "--tasks-per-node", "5", "--set", "train.global_batch_size=64"], "not divisible by 15 processes"),
