@@ -28,14 +28,31 @@ def _exec_engine(engine_args: list[str]) -> None:
 
 def _torchrun(nproc: int, engine_args: list[str]) -> int:
     import logging
+    import traceback
+    from pathlib import Path
 
+    # The agent's C++ warnings (when another node's agent, the store's host, has already gone: "recvVector
+    # failed ... Connection was likely closed") would follow the engine's last line in the run's log.
+    # torch reads this when it is imported; the workers, started later, get the default again.
+    saved = os.environ.get("TORCH_CPP_LOG_LEVEL")
+    os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
+    import torch  # noqa: F401  (reads TORCH_CPP_LOG_LEVEL)
+
+    if saved is None:
+        del os.environ["TORCH_CPP_LOG_LEVEL"]
+    else:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = saved
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    from engine.distributed import slurm_rendezvous
+    from engine.distributed import LaunchError, slurm_rendezvous
 
-    host, port = slurm_rendezvous()
+    try:
+        host, port = slurm_rendezvous()
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     env = os.environ
     nnodes = env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_JOB_NUM_NODES", "1")
     run_id = f"{env.get('SLURM_JOB_ID', 'job')}-{env.get('SLURM_RESTART_COUNT', '0')}"
@@ -46,8 +63,14 @@ def _torchrun(nproc: int, engine_args: list[str]) -> int:
     if env.get("SLURM_NODEID", "0") == "0":
         print(f"slurm: torchrun on {nnodes} node(s) x {nproc}, c10d rendezvous {host}:{port}, id {run_id}",
               file=sys.stderr, flush=True)
-    # the agent's own warnings (closing signals, its failure report) go to srun's log, not the run's
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    # the agent's own messages (closing signals, "failed (exitcode: 140)") go to a side log, not the
+    # run's: the run's log ends with the engine's last line (toolkit.slurm_launch)
+    out = Path(engine_args[engine_args.index("--out") + 1]) if "--out" in engine_args else Path.cwd()
+    agent_log = logging.getLogger("torch.distributed.elastic")
+    agent_log.propagate = False
+    handler = logging.FileHandler(out / "slurm" / f"torchrun-node{env.get('SLURM_NODEID', '0')}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    agent_log.addHandler(handler)
     try:
         run(args)
         return 0
@@ -56,6 +79,9 @@ def _torchrun(nproc: int, engine_args: list[str]) -> int:
         return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode  # -N: killed by signal N
     except SignalException as e:
         return 128 + int(e.sigval)
+    except Exception:  # e.g. the rendezvous store went with the first node's agent after a failure there
+        agent_log.error("the agent stopped:\n%s", traceback.format_exc())
+        return 1
 
 
 def _trial(folder: str) -> int:
