@@ -98,28 +98,30 @@ class SlurmCases:
             time.sleep(0.5)
         return self.cluster.job_state(job_id)
 
-    def wait_step(self, out: Path, step: int, timeout: float = WAIT_S, after: int = -1) -> dict | None:
-        """The first train record at ``step`` or later (and after record ``after``), polling."""
+    def _poll(self, look, job: str | None, timeout: float):
+        """``look()`` until it finds something, the job has ended (one last look), or the time is up."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                recs = records(out)
-            except (OSError, ValueError):
-                recs = []
-            hit = [r for i, r in enumerate(recs) if i > after and "train_loss" in r and r["step"] >= step]
-            if hit:
-                return hit[0]
+            ended = job is not None and job not in self.cluster.active_jobs()
+            found = look()
+            if found is not None or ended:
+                return found
             time.sleep(POLL_S)
         return None
 
-    def wait_log(self, out: Path, text: str, timeout: float = WAIT_S) -> str | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [ln for ln in self.log(out).splitlines() if text in ln]
-            if found:
-                return found[0]
-            time.sleep(POLL_S)
-        return None
+    def wait_step(self, out: Path, step: int, job: str | None = None, timeout: float = WAIT_S) -> dict | None:
+        """The first train record at ``step`` or later."""
+        def look():
+            try:
+                recs = records(out)
+            except (OSError, ValueError):
+                return None
+            return next((r for r in recs if "train_loss" in r and r["step"] >= step), None)
+        return self._poll(look, job, timeout)
+
+    def wait_log(self, out: Path, text: str, job: str | None = None, timeout: float = WAIT_S) -> str | None:
+        """The first line of the job log that holds ``text``."""
+        return self._poll(lambda: next((ln for ln in self.log(out).splitlines() if text in ln), None), job, timeout)
 
     @staticmethod
     def log(out: Path) -> str:
@@ -135,10 +137,10 @@ class SlurmCases:
         return [p for p in sorted(out.glob("ckpt-*.pt"))
                 if torch.load(p, weights_only=True, map_location="cpu")["tag"] == "interrupted"]
 
-    def wait_stop(self, out: Path, signal_name: str) -> tuple[str | None, list[Path], float]:
+    def wait_stop(self, out: Path, signal_name: str, job: str) -> tuple[str | None, list[Path], float]:
         """The engine's stop line, the interrupted checkpoints and the named one's mtime, read as soon
         as the line is out (the next start prunes old checkpoints: keep_last)."""
-        line = self.wait_log(out, f"stopped by {signal_name}")
+        line = self.wait_log(out, f"stopped by {signal_name}", job)
         if line is None:
             return None, [], float("nan")
         found = self.interrupted(out)
@@ -181,10 +183,10 @@ class SlurmCases:
 
     def preempt(self) -> Row:
         job, out = self.launch("c-preempt")
-        reached = self.wait_step(out, 4)
+        reached = self.wait_step(out, 4, job)
         signal_t = time.time()
         self.cluster.run("scontrol", "requeue", job)  # what a preempting site does (PreemptMode=REQUEUE)
-        stop, saved, saved_t = self.wait_stop(out, "SIGTERM")
+        stop, saved, saved_t = self.wait_stop(out, "SIGTERM", job)
         state = self.wait_end(job)
         log = self.log(out)
         stops = [ln for ln in log.splitlines() if ln.startswith("stopped by ")]
@@ -215,8 +217,8 @@ class SlurmCases:
         check = self.cluster.next_limit_check(min_ahead=9.0)
         time.sleep(max(0.0, check - 8.0 - time.time()))
         self.cluster.run("scontrol", "release", job)
-        stop, saved, saved_t = self.wait_stop(out, "SIGUSR2")
-        requeued = self.wait_log(out, "] requeued (time-limit requeue 1")
+        stop, saved, saved_t = self.wait_stop(out, "SIGUSR2", job)
+        requeued = self.wait_log(out, "] requeued (time-limit requeue 1", job)
         if requeued:  # the next start (after cred_expire) gets a limit long enough to finish
             self.cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
         state = self.wait_end(job)
@@ -243,7 +245,7 @@ class SlurmCases:
 
     def cancel(self) -> Row:
         job, out = self.launch("e-scancel")
-        reached = self.wait_step(out, 4)
+        reached = self.wait_step(out, 4, job)
         self.cluster.run("scancel", job)
         state = self.wait_end(job)
         time.sleep(3)  # a requeue would list it again at once
@@ -289,7 +291,7 @@ class SlurmCases:
             trials = sorted((out / "trials").glob("*/slurm/job")) if (out / "trials").is_dir() else []
             first = next((t.parent.parent for t in trials if t.read_text().strip().endswith("_0")), None)
             time.sleep(POLL_S)
-        preempted = first is not None and self.wait_step(first, 3) is not None
+        preempted = first is not None and self.wait_step(first, 3, timeout=120) is not None
         if preempted:
             self.cluster.run("scontrol", "requeue", (first / "slurm" / "job").read_text().strip())
         stdout, stderr = proc.communicate(timeout=WAIT_S)
