@@ -114,3 +114,21 @@ def test_every_start_of_a_job_has_its_own_rendezvous_port():
     env = {"SLURM_JOB_ID": "123456", "SLURM_RESTART_COUNT": "2", "SLURM_STEP_NODELIST": "localhost,n7",
            "SLURM_JOB_NODELIST": "n[7-8]"}
     assert slurm_rendezvous(env) == ("localhost", rendezvous_port(123456, 2))
+
+
+def test_a_sweep_is_one_array_job_task_i_running_trial_i_also_for_one_trial(tmp_path):
+    from toolkit.slurm_launch import job_script, sbatch_options
+    from toolkit.sweep import TrialSpec, slurm_job
+
+    trials = [TrialSpec(name=f"t{i}", folder=str(tmp_path / f"t{i}"), base="recipes/a3.toml", cwd=str(ROOT), swept={},
+                        seed=i, overrides=(), max_steps=None) for i in range(3)]
+    options = {"gpus_per_node": 0, "time": "4:00:00", "partition": "cpu", "sbatch_args": ["--qos=low"]}
+    for todo, array in ((trials, "--array=0-2%2"), (trials[:1], "--array=0-0%2")):
+        job = slurm_job(todo, tmp_path / "slurm", 2, options)
+        opts = sbatch_options(job)
+        assert array in opts and "--partition=cpu" in opts and opts[-1] == "--qos=low"
+        assert not any(o.startswith("--gpus") for o in opts) and "--ntasks-per-node=1" in opts
+        script = job_script(job)
+        for i, t in enumerate(todo):
+            assert f"  {i}) OUT={t.folder}\n" in script and f"toolkit.slurm_task trial {t.folder})" in script
+        assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0

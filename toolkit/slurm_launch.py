@@ -120,6 +120,7 @@ class Job:
     launcher: str = "srun"
     signal_lead_s: int = DEFAULT_LEAD_S
     max_requeues: int = DEFAULT_MAX_REQUEUES
+    array: bool = False  # an array job, task i running runs[i] (a sweep; also with one trial)
     parallel: int | None = None  # array jobs: tasks at a time
     cwd: Path = field(default_factory=Path.cwd)
     python: str = sys.executable
@@ -139,6 +140,8 @@ class Job:
                               f"limits every 30 s and sends the signal up to that much earlier)")
         if self.max_requeues < 0:
             raise LaunchError(f"--max-requeues must be >= 0, got {self.max_requeues}")
+        if not self.runs or (len(self.runs) > 1 and not self.array):
+            raise LaunchError(f"a job runs one run, or an array job one per task; got {len(self.runs)} runs")
 
 
 # --------------------------------------------------------------------------- the job script
@@ -151,7 +154,7 @@ def sbatch_options(job: Job) -> list[str]:
     if r.cpus_per_task:
         opts.append(f"--cpus-per-task={r.cpus_per_task}")
     opts += [f"--time={r.time}", f"--signal=B:{EARLY_SIGNAL}@{job.signal_lead_s}", "--requeue", "--open-mode=append"]
-    if len(job.runs) == 1:
+    if not job.array:
         opts.append(f"--output={job.runs[0].out / 'slurm' / 'job.log'}")
     else:  # each array task writes its run's own log (the script redirects); these get Slurm's few lines
         opts.append(f"--output={job.folder / 'array-%A_%a.out'}")

@@ -555,7 +555,7 @@ def slurm_job(trials: list[TrialSpec], folder: Path, parallel: int, options: dic
         job = Job(name=f"sweep-{folder.parent.name}", folder=folder,
                   runs=[RunEntry(Path(t.folder), ["trial", t.folder]) for t in trials], resources=resources,
                   signal_lead_s=int(options.get("signal_lead_s", DEFAULT_LEAD_S)),
-                  max_requeues=int(options.get("max_requeues", DEFAULT_MAX_REQUEUES)), parallel=parallel)
+                  max_requeues=int(options.get("max_requeues", DEFAULT_MAX_REQUEUES)), array=True, parallel=parallel)
         job.check()
     except (LaunchError, TypeError, ValueError) as e:
         raise SweepError(f"[run.slurm]: {e}") from None
