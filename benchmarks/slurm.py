@@ -341,7 +341,18 @@ def table(rows: list[Row], command: str, cluster_note: str) -> str:
     for r in rows:
         cells = [c.replace("|", "/").replace("\n", " ") for c in (r.case, r.expected, r.observed)]
         lines.append(f"| {cells[0]} | {cells[1]} | {cells[2]} | {r.verdict} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", NOTES]) + "\n"
+
+
+NOTES = """Reading the figures: "signal to checkpoint on disk" is the signal's time (c: the `scontrol requeue`
+call; d: the job script's `early signal` line) to the mtime of the `interrupted` checkpoint. In d the
+signal is sent on purpose while the ranks start up; they ignore it until the engine listens and the
+job script repeats it every 2 s, so there the figure includes the rest of the start-up (when it
+lands mid-training, as in c, it is the time to the next log point plus the write, here well under a
+second). "Requeue to the next first step" (c: the `scontrol requeue` call; d: the job script's
+`requeued` line, to the first train record of the next start) includes Slurm's wait before a
+requeued job may start (`cred_expire`, 10 s on this cluster, 120 s by default), the scheduling pass
+and the engine's start-up and resume."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -360,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"error: {why}", file=sys.stderr)
         return 2
-    command = "python -m benchmarks.slurm " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = " ".join(["python -m benchmarks.slurm", *(argv if argv is not None else sys.argv[1:])])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = work / "data"
@@ -369,12 +380,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cluster.start()
             os.environ["SLURM_CONF"] = str(cluster.conf)
+            described = cluster.describe()
             rows = run_cases(SlurmCases(cluster, work / "runs", data), names)
         finally:
             cluster.stop()
         left = cluster.leftovers()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table(rows, command, cluster.describe()))
+    args.out.write_text(table(rows, command, described))
     print(f"wrote {args.out}; daemons left running: {left or 'none'}")
     return 0 if all(r.ok is not False for r in rows) and not left else 1
 
