@@ -8,7 +8,8 @@ engine with ``--resume auto``: the first start finds no checkpoint and starts fr
 continues. What the script does at each way a start can end:
 
 * **the early signal** (``--signal=B:USR2@LEAD``: Slurm sends SIGUSR2 to the batch shell LEAD to
-  LEAD + 60 s before the time limit; not SIGUSR1, which NCCL may use): the shell forwards it to the
+  LEAD + 30 s before the time limit, as it checks limits every 30 s; not SIGUSR1, which NCCL may
+  use): the shell forwards it to the
   step (``srun`` passes it to every process of every task), every rank's ``StopRequest`` turns it
   into the engine's agreed stop at the next log point, one ``interrupted`` checkpoint, exit 140;
   the shell then requeues the job (``scontrol requeue``), or, where the site forbids that, submits
@@ -39,7 +40,7 @@ its own data-loader state and BatchNorm statistics). It also ignores SIGTERM ("b
 ``scancel`` and preemption would never reach the engine's stop while submitit's handlers are the
 ones installed, tells a time limit from a preemption by guessing from the elapsed time, and offers
 neither one torchrun per node nor a dependent job where requeue is forbidden. A generated script
-(about 80 lines of bash) does each of these explicitly and shows the user what runs.
+(about 100 lines of bash) does each of these explicitly and shows the user what runs.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 EARLY_SIGNAL = "USR2"
-DEFAULT_LEAD_S = 300  # the stop needs a log interval plus a checkpoint write; Slurm may signal up to 60 s early
+DEFAULT_LEAD_S = 300  # the stop needs a log interval plus a checkpoint write; Slurm may signal up to 30 s early
 DEFAULT_MAX_REQUEUES = 20
 LAUNCHERS = ("srun", "torchrun")
 
