@@ -16,8 +16,8 @@ log point at every step, 2 ranks (one per node) unless said otherwise:
   Slurm's restart, ``--resume auto`` finishes bit-identical to ``a``; the log shows both starts and
   the step where the second began; seconds from the signal to the checkpoint on disk and from the
   requeue to the next start's first step;
-* ``d``: the time limit: ``--time 2`` with the early signal 87 s before it, so Slurm's first
-  time-limit check 3 s or more after the start sends it (the job is released from hold 8 s before
+* ``d``: the time limit: ``--time 2`` with the early signal 89 s before it, so Slurm's first
+  time-limit check 1 s or more after the start sends it (the job is released from hold 6 s before
   such a check: Slurm checks every 30 s, which a 20-second run could otherwise miss): the stop, the
   self-requeue, and a finish bit-identical to ``a``; the same two figures. The requeued job is given
   a longer limit while it waits, so that its second start finishes instead of being signalled again
@@ -209,14 +209,14 @@ class SlurmCases:
                    f"{_figures_text(figures)}", ok)
 
     def time_limit(self) -> Row:
-        """``--time 2 --signal-lead 87``: Slurm sends the signal at its first time-limit check 3 s or
-        more after the start. Released from hold 8 s before such a check (so the job may take up to
-        5 s to start), the job gets it while its ranks start up (they ignore it until the engine
-        listens; the job script repeats it): the stop comes at the first log point, on any machine,
-        however fast."""
-        job, out = self.launch("d-time-limit", time_limit="2", lead=87, sbatch_args=("--hold",))
-        check = self.cluster.next_limit_check(min_ahead=9.0)
-        time.sleep(max(0.0, check - 8.0 - time.time()))
+        """``--time 2 --signal-lead 89``: Slurm sends the signal at its first time-limit check 1 s or
+        more after the start. Released from hold 6 s before such a check (so the job may take up to
+        5 s to start), the job gets it 1-6 s after its start, while its ranks start up (they ignore
+        it until the engine listens; the job script repeats it every 2 s): the stop comes at one of
+        the first log points, on any machine, however fast; never after the run's end."""
+        job, out = self.launch("d-time-limit", time_limit="2", lead=89, sbatch_args=("--hold",))
+        check = self.cluster.next_limit_check(min_ahead=7.0)
+        time.sleep(max(0.0, check - 6.0 - time.time()))
         self.cluster.run("scontrol", "release", job)
         stop, saved, saved_t = self.wait_stop(out, "SIGUSR2", job)
         requeued = self.wait_log(out, "] requeued (time-limit requeue 1", job)
@@ -238,7 +238,7 @@ class SlurmCases:
             figures = {"signal_to_checkpoint_s": round(saved_t - _time_of(early[0]), 2),
                        "requeue_to_first_step_s": round(self.first_step_after(out, step) - _time_of(requeued), 2)}
         self.figures["d"] = figures
-        return Row("d: time limit: --time 2 with the early signal (SIGUSR2, --signal-lead 87 s)",
+        return Row("d: time limit: --time 2 with the early signal (SIGUSR2, --signal-lead 89 s)",
                    "agreed stop with one interrupted checkpoint, the job requeues itself, the next start finishes "
                    "bit-identical to a",
                    f"{state}, starts {len(starts)}; {stop or 'no stop line'}; {requeued or 'no requeue line'}; "
