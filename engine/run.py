@@ -1,12 +1,12 @@
 """Train a recipe: the engine's command line (``rsb-train``, or ``python -m engine.run``).
 
-Works as a single process or under ``torchrun``. User-caused errors (bad recipe, missing data,
-missing backend) print one line to stderr and exit with status 2; no traceback.
+Works as a single process, under ``torchrun``, or as the tasks of a Slurm ``srun`` step. User-caused
+errors (bad recipe, missing data, missing backend) print one line to stderr and exit with status 2; no
+traceback.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from common.cli import examples, prog
@@ -55,10 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.recipe, args.overrides)
     except ConfigError as e:
+        from engine.distributed import process_ranks
         from engine.logging import say_once
 
-        # under torchrun every rank finds it: rank 0 says it (before init_distributed, from torchrun's env)
-        say_once(f"error: {e}", int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+        # under torchrun or srun every rank finds it: rank 0 says it (before init_distributed, from the launcher's env)
+        ranks = process_ranks()
+        say_once(f"error: {e}", ranks.rank, ranks.world_size)
         return 2
     if args.help_config:
         print(explain(cfg, key_sources(args.recipe, args.overrides)))

@@ -48,13 +48,20 @@ def batch_composition(global_batch: int, world: int, per_device: int) -> tuple[i
 
 
 class StopRequest:
-    """SIGINT/SIGTERM set a flag that the loop acts on at a consistent point (after an optimizer
-    step; under DDP at the next log point, where ranks agree), so a checkpoint is written before the
-    process exits with 128 + the signal's number (143 for SIGTERM, 130 for SIGINT).
+    """SIGINT/SIGTERM/SIGUSR2 set a flag that the loop acts on at a consistent point (after an
+    optimizer step; under DDP at the next log point, where ranks agree), so a checkpoint is written
+    before the process exits with 128 + the signal's number (143 for SIGTERM, 130 for SIGINT, 140
+    for SIGUSR2).
 
-    A second SIGINT (Ctrl-C twice) interrupts at once. A second SIGTERM does not: under torchrun the
-    whole process group gets the scheduler's SIGTERM and torchrun forwards its own copy to every
-    rank. DataLoader workers ignore both signals (the main process owns shutdown)."""
+    SIGUSR2 is the scheduler's early warning before a time limit (Slurm's ``--signal``; not SIGUSR1,
+    which NCCL may use): its own exit status tells a job script that the run stopped to be requeued,
+    where SIGTERM (``scancel``, preemption) stops it for whoever sent it.
+
+    A second SIGINT (Ctrl-C twice) interrupts at once. A second SIGTERM (or any signal after the
+    first) does not: under torchrun the whole process group gets the scheduler's SIGTERM and
+    torchrun forwards its own copy to every rank; Slurm signals every process of a step, then sends
+    SIGTERM again at the time limit. The first signal names the stop. DataLoader workers ignore
+    these signals (the main process owns shutdown)."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -65,7 +72,7 @@ class StopRequest:
         return self.signal is not None
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
             self._old[sig] = signal.signal(sig, self._handler)
         return self
 

@@ -76,3 +76,41 @@ def tiny_runs(fmnist_tree, tmp_path_factory) -> dict[str, Path]:
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[name] = folder
     return out
+
+
+def skip_or_fail(why: str):
+    """Skip a Slurm test with the reason; under CI (``RSB_REQUIRE_SLURM=1``, set by .ci/run) fail
+    instead, so that a CI run where Slurm is missing cannot pass with those tests skipped."""
+    if os.environ.get("RSB_REQUIRE_SLURM"):
+        pytest.fail(f"the Slurm tests must run here (RSB_REQUIRE_SLURM is set): {why}", pytrace=False)
+    pytest.skip(f"Slurm tests skipped: {why}")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A throwaway two-node Slurm cluster (benchmarks/slurm_cluster.py) shared by every Slurm test,
+    started on first use; clients find it through SLURM_CONF while it runs. At the end it cancels
+    every job, stops each daemon by its PID (also after a failed test), and fails the session if
+    any of its processes is left."""
+    from benchmarks.slurm_cluster import SlurmCluster, unavailable
+
+    why = unavailable()
+    if why:
+        skip_or_fail(why)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm-cluster"))
+    try:
+        cluster.start()
+    except RuntimeError as e:
+        skip_or_fail(f"the test cluster did not start: {e}")
+    saved = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        if saved is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = saved
+        left = cluster.leftovers()
+        assert not left, f"the Slurm test cluster left processes running: {left}"

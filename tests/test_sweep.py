@@ -1,7 +1,7 @@
 """tools/sweep.py end to end on CPU: a 2 x 2 grid runs, a rerun launches nothing, the tables are
 sorted and agree with the engine's own metrics.jsonl, seed means/stds agree with Python's statistics
-module; the Slurm code path through submitit's LocalExecutor; a converter-made subset; resume of an
-unfinished trial; one-line user errors before anything is launched."""
+module; a converter-made subset; resume of an unfinished trial; one-line user errors before anything
+is launched. The Slurm executor runs against a real cluster in tests/test_slurm.py."""
 from __future__ import annotations
 
 import csv
@@ -108,22 +108,6 @@ def test_grid_sweep_runs_then_rerun_launches_nothing(fmnist_tree, tmp_path):
         assert [r["trial"] for r in csv.DictReader(f)] == [r["trial"] for r in rows]
 
 
-def test_submitit_local_executor_runs_the_slurm_path(fmnist_tree, tmp_path):
-    """The same submission code as on Slurm (submitit.AutoExecutor, one pickled run_trial per job),
-    with cluster="local"."""
-    body = 'seeds = [0, 1]\n[grid]\n"optim.lr" = [0.01]\n[run]\nexecutor = "slurm"\n[run.slurm]\npartition = "gpu"\n'
-    spec = write_sweep(tmp_path / "slurm.toml", fmnist_tree, body)
-    out = tmp_path / "out"
-    proc = sweep(str(spec), "--out", str(out), "--executor", "submitit-local")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "submitted 2 job(s) (local)" in proc.stdout
-    assert len(list((out / "submitit").glob("*_result.pkl"))) == 2  # submitit's own job results
-    records = [read_trial(t) for t in sorted((out / "trials").iterdir())]
-    assert [r["status"] for r in records] == ["done", "done"] and {r["seed"] for r in records} == {0, 1}
-    with (out / "results.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == 2
-
-
 def test_subset_from_the_converter_and_resume_of_an_unfinished_trial(fmnist_tree, tmp_path):
     pytest.importorskip("nvidia.dali")
     body = ('[budget.subset]\nsrc = "%s"\nclasses = ["c0", "c3"]\nlimit_per_class = 8\nformats = ["dali"]\n'
@@ -167,7 +151,8 @@ def test_a_failing_trial_is_recorded_and_stays_pending(tmp_path):
     ('[grid]\n"optim.lr" = ["fast"]\n', "optim.lr=fast: expected float"),
     ('[grid]\n"optim.lr" = [0.1]\n[random]\n"optim.weight_decay" = [0.1]\n', "use [grid] or [random], not both"),
     ('[grid]\n"train.seed" = [1, 2]\n', "train.seed is set by seeds"),
-    ('[run]\nexecutor = "pbs"\n', "executor = 'pbs' is not one of local, slurm, submitit-local"),
+    ('[run]\nexecutor = "pbs"\n', "executor = 'pbs' is not one of local, slurm"),
+    ('[run]\nexecutor = "slurm"\n[run.slurm]\ntimeout_min = 60\n', "unknown key [run.slurm] timeout_min; did you mean time?"),
     ('[random]\n"optim.lr" = {low = 0.0, high = 0.1, log = true}\n', "log = true needs low > 0"),
     ('[budget.subset]\nsrc = "."\nlimit_per_class = 4\n', "needs data.pipeline = ffcv or dali"),
 ])

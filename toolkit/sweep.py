@@ -1,9 +1,15 @@
 """Hyper-parameter sweeps over a recipe: read a sweep file, expand it into trials, run each trial as
-an ordinary ``python -m engine.run`` process, locally N at a time or on Slurm through submitit.
+an ordinary ``python -m engine.run`` process, locally N at a time or on Slurm as one array job
+(one array task per trial, ``[run] parallel`` at a time).
 
-Why it lives in ``toolkit`` and not in ``tools/sweep.py``: a Slurm job unpickles the function it
-runs by module path, so :func:`run_trial` must be importable on the compute node from an installed
-package, and ``tools/`` holds only the thin command-line front ends. The results tables and the plot
+On Slurm each trial is a run like any other launched by :mod:`toolkit.slurm_launch`: the same
+generated job script, so a trial stops with a checkpoint at the early signal before its time limit
+and requeues itself, stops with one at preemption and is requeued by Slurm, and resumes from its
+checkpoints at every start; its array task runs :func:`run_trial` on the compute node
+(``python -m toolkit.slurm_task trial FOLDER``, reading ``trial-spec.json``), which is why this logic
+lives in ``toolkit`` and not in ``tools/sweep.py``. The sweep waits for the tasks, following each
+trial's current job (``slurm/job``: a requeued task keeps its id, a successor job has its own), and
+can be left: ``--report-only`` collects what is done at any time. The results tables and the plot
 are in :mod:`toolkit.sweep_report`.
 
 A sweep file (TOML)::
@@ -29,9 +35,10 @@ A sweep file (TOML)::
     "optim.weight_decay" = [0.01, 0.02, 0.05]
     [run]
     parallel = 2                    # trials at a time (one GPU each where GPUs exist)
-    executor = "local"              # local | slurm | submitit-local
-    [run.slurm]                     # passed to submitit (partition, timeout_min, gpus_per_node, ...)
+    executor = "local"              # local | slurm
+    [run.slurm]                     # one trial's Slurm job (see SLURM_KEYS)
     partition = "gpu"
+    time = "4:00:00"                # per start; the trial requeues itself before the limit
 
 A trial is identified by its whole command (base, overrides, budget, seed): its folder name is a
 readable slug of the swept values plus a hash of that command, so a rerun finds finished trials and
@@ -61,17 +68,23 @@ from typing import Any, Callable
 from common.config import ConfigError, load_config, toml_value
 from common.fileio import commit
 
-EXECUTORS = ("local", "slurm", "submitit-local")
+EXECUTORS = ("local", "slurm")
 KEYS = {
     "": ("base", "seeds", "budget", "set", "grid", "random", "run"),
     "budget": ("epochs", "max_steps", "subset"),
     "budget.subset": ("src", "classes", "limit_per_class", "formats", "workers"),
     "run": ("parallel", "executor", "slurm"),
 }
-# submitit's generic parameters; any other [run.slurm] key is Slurm-specific and gets the slurm_ prefix
-SUBMITIT_GENERIC = ("timeout_min", "mem_gb", "tasks_per_node", "cpus_per_task", "nodes", "name", "gpus_per_node",
-                    "stderr_to_stdout")
-DEFAULT_TIMEOUT_MIN = 24 * 60  # submitit's own defaults (2-5 minutes) would kill real trials
+# [run.slurm]: what each trial's job asks for (toolkit.slurm_launch.Resources and the requeue policy)
+SLURM_KEYS = {"time": "time limit per start, Slurm's format (default 24:00:00)",
+              "partition": "partition", "account": "account",
+              "gpus_per_node": "GPUs per trial (default 1; 0 on CPU nodes)",
+              "cpus_per_task": "CPUs per trial (data loading)",
+              "signal_lead_s": "the early signal this many seconds before the time limit (default 300)",
+              "max_requeues": "time-limit requeues per trial (default 20)",
+              "sbatch_args": 'other sbatch options, e.g. ["--qos=high", "--mem=32G"]'}
+STOPPED_WITH_CHECKPOINT = (130, 140, 143)  # the engine's exit after SIGINT, SIGUSR2, SIGTERM
+POLL_S = 5.0  # how often the sweep looks at Slurm's queue and the trials' records
 DEMO_DATA = ("data/demo/src", "data/demo/converted")  # what `make demo` writes (tools/demo.py), repository-relative
 
 
@@ -215,7 +228,11 @@ def read_sweep(path: str | Path) -> Sweep:
         raise SweepError(f"{path}: [run] executor = {executor!r} is not one of {', '.join(EXECUTORS)}")
     slurm = run.get("slurm", {})
     if not isinstance(slurm, dict):
-        raise SweepError(f"{path}: [run.slurm] must be a table of submitit options, e.g. partition = \"gpu\"")
+        raise SweepError(f"{path}: [run.slurm] must be a table, e.g. partition = \"gpu\"")
+    for key in slurm:
+        if key not in SLURM_KEYS:
+            guess = difflib.get_close_matches(key, SLURM_KEYS, n=1, cutoff=0.0)
+            raise SweepError(f"{path}: unknown key [run.slurm] {key}; did you mean {guess[0]}?")
     return Sweep(path=path, base=base, seeds=seeds, fixed=fixed, grid=grid, random_space=space,
                  random_trials=random_trials if space else 0, random_seed=random_seed, epochs=epochs,
                  max_steps=max_steps, subset=subset, parallel=parallel, executor=executor, slurm=dict(slurm))
@@ -264,7 +281,8 @@ def _check_distribution(key: str, spec: Any, path: Path) -> None:
 # --------------------------------------------------------------------------- trials
 @dataclass(frozen=True)
 class TrialSpec:
-    """Everything one trial needs, picklable for submitit. ``overrides`` are ``key=value`` texts."""
+    """Everything one trial needs; ``overrides`` are ``key=value`` texts. Written as JSON into the
+    trial folder for a Slurm task (:meth:`to_json`, :meth:`from_json`)."""
 
     name: str
     folder: str
@@ -282,6 +300,13 @@ class TrialSpec:
         if self.max_steps is not None:
             cmd += ["--max-steps", str(self.max_steps)]
         return cmd + (["--resume", "auto"] if resume else [])
+
+    def to_json(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "TrialSpec":
+        return cls(**{**data, "overrides": tuple(data["overrides"])})
 
 
 def format_value(value: Any) -> str:
@@ -437,9 +462,10 @@ def final_eval(metrics_path: Path) -> dict[str, Any] | None:
 def run_trial(spec: TrialSpec, gpu: str | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run one trial to the end (resuming its own checkpoints) and write ``trial.json``.
 
-    Top-level and free of closures so submitit can pickle it. Done means: the engine exited 0 and
-    metrics.jsonl ends with the final eval record. A done trial is returned as is (a requeued Slurm job
-    does not train it twice)."""
+    Done means: the engine exited 0 and metrics.jsonl ends with the final eval record. A done trial
+    is returned as is (a requeued Slurm job does not train it twice). ``interrupted``: the engine
+    stopped with a checkpoint (Ctrl-C, SIGTERM, the early signal before a time limit) and the next
+    launch continues it."""
     folder = Path(spec.folder)
     folder.mkdir(parents=True, exist_ok=True)
     prev = read_trial(folder) or {}
@@ -467,10 +493,15 @@ def run_trial(spec: TrialSpec, gpu: str | None = None, env: dict[str, str] | Non
         rc = subprocess.call(cmd, cwd=spec.cwd, stdout=log, stderr=subprocess.STDOUT, env=child_env)
     final = final_eval(metrics)
     done = rc == 0 and final is not None
-    errors = [ln for ln in log_path.read_text(errors="replace")[start:].splitlines() if ln.startswith("error:")]
-    record.update(status="done" if done else "interrupted" if rc == 130 else "failed", returncode=rc,
+    lines = log_path.read_text(errors="replace")[start:].splitlines()
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    stops = [ln for ln in lines if ln.startswith("stopped by ")]
+    interrupted = not done and not errors and rc in STOPPED_WITH_CHECKPOINT
+    error = None if done else (stops[-1] if interrupted and stops else errors[-1] if errors
+                               else f"exit status {rc}; see {log_path}")
+    record.update(status="done" if done else "interrupted" if interrupted else "failed", returncode=rc,
                   metrics=final if done else None, wall_s=round(record["wall_s"] + time.monotonic() - t0, 2),
-                  error=None if done else (errors[-1] if errors else f"exit status {rc}; see {log_path}"))
+                  error=error)
     _write_trial(folder, record)
     return record
 
@@ -519,47 +550,92 @@ def run_local(trials: list[TrialSpec], parallel: int, on_done: Callable[[dict], 
         pool.shutdown(wait=True)
 
 
-def submitit_parameters(options: dict[str, Any], parallel: int, cluster: str) -> dict[str, Any]:
-    """[run.slurm] as submitit.AutoExecutor parameters: generic names as they are, others prefixed
-    ``slurm_`` (partition -> slurm_partition); defaults: one GPU per trial on Slurm, a day's time limit."""
-    params: dict[str, Any] = {"timeout_min": DEFAULT_TIMEOUT_MIN, "name": "sweep", "slurm_array_parallelism": parallel}
-    if cluster == "slurm":
-        params["gpus_per_node"] = 1
-    for key, value in options.items():
-        params[key if key in SUBMITIT_GENERIC or key.startswith("slurm_") else f"slurm_{key}"] = value
-    return params
+def slurm_job(trials: list[TrialSpec], folder: Path, parallel: int, options: dict[str, Any]):
+    """The array job of ``trials`` (task i runs trial i) from the [run.slurm] table."""
+    from toolkit.slurm_launch import DEFAULT_LEAD_S, DEFAULT_MAX_REQUEUES, Job, LaunchError, Resources, RunEntry
 
-
-def run_submitit(trials: list[TrialSpec], cluster: str, folder: Path, parallel: int, options: dict[str, Any],
-                 on_done: Callable[[dict], None]) -> list[dict[str, Any]]:
-    """Submit one job per trial through submitit and wait: ``cluster="slurm"`` on a Slurm cluster,
-    ``"local"`` for submitit's LocalExecutor (the same submission path on this machine, all at once)."""
+    extra = options.get("sbatch_args", [])
+    if isinstance(extra, str) or not all(isinstance(a, str) for a in extra):
+        raise SweepError('[run.slurm] sbatch_args must be a list of sbatch options, e.g. ["--qos=high"]')
     try:
-        import submitit
-    except ImportError:
-        raise SweepError("submitit is not installed: pip install 'submitit>=1.5' (or the dev extra)") from None
-    if cluster == "slurm" and shutil.which("sbatch") is None:
+        resources = Resources(nodes=1, tasks_per_node=1, gpus_per_node=int(options.get("gpus_per_node", 1)),
+                              cpus_per_task=options.get("cpus_per_task"), time=str(options.get("time", "24:00:00")),
+                              partition=options.get("partition"), account=options.get("account"),
+                              sbatch_args=tuple(extra))
+        job = Job(name=f"sweep-{folder.parent.name}", folder=folder,
+                  runs=[RunEntry(Path(t.folder), ["trial", t.folder]) for t in trials], resources=resources,
+                  signal_lead_s=int(options.get("signal_lead_s", DEFAULT_LEAD_S)),
+                  max_requeues=int(options.get("max_requeues", DEFAULT_MAX_REQUEUES)), array=True, parallel=parallel)
+        job.check()
+    except (LaunchError, TypeError, ValueError) as e:
+        raise SweepError(f"[run.slurm]: {e}") from None
+    return job
+
+
+def run_slurm(trials: list[TrialSpec], folder: Path, parallel: int, options: dict[str, Any],
+              on_done: Callable[[dict], None], poll_s: float = POLL_S) -> list[dict[str, Any]]:
+    """Submit the trials as one array job (``parallel`` tasks at a time) and wait until Slurm lists
+    none of them any more. A trial whose job is still queued or running (a sweep started before and
+    left) is waited for, not submitted again. A trial whose job ended without a final record (the
+    node died, a hard kill) is recorded ``failed`` with its log's last line."""
+    from toolkit.slurm_launch import LaunchError
+
+    try:
+        return _run_slurm(trials, folder, parallel, options, on_done, poll_s)
+    except LaunchError as e:  # sbatch refused, squeue failed: one line
+        raise SweepError(str(e)) from None
+
+
+def _run_slurm(trials: list[TrialSpec], folder: Path, parallel: int, options: dict[str, Any],
+               on_done: Callable[[dict], None], poll_s: float) -> list[dict[str, Any]]:
+    from toolkit import slurm_launch
+
+    if shutil.which("sbatch") is None:
         raise SweepError("executor slurm: sbatch is not on PATH; run the sweep on a Slurm login node, or use "
-                         "--executor local (or submitit-local to try the submission path here)")
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+                         "--executor local")
+    listed = slurm_launch.queue_states()
+    todo = [t for t in trials if slurm_launch.current_job(Path(t.folder)) not in listed]
+    if len(todo) < len(trials):
+        print(f"sweep: {len(trials) - len(todo)} trial(s) already queued or running in Slurm: waiting for them",
+              flush=True)
+    if todo:
+        job = slurm_job(todo, folder, parallel, options)
+        for t in todo:
+            Path(t.folder, "slurm").mkdir(parents=True, exist_ok=True)
+            (Path(t.folder) / "trial-spec.json").write_text(json.dumps(t.to_json(), indent=1) + "\n")
+        array = slurm_launch.submit(job)
+        for i, t in enumerate(todo):
+            (Path(t.folder) / "slurm" / "job").write_text(f"{array}_{i}\n")
+            prev = read_trial(t.folder) or {"name": t.name, "swept": t.swept, "seed": t.seed, "launches": 0}
+            _write_trial(Path(t.folder), {**prev, "status": "queued", "job": f"{array}_{i}"})
+        print(f"sweep: submitted array job {array} ({len(todo)} trial(s), {parallel} at a time); each trial's "
+              f"log: <trial>/slurm/job.log; watch with squeue -j {array}", flush=True)
+    waiting, results = {t.name: t for t in trials}, {}
+    while waiting:
+        listed = slurm_launch.queue_states()
+        for name, t in list(waiting.items()):
+            job_id = slurm_launch.current_job(Path(t.folder))
+            if job_id in listed:
+                continue
+            record = read_trial(t.folder) or {"name": t.name, "swept": t.swept, "seed": t.seed}
+            if record.get("status") not in ("done", "failed", "interrupted"):
+                record.update(status="failed", error=f"job {job_id} ended without a result: "
+                                                     f"{_last_line(Path(t.folder) / 'slurm' / 'job.log')}")
+                _write_trial(Path(t.folder), record)
+            del waiting[name]
+            results[name] = record
+            on_done(record)
+        if waiting:
+            time.sleep(poll_s)
+    return [results[t.name] for t in trials]
+
+
+def _last_line(path: Path) -> str:
     try:
-        executor.update_parameters(**submitit_parameters(options, parallel, cluster))
-    except (NameError, ValueError, TypeError) as e:
-        raise SweepError(f"[run.slurm]: submitit rejects the options: {str(e).splitlines()[0]}") from None
-    jobs = executor.map_array(run_trial, trials)
-    print(f"sweep: submitted {len(jobs)} job(s) ({cluster}): {', '.join(j.job_id for j in jobs)}; "
-          f"logs in {folder}", flush=True)
-    results = []
-    for job, trial in zip(jobs, trials):
-        try:
-            record = job.result()
-        except Exception as e:  # the job died outside the engine (node failure, timeout, cancel)
-            record = read_trial(trial.folder) or {"name": trial.name, "seed": trial.seed, "swept": trial.swept}
-            first = str(e).strip().splitlines()
-            record.update(status="failed", error=f"job {job.job_id}: {first[-1] if first else type(e).__name__}")
-        on_done(record)
-        results.append(record)
-    return results
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except FileNotFoundError:
+        return f"no log at {path}"
+    return lines[-1] if lines else f"{path} is empty"
 
 
 def pending(trials: list[TrialSpec]) -> list[TrialSpec]:
@@ -606,10 +682,10 @@ def start_sweep(sweep: Sweep, todo: list[TrialSpec], out: Path) -> None:
 
 def run_trials(todo: list[TrialSpec], executor: str, parallel: int, out: Path, slurm: dict[str, Any],
                on_done: Callable[[dict], None]) -> list[dict[str, Any]]:
-    """``todo`` through the chosen executor (see :data:`EXECUTORS`); submitit keeps its files in OUT/submitit."""
+    """``todo`` through the chosen executor (see :data:`EXECUTORS`); Slurm's job script is OUT/slurm/job.sh."""
     if executor == "local":
         return run_local(todo, parallel, on_done)
-    return run_submitit(todo, "slurm" if executor == "slurm" else "local", out / "submitit", parallel, slurm, on_done)
+    return run_slurm(todo, out / "slurm", parallel, slurm, on_done)
 
 
 def budget_text(sweep: Sweep) -> str:

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=.venv
-SYS_PKGS=(pkg-config libturbojpeg0-dev libopencv-dev dataset-fashion-mnist)
+SYS_PKGS=(pkg-config libturbojpeg0-dev libopencv-dev dataset-fashion-mnist slurm-wlm munge)
 FMNIST_DIR=/usr/share/datasets/fashion-mnist
 
 is_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
@@ -36,6 +36,7 @@ if ((${#missing[@]})); then
   echo "setup: missing system packages: ${missing[*]} (as root: apt-get install ${missing[*]})"
   ((have_ffcv_deps)) || echo "setup: FFCV is OFF (needs pkg-config, libturbojpeg0-dev, libopencv-dev); ffcv recipes and tests will say so"
   [ -d "$FMNIST_DIR" ] || echo "setup: demo data is OFF (needs dataset-fashion-mnist in $FMNIST_DIR); make demo cannot run"
+  command -v slurmd >/dev/null || echo "setup: the Slurm tests are OFF (need slurm-wlm and munge, and root to start a throwaway cluster); CI fails without them"
 fi
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"

@@ -1,7 +1,7 @@
 """Run a hyper-parameter sweep over a recipe (fast A3 exploration) and tabulate it.
 
     python tools/sweep.py sweeps/a3_lr_demo.toml                  # -> runs/sweeps/a3_lr_demo/
-    python tools/sweep.py SWEEP.toml --executor slurm             # one Slurm job per trial (submitit)
+    python tools/sweep.py SWEEP.toml --executor slurm             # one Slurm array task per trial
     python tools/sweep.py SWEEP.toml --report-only                # tables and plot from what is done
 
 The sweep file format is documented in toolkit/sweep.py, which holds the logic (this file parses
@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep", help="sweep file (TOML), e.g. sweeps/a3_lr_demo.toml")
     p.add_argument("--out", default=None, help="sweep folder (default runs/sweeps/<sweep file name>)")
     p.add_argument("--executor", choices=EXECUTORS, default=None,
-                   help="local: subprocesses here; slurm: submitit on Slurm; submitit-local: submitit's "
-                        "LocalExecutor (the Slurm code path on this machine). Default: [run] executor")
+                   help="local: subprocesses here; slurm: one array job on Slurm, a task per trial, each "
+                        "preemptible and resumed (toolkit/slurm_launch.py). Default: [run] executor")
     p.add_argument("--parallel", type=int, default=None, help="trials at a time (default: [run] parallel)")
     p.add_argument("--report-only", action="store_true", help="launch nothing; write the tables and plot")
     p.add_argument("--dry-run", action="store_true", help="print the trial commands and exit")
@@ -82,8 +82,9 @@ def _main(args: argparse.Namespace) -> int:
             if executor == "local":
                 print("sweep: interrupted; run the same command again to continue", file=sys.stderr)
             else:
-                print("sweep: stopped waiting; the submitted jobs keep running: collect them with --report-only "
-                      "(rerunning now would start unfinished trials twice)", file=sys.stderr)
+                print("sweep: stopped waiting; the submitted jobs keep running: collect them with --report-only, "
+                      "or wait again with the same command (it submits only trials Slurm no longer lists)",
+                      file=sys.stderr)
             return 130
     elif not todo:
         print(f"sweep: all {len(trials)} trials are done; writing the tables", flush=True)

@@ -1,0 +1,134 @@
+"""The Slurm launcher without a cluster: the job it writes for 4 nodes x 8 GPUs (both launchers), its
+one-line refusals, and the engine's reading of Slurm's variables (ranks, the node list, the port of
+each start), the node list checked against Slurm's own ``scontrol show hostnames`` where installed.
+The jobs themselves run on a real cluster in tests/test_slurm.py."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from engine.distributed import expand_nodelist, process_ranks, rendezvous_port, slurm_rendezvous
+from tests.cli import run_main
+from toolkit.slurm_launch import parse_time
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch(*args):
+    from tools.launch_slurm import main
+
+    return run_main(main, list(args))
+
+
+def test_dry_run_for_4_nodes_of_8_gpus_is_the_job_a_user_expects(tmp_path):
+    out = tmp_path / "a1"
+    proc = launch("recipes/a1.toml", "--nodes", "4", "--gpus-per-node", "8", "--time", "24:00:00", "--out", out,
+                  "--partition", "gpu", "--account", "proj", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    script = proc.stdout
+    header = re.findall(r"^#SBATCH (\S+)$", script, re.M)
+    assert header == ["--job-name=a1", "--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--time=24:00:00",
+                      "--signal=B:USR2@300", "--requeue", "--open-mode=append",
+                      f"--output={out.resolve()}/slurm/job.log", f"--chdir={Path.cwd()}", "--partition=gpu",
+                      "--account=proj"]
+    assert f"toolkit.slurm_task srun -- {out.resolve()}/slurm/recipe.toml --out {out.resolve()} --resume auto" in script
+    assert "srun --wait=60" in script and "scontrol requeue" in script and '--dependency="afterany:' in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # the script parses
+    assert not out.exists()  # a dry run writes nothing
+
+    torchrun = launch("recipes/a1.toml", "--nodes", "4", "--gpus-per-node", "8", "--out", out, "--launcher",
+                      "torchrun", "--dry-run").stdout
+    assert "#SBATCH --ntasks-per-node=1\n" in torchrun and "#SBATCH --gpus-per-node=8\n" in torchrun
+    assert "toolkit.slurm_task torchrun --nproc-per-node 8 --" in torchrun and "--ntasks-per-node=1 " in torchrun
+
+
+def test_the_readme_shows_the_dry_run_as_it_is():
+    """README "Run on a Slurm cluster" holds the --dry-run job for 4 nodes x 8 GPUs: keep it true."""
+    readme = (ROOT / "README.md").read_text()
+    shown = readme.split("<!-- dry-run: 4 nodes x 8 GPUs -->\n```bash\n", 1)[1].split("```", 1)[0]
+    proc = launch("recipes/a1.toml", "--nodes", "4", "--gpus-per-node", "8", "--time", "24:00:00", "--out",
+                  "/shared/runs/a1", "--partition", "gpu", "--dry-run")
+    actual = proc.stdout.replace(str(Path.cwd()), "/shared/rsb-trainer").replace(
+        str(Path(__import__("sys").executable)), "/shared/rsb-trainer/.venv/bin/python")
+    assert shown == actual
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "optim.lrr=1"], "unknown key optim.lrr"),
+    (["--nodes", "3", "--tasks-per-node", "5", "--set", "train.global_batch_size=64"], "not divisible by 15 processes"),
+    (["--time", "10", "--signal-lead", "600"], "--signal-lead 600 s does not fit --time 10"),
+    (["--time", "1 day"], "is not a Slurm time"),
+    (["--nodes", "0"], "--nodes and --tasks-per-node must be >= 1"),
+])
+def test_user_errors_are_one_line_and_submit_nothing(tmp_path, args, message):
+    out = tmp_path / "run"
+    proc = launch("recipes/a3.toml", "--out", out, *args)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
+    assert not out.exists()
+
+
+def test_without_sbatch_it_says_so_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    proc = launch("recipes/a3.toml", "--out", tmp_path / "run")
+    assert proc.returncode == 2 and proc.stderr.strip() == ("error: sbatch is not on PATH; run this on a Slurm login "
+                                                            "node (--dry-run shows the job here)")
+
+
+def test_slurm_time_formats():
+    assert [parse_time(t) for t in ("90", "2:30", "24:00:00", "2-00:00:00", "1-12", "1-00:30")] == \
+        [5400, 150, 86400, 172800, 129600, 88200]
+
+
+@pytest.mark.parametrize("nodelist", ["n1", "n[1-2]", "gpu-a[01-03,7],login", "x[1-2]y[3-4]", "a[08-11],b,c[1,3]"])
+def test_node_lists_expand_as_slurm_expands_them(nodelist, tmp_path):
+    want = {"n1": ["n1"], "n[1-2]": ["n1", "n2"], "gpu-a[01-03,7],login": ["gpu-a01", "gpu-a02", "gpu-a03", "gpu-a7", "login"],
+            "x[1-2]y[3-4]": ["x1y3", "x1y4", "x2y3", "x2y4"], "a[08-11],b,c[1,3]": ["a08", "a09", "a10", "a11", "b", "c1", "c3"]}
+    assert expand_nodelist(nodelist) == want[nodelist]
+    if shutil.which("scontrol"):  # Slurm's own expansion: needs a config file, not a cluster
+        conf = tmp_path / "slurm.conf"
+        conf.write_text("ClusterName=x\nSlurmctldHost=localhost\nNodeName=n1\nPartitionName=p Nodes=n1\n")
+        shown = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                               env={**os.environ, "SLURM_CONF": str(conf)})
+        assert shown.stdout.split() == want[nodelist], shown.stderr
+
+
+def test_ranks_come_from_torchrun_first_then_from_an_srun_step():
+    slurm = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
+             "SLURM_NTASKS": "16"}
+    assert process_ranks(slurm) == (5, 8, 1, "srun")  # the step's tasks, not the job's
+    torchrun = {**slurm, "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3"}
+    assert process_ranks(torchrun) == (3, 4, 3, "torchrun")
+    batch_script = {"SLURM_PROCID": "0", "SLURM_NTASKS": "16"}  # the batch shell is no task of a step
+    assert process_ranks(batch_script) == (0, 1, 0, "single")
+
+
+def test_every_start_of_a_job_has_its_own_rendezvous_port():
+    ports = {rendezvous_port(job, restart) for job in (123456, 123457) for restart in range(20)}
+    assert len(ports) == 40 and all(12000 <= p < 32768 for p in ports)  # below the ephemeral range
+    env = {"SLURM_JOB_ID": "123456", "SLURM_RESTART_COUNT": "2", "SLURM_STEP_NODELIST": "localhost,n7",
+           "SLURM_JOB_NODELIST": "n[7-8]"}
+    assert slurm_rendezvous(env) == ("localhost", rendezvous_port(123456, 2))
+
+
+def test_a_sweep_is_one_array_job_task_i_running_trial_i_also_for_one_trial(tmp_path):
+    from toolkit.slurm_launch import job_script, sbatch_options
+    from toolkit.sweep import TrialSpec, slurm_job
+
+    trials = [TrialSpec(name=f"t{i}", folder=str(tmp_path / f"t{i}"), base="recipes/a3.toml", cwd=str(ROOT), swept={},
+                        seed=i, overrides=(), max_steps=None) for i in range(3)]
+    options = {"gpus_per_node": 0, "time": "4:00:00", "partition": "cpu", "sbatch_args": ["--qos=low"]}
+    for todo, array in ((trials, "--array=0-2%2"), (trials[:1], "--array=0-0%2")):
+        job = slurm_job(todo, tmp_path / "slurm", 2, options)
+        opts = sbatch_options(job)
+        assert array in opts and "--partition=cpu" in opts and opts[-1] == "--qos=low"
+        assert not any(o.startswith("--gpus") for o in opts) and "--ntasks-per-node=1" in opts
+        script = job_script(job)
+        for i, t in enumerate(todo):
+            assert f"  {i}) OUT={t.folder}\n" in script and f"toolkit.slurm_task trial {t.folder})" in script
+        assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0

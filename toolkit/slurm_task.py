@@ -1,0 +1,122 @@
+"""What each task of a launcher job runs (``python -m toolkit.slurm_task MODE ...``, written into the
+job script by :mod:`toolkit.slurm_launch`; not a command for people).
+
+* ``srun -- ENGINE_ARGS``: one task per GPU; becomes ``python -m engine.run ENGINE_ARGS`` (exec), and
+  the engine takes its rank and rendezvous from Slurm (``engine.distributed``);
+* ``torchrun --nproc-per-node N -- ENGINE_ARGS``: one task per node; runs torchrun's agent here with
+  ``--nnodes`` = the job's nodes, the c10d rendezvous on the job's first node at a port of this
+  start's own, and an id unique to this start (job id and restart count), and exits with the first
+  failing rank's status (torchrun's own is 1 for any failure);
+* ``trial FOLDER``: one sweep trial (``toolkit.sweep.run_trial``, which records ``trial.json``
+  around the engine) and exits with the engine's status.
+
+In every mode the early signal (SIGUSR2) is ignored until the engine installs its own handler
+(``StopRequest``, at the start of its training loop; ignored dispositions survive ``exec`` and are
+inherited by children): Slurm signals every process of a step, and a rank still importing torch
+would otherwise die of it. The job script repeats the signal until the step ends, so none is lost.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+
+def _exec_engine(engine_args: list[str]) -> None:
+    os.execv(sys.executable, [sys.executable, "-m", "engine.run", *engine_args])
+
+
+def _torchrun(nproc: int, engine_args: list[str]) -> int:
+    import logging
+    import traceback
+    from pathlib import Path
+
+    # The agent's C++ warnings (when another node's agent, the store's host, has already gone: "recvVector
+    # failed ... Connection was likely closed") would follow the engine's last line in the run's log.
+    # torch reads this when it is imported; the workers, started later, get the default again.
+    saved = os.environ.get("TORCH_CPP_LOG_LEVEL")
+    os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
+    import torch  # noqa: F401  (reads TORCH_CPP_LOG_LEVEL)
+
+    if saved is None:
+        del os.environ["TORCH_CPP_LOG_LEVEL"]
+    else:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = saved
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    from engine.distributed import LaunchError, slurm_rendezvous
+
+    try:
+        host, port = slurm_rendezvous()
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    env = os.environ
+    nnodes = env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_JOB_NUM_NODES", "1")
+    run_id = f"{env.get('SLURM_JOB_ID', 'job')}-{env.get('SLURM_RESTART_COUNT', '0')}"
+    args = get_args_parser().parse_args([
+        "--nnodes", nnodes, "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", f"{host}:{port}", "--rdzv-id", run_id, "--max-restarts", "0",
+        "--module", "engine.run", *engine_args])
+    if env.get("SLURM_NODEID", "0") == "0":
+        print(f"slurm: torchrun on {nnodes} node(s) x {nproc}, c10d rendezvous {host}:{port}, id {run_id}",
+              file=sys.stderr, flush=True)
+    # the agent's own messages (closing signals, "failed (exitcode: 140)") go to a side log, not the
+    # run's: the run's log ends with the engine's last line (toolkit.slurm_launch)
+    out = Path(engine_args[engine_args.index("--out") + 1]) if "--out" in engine_args else Path.cwd()
+    agent_log = logging.getLogger("torch.distributed.elastic")
+    agent_log.propagate = False
+    handler = logging.FileHandler(out / "slurm" / f"torchrun-node{env.get('SLURM_NODEID', '0')}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    agent_log.addHandler(handler)
+    try:
+        run(args)
+        return 0
+    except ChildFailedError as e:
+        _, failure = e.get_first_failure()
+        return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode  # -N: killed by signal N
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    except Exception:  # e.g. the rendezvous store went with the first node's agent after a failure there
+        agent_log.error("the agent stopped:\n%s", traceback.format_exc())
+        return 1
+
+
+def _trial(folder: str) -> int:
+    import json
+    from pathlib import Path
+
+    from toolkit.sweep import TrialSpec, run_trial
+
+    # SIGTERM reaches the engine from Slurm directly; this process waits for it to stop and records
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    spec = TrialSpec.from_json(json.loads((Path(folder) / "trial-spec.json").read_text()))
+    record = run_trial(spec)  # the engine's own output goes to the trial's log.txt
+    if record.get("status") == "done":
+        return 0
+    line = str(record.get("error") or f"exit status {record.get('returncode')}")
+    if record.get("status") == "failed":  # the job log's last line says why (the job script keeps it last)
+        line = line if line.startswith("error:") else f"error: trial {spec.name}: {line}"
+    print(line, file=sys.stderr, flush=True)
+    return int(record.get("returncode") or 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    mode = argv.pop(0) if argv else ""
+    if mode == "srun" and argv[:1] == ["--"]:
+        _exec_engine(argv[1:])
+    if mode == "torchrun" and len(argv) > 3 and argv[0] == "--nproc-per-node" and argv[2] == "--":
+        return _torchrun(int(argv[1]), argv[3:])
+    if mode == "trial" and len(argv) == 1:
+        return _trial(argv[0])
+    print(f"error: toolkit.slurm_task: unknown mode {' '.join([mode, *argv])[:200]!r} (written by "
+          f"toolkit.slurm_launch only)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
