@@ -8,12 +8,14 @@ CUDA error on one GPU) must instead reach the console once, with the rank that h
 every rank.
 
 How: the process group's store (the TCP key-value store every rank reached at start-up) is the
-notice board. The first failing rank claims it (``compare_set``), prints its line, posts it and
-waits a moment for the others to acknowledge. A watcher thread on every rank polls the board
-(``Store.check``, every :data:`POLL_S`); on a posted failure it ends its process at once
-(``os._exit``: the main thread may be blocked inside a collective, where no Python signal handler
-runs), with the failing rank's exit status. A rank whose own collective errors because the failing
-peer is gone (gloo's "connection closed") finds the board claimed and stays silent.
+notice board. The first failing rank claims it (``compare_set``), prints its line and posts it. A
+watcher thread on every rank polls the board (``Store.check``, every :data:`POLL_S`); on a posted
+failure it ends its process at once (``os._exit``: the main thread may be blocked inside a
+collective, where no Python signal handler runs), with the failing rank's exit status. A rank whose
+own collective errors because the failing peer is gone (gloo's "connection closed") finds the board
+claimed and stays silent. Rank 0 leaves last (each other rank checks out first, or a few seconds
+pass): under ``srun`` it hosts the store, and a store that vanished under the others would fill the
+log with the store client's connection errors after the one line.
 
 Errors every rank finds alike at the same step (a diverging loss, read with an all-reduce; a
 config error) are printed once by rank 0 without a rank; the others wait until it has printed, so
@@ -33,7 +35,7 @@ import time
 import torch.distributed as dist
 
 POLL_S = 0.5  # how often every rank looks at the board (a tiny store request)
-ACK_WAIT_S = 3.0  # how long the failing rank waits for the others to have seen its post
+LEAVE_WAIT_S = 5.0  # how long rank 0 waits for the others to check out before it ends
 PRINTED_WAIT_S = 10.0  # how long a rank with an agreed error waits for rank 0's line
 LOST_S = 3.0  # the store unreachable this long: the group is gone
 
@@ -68,7 +70,8 @@ class FailureBoard:
     def fail(self, line: str, code: int, *, agreed: bool = False) -> None:
         """Report this rank's failure: ``line`` is printed once for the whole group (prefixed
         with this rank unless ``agreed``, i.e. every rank raised the same error at the same
-        step); returns when the others have been told (or after a short wait)."""
+        step); returns when the others have been told (rank 0: when they have left, or after a
+        short wait)."""
         self.failing = True
         if not self.enabled:
             _print(line)
@@ -79,14 +82,13 @@ class FailureBoard:
                 self._set("printed", f"{code}")
             else:
                 self._wait_for("printed", PRINTED_WAIT_S)
-            return
-        if self._claim():
+        elif self._claim():
             _print(_with_rank(line, self.rank, self.world_size))
             self._set("line", line)
             self._set("printed", f"{code}")
-            self._wait_for_acks()
         else:  # another rank failed first (this may be the consequence): its line is the one
             self._wait_for("printed", PRINTED_WAIT_S)
+        self._leave()
 
     def posted_code(self) -> int | None:
         """The exit status another rank posted, if any."""
@@ -128,15 +130,18 @@ class FailureBoard:
             time.sleep(0.05)
         return False
 
-    def _wait_for_acks(self) -> None:
-        deadline = time.monotonic() + ACK_WAIT_S
-        while time.monotonic() < deadline:
-            try:
-                if self.store.add(self.key + "acks", 0) >= self.world_size - 1:
-                    return
-            except Exception:
+    def _leave(self) -> None:
+        """Done with the board: the other ranks check out; rank 0 waits until they have (or a few
+        seconds), since under ``srun`` the store lives in its process."""
+        try:
+            if self.rank != 0:
+                self.store.add(self.key + "left", 1)
                 return
-            time.sleep(0.05)
+            deadline = time.monotonic() + LEAVE_WAIT_S
+            while time.monotonic() < deadline and self.store.add(self.key + "left", 0) < self.world_size - 1:
+                time.sleep(0.05)
+        except Exception:
+            pass
 
     # ------------------------------------------------------------------ every rank's watcher
     def _watch(self) -> None:
@@ -157,9 +162,9 @@ class FailureBoard:
             if posted and not self.failing and not self._stop.is_set():
                 try:
                     code = int(self.store.get(self.key + "printed").decode())
-                    self.store.add(self.key + "acks", 1)
                 except Exception:
                     code = 1
+                self._leave()
                 _exit(code or 1)
 
 

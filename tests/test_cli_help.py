@@ -60,7 +60,8 @@ def check(text: str, command: str) -> None:
 
 
 def test_the_console_scripts_are_the_ones_the_readme_names():
-    assert set(SCRIPTS) == {"rsb-train", "rsb-convert", "rsb-evaluate", "rsb-profile", "rsb-sweep", "rsb-gradcam"}
+    assert set(SCRIPTS) == {"rsb-train", "rsb-convert", "rsb-evaluate", "rsb-profile", "rsb-sweep", "rsb-gradcam",
+                            "rsb-launch"}
 
 
 @pytest.mark.parametrize("name", ["rsb-train", "rsb-sweep"])  # the two that start without torch

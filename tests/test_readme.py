@@ -29,7 +29,12 @@ USER_DATA = {  # what the user brings; the README names them as examples of thei
     "LOC_val_solution.csv": "Kaggle's val labels",
     "my_sweep.toml": "the user's own sweep file",
     "/shared/runs/a1": "a run folder on the user's shared file system",
+    "/shared/rsb-trainer": "the user's checkout on the cluster (the --dry-run example's working folder)",
+    "/shared/rsb-trainer/.venv/bin/python": "that checkout's set-up Python",
 }
+# what tools/launch_slurm.py keeps in OUT/slurm/ (toolkit/slurm_launch.py: the script, the frozen recipe,
+# the submissions, the log, srun's own messages, the current job id, every job id)
+LAUNCH_FILES = ("job.sh", "recipe.toml", "launch.json", "job.log", "srun.log", "job", "jobs.txt")
 WRITTEN_ELSEWHERE = {  # files a command the README names writes, on a machine this suite does not assume
     "benchmarks/results/gpu.md": "written by python -m benchmarks.gpu_check on a CUDA GPU",
 }
@@ -152,7 +157,8 @@ def test_every_path_the_readme_and_the_help_name_exists_or_is_made(monkeypatch, 
     spans += helps
     written = command_outputs(spans) | {"runs/sweeps/a3_lr_demo"}  # the demo sweep's default folder
     made = demo_outputs() | recipe_outputs() | written | \
-        {f"{out}/{f}" for out in written for kind, files in TOOL_FILES.items() if kind in out for f in files}
+        {f"{out}/{f}" for out in written for kind, files in TOOL_FILES.items() if kind in out for f in files} | \
+        {f"{out}/slurm/{f}" for out in written for f in LAUNCH_FILES}
     named = paths(spans)
     assert {"runs/demo/model.safetensors", "runs/a1/ckpt-e0599-s000375000.pt", "recipes/a1.toml",
             "docs/images/gradcam.png"} <= named  # the extraction sees the README's examples

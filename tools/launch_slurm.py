@@ -1,4 +1,4 @@
-"""Submit a training run to Slurm, preemption-safe (also installed as ``rsb-launch``).
+"""Submit a training run to Slurm, preemption-safe (also installed as rsb-launch).
 
     python tools/launch_slurm.py recipes/a1.toml --nodes 4 --gpus-per-node 8 --time 24:00:00 --out runs/a1
     python tools/launch_slurm.py recipes/a1.toml --nodes 4 --gpus-per-node 8 --out runs/a1 --dry-run
@@ -16,12 +16,19 @@ import argparse
 import sys
 from pathlib import Path
 
+from common.cli import examples, prog
 from toolkit.slurm_launch import (DEFAULT_LEAD_S, DEFAULT_MAX_REQUEUES, LAUNCHERS, Launch, LaunchError, Resources,
                                   launch_run)
 
 
+SCRIPT = "python tools/launch_slurm.py"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tools/launch_slurm.py", description=__doc__.splitlines()[0])
+    name = prog(SCRIPT)
+    p = argparse.ArgumentParser(prog=name, description=__doc__.splitlines()[0],
+                                epilog=examples(__doc__.split("\n", 1)[1], SCRIPT, name),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="recipe TOML, e.g. recipes/a1.toml")
     p.add_argument("--out", default=None, help="run folder, the run's identity across every start "
                                                "(default runs/<recipe name>)")
