@@ -7,8 +7,8 @@ Run from the repository root with ``-m`` (the project need not be installed). It
 ResNet-50 and recipes/a1.toml's settings, in one process:
 
 1. the bare training step (a normalized batch already on the device; forward, backward, optimizer)
-   as the engine runs it (``engine.trainer.train_one_epoch``), images/s at each resolution, eager
-   and compiled (``engine.train_main.compile_for_training``), next to the peer: timm's model,
+   as the engine runs it (``engine.step.train_one_epoch``), images/s at each resolution, eager
+   and compiled (``engine.setup.compile_for_training``), next to the peer: timm's model,
    timm's ``Lamb`` (foreach) and timm's ``BinaryCrossEntropy`` in timm train.py's loop;
 2. stage 2 with A1's settings (RandAugment rand-m7-mstd0.5-inc1, mixup 0.2 / CutMix 1.0, targets)
    alone, and its share of an end-to-end step fed by a synthetic uint8 stage 1;
@@ -34,8 +34,9 @@ from typing import Callable
 import torch
 
 from common.config import Config, load_config
-from engine.train_main import compile_for_training
-from engine.trainer import DTYPES, EpochProgress, StepContext, build_step, train_one_epoch
+from engine.setup import compile_for_training
+from engine.state import EpochProgress
+from engine.step import DTYPES, StepContext, build_step, train_one_epoch
 from pipelines.augment import Stage2
 from pipelines.base import Batch
 

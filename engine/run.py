@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from pathlib import Path
 
-    from engine.train_main import train
+    from engine.loop import train
 
     out = Path(args.out) if args.out else Path("runs") / Path(args.recipe).stem
     return train(cfg, out, resume=args.resume, max_steps=args.max_steps)

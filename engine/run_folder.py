@@ -35,7 +35,7 @@ from torch import nn
 from engine import checkpoint as ckpt
 from common.config import Config, ConfigError, to_dict
 from engine.distributed import DistInfo, barrier, bn_running_stats, gather_objects, reduce_bn_stats
-from engine.trainer import EpochProgress, NonFiniteLossError, advice
+from engine.state import EpochProgress, NonFiniteLossError, RanksDisagreeError, advice, trained_epoch
 from pipelines.base import DataError, load_random_state, random_state
 
 RUN_FILES = ("metrics.jsonl", "best.safetensors", "model.safetensors")
@@ -82,11 +82,6 @@ def _move_aside(out: Path) -> Path | None:
     return dest
 
 
-def trained_epoch(prog: EpochProgress) -> int:
-    """The epoch of the last step in the weights, counted from 0 as metrics.jsonl and timm count: what a
-    checkpoint's name and record say. At an epoch's end ``prog`` already points at the next epoch's
-    batch 0, so the end-of-epoch checkpoint of epoch 5 is ``ckpt-e0005-...``, not ``e0006``."""
-    return prog.epoch - 1 if prog.batch == 0 and prog.epoch > 0 else prog.epoch
 
 
 def tensor_norms(tensors: list[torch.Tensor]) -> list[float]:
@@ -97,9 +92,6 @@ def tensor_norms(tensors: list[torch.Tensor]) -> list[float]:
     return torch.stack([n.double() for n in torch._foreach_norm(floats)]).tolist()  # deliberate sync: per checkpoint
 
 
-class RanksDisagreeError(RuntimeError):
-    """Ranks that must hold the same weights do not (found at a checkpoint, from every rank's
-    fingerprint, so every rank raises it at the same step)."""
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

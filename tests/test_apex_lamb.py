@@ -51,7 +51,8 @@ def _roundtrip(state):
 def test_the_engine_steps_with_apex_fused_lamb(with_apex):
     """The engine's own step: apex's ``zero_grad`` takes no ``set_to_none`` (TypeError before)."""
     from tests.test_host_syncs import _Feed, _batches, _context
-    from engine.trainer import EpochProgress, train_one_epoch
+    from engine.state import EpochProgress
+    from engine.step import train_one_epoch
 
     cfg = load_config("recipes/a1.toml", ["model.arch=resnet_tiny", "data.num_classes=10", "train.precision=fp32"])
     ctx, stage2 = _context(cfg, 2)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.train_main import batch_composition
+from engine.setup import batch_composition
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@
 non-finite loss is normal there, but a log window with no finite loss, or a loss scale collapsed below
 its floor (every step skipped), is a diverged run and stops it (exit 3), as NaN does in bf16/fp32.
 
-The engine's own step and epoch (``trainer.train_one_epoch``, the step context ``build_step`` makes for
+The engine's own step and epoch (``engine.step.train_one_epoch``, the step context ``build_step`` makes for
 fp16) with fp16 semantics on the CPU: autocast to float16 and an enabled ``torch.amp.GradScaler("cpu")``.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ from common.config import load_config
 from engine.losses import build_loss
 from engine.optim import build_optimizer
 from engine.schedule import build_schedule
-from engine.trainer import MIN_LOSS_SCALE, EpochProgress, NonFiniteLossError, StepContext, train_one_epoch
+from engine.state import EpochProgress, NonFiniteLossError
+from engine.step import MIN_LOSS_SCALE, StepContext, train_one_epoch
 from pipelines.base import Batch
 
 STEPS = 40

@@ -2,7 +2,7 @@
 independent number of ops, and ``train.compile`` compiles once per resolution without graph breaks.
 
 Syncs are counted by ``tests/host_sync.py`` (device tensors tracked through every op on CPU). The
-step is the engine's own (``trainer.train_one_epoch``) with A1's settings: RandAugment
+step is the engine's own (``engine.step.train_one_epoch``) with A1's settings: RandAugment
 rand-m7-mstd0.5-inc1, mixup 0.2 / CutMix 1.0, BCE with target threshold 0.2 and smoothing 0.1,
 LAMB with its internal clip, stochastic depth, an EMA; stage 2 on its torch backend and LAMB
 with its clip factor on the device, which is what a CUDA batch takes (on CPU the engine picks
@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from common.config import load_config
-from engine.train_main import compile_for_training
-from engine.trainer import EpochProgress, StepContext, build_step, train_one_epoch
+from engine.setup import compile_for_training
+from engine.state import EpochProgress
+from engine.step import StepContext, build_step, train_one_epoch
 from pipelines.augment import Stage2
 from pipelines.augment import randaugment as RA
 from pipelines.base import Batch

@@ -59,7 +59,7 @@ def test_every_package_is_checked():
 def test_the_rule_sees_a_bad_edge(tmp_path):
     """The walker finds lazy and relative imports too (a rule that cannot fail checks nothing)."""
     (tmp_path / "pipelines").mkdir()
-    (tmp_path / "pipelines" / "x.py").write_text("def f():\n    from engine.trainer import evaluate\n")
+    (tmp_path / "pipelines" / "x.py").write_text("def f():\n    from engine.evaluate import evaluate\n")
     (tmp_path / "common").mkdir()
     (tmp_path / "common" / "y.py").write_text("import models.factory\nfrom . import config\n")
     assert edges_against_the_rule(tmp_path) == ["common/y.py:1 imports models", "pipelines/x.py:2 imports engine"]

@@ -50,12 +50,13 @@ def _in_group(work):
 
 
 def _ema_work(rank: int, world: int, folder: str) -> None:
-    """What ``engine.train_main._train`` does on one rank, up to k steps: the rank's own seed, the
+    """What ``engine.loop._train`` does on one rank, up to k steps: the rank's own seed, the
     model and EMA it builds, DDP, then the engine's epoch loop."""
     from common.config import load_config
     from engine.distributed import DistInfo
-    from engine.train_main import set_up_device, wrap_for_training
-    from engine.trainer import EpochProgress, build_step, train_one_epoch
+    from engine.setup import set_up_device, wrap_for_training
+    from engine.state import EpochProgress
+    from engine.step import build_step, train_one_epoch
     from pipelines.build import build_stage2
     from pipelines.synthetic import SyntheticPipeline
 
@@ -150,8 +151,8 @@ def test_the_failure_board_ends_a_rank_blocked_where_no_error_reaches_it(tmp_pat
 def _stats_work(rank: int, world: int, folder: str) -> None:
     from common.config import load_config
     from engine.distributed import DistInfo
-    from engine.train_main import set_up_device, wrap_for_training
-    from engine.trainer import build_step
+    from engine.setup import set_up_device, wrap_for_training
+    from engine.step import build_step
 
     d = DistInfo(rank, world, rank, torch.device("cpu"))
     cfg = set_up_device(load_config("recipes/a3.toml", SMALL), d)

@@ -1,7 +1,7 @@
 """Evaluate a checkpoint on a validation set (top-1 / top-5 / loss), for ``tools/evaluate.py``.
 
 The evaluation is the engine's own (``pipelines.build.build_val_pipeline`` + stage 2 +
-``engine.trainer.evaluate``) with the run's resolved config, so with no setting changed it gives
+``engine.evaluate.evaluate``) with the run's resolved config, so with no setting changed it gives
 exactly the val top-1 the run logged for those weights (``toolkit.load_model`` returns the model
 as the engine evaluated it: EMA weights when kept, channels_last when trained so).
 
@@ -23,7 +23,7 @@ import torch
 from common.config import Config, ConfigError
 from pipelines.build import build_stage2, build_val_pipeline, check_num_classes
 from engine.precision import resolve_precision
-from engine.trainer import evaluate
+from engine.evaluate import evaluate
 from pipelines.base import DataError
 from toolkit.load_model import load_model
 

@@ -331,7 +331,7 @@ def run_job(launch: Launch) -> tuple[Job, str]:
     validation) and that the global batch splits over the job's processes before anything is
     submitted."""
     from common.config import ConfigError, load_config, to_toml
-    from engine.train_main import batch_composition
+    from engine.setup import batch_composition
 
     out = launch.out.resolve()
     r = launch.resources

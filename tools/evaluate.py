@@ -7,7 +7,7 @@
 
 CHECKPOINT is a training checkpoint (``ckpt-*.pt``: its EMA weights when the run kept an EMA, as the
 engine evaluates) or a ``*.safetensors`` export of a run. The evaluation is the engine's own
-(pipelines.build.build_val_pipeline + stage 2 + engine.trainer.evaluate) with the run's resolved config,
+(pipelines.build.build_val_pipeline + stage 2 + engine.evaluate.evaluate) with the run's resolved config,
 so with no options changed it gives exactly the val top-1 the run logged for those weights
 (logic: toolkit/evaluate.py; this file parses options and prints).
 

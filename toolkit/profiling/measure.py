@@ -12,7 +12,7 @@ resolution) point, then the whole:
   normalisation, layout) alone, on one decoded batch already on the device. The engine runs it in the
   training thread, between ``next(batch)`` and the forward pass, so it adds to the step's time.
 * the step (row ``model``/``bare step``, the ceiling): forward, backward, optimizer (and EMA as the
-  recipe says) on one batch already normalised on the device, run by ``engine.trainer.
+  recipe says) on one batch already normalised on the device, run by ``engine.step.
   train_one_epoch`` unchanged, exactly as the engine runs it, with no stage 1 and no stage 2.
 * ``e2e`` (row ``e2e``/``recipe step``): the same loop fed by the recipe's real pipeline and stage 2,
   with the fraction of the time blocked in ``next(batch)`` (what the engine logs as
@@ -38,7 +38,8 @@ import torch
 
 from common.config import Config
 from engine.precision import resolve_precision
-from engine.trainer import EpochProgress, build_step, train_one_epoch
+from engine.state import EpochProgress
+from engine.step import build_step, train_one_epoch
 from pipelines.augment import Stage2
 from pipelines.base import DataError
 from pipelines.build import build_stage2, build_train_pipeline, check_num_classes
@@ -248,10 +249,10 @@ def measure_step(cfg: Config, batch: int, res: int, *, steps: int, warmup: int, 
 
     ``synthetic`` (mode ``model``, the ceiling): the bare step, one batch already normalised on the
     device every step (no stage 1, no stage 2); else (mode ``e2e``) the recipe's pipeline and stage 2.
-    Runs ``engine.trainer.train_one_epoch`` unchanged, assembled as ``engine.train_main`` assembles it
+    Runs ``engine.step.train_one_epoch`` unchanged, assembled as ``engine.setup`` and ``engine.loop`` assemble it
     for one process (no DDP, no accumulation, no checkpoints or logs).
     """
-    from engine.train_main import compile_for_training, seed_everything
+    from engine.setup import compile_for_training, seed_everything
 
     cfg = _at_point(cfg, batch, res)
     t = cfg.train

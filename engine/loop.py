@@ -1,51 +1,36 @@
-"""A training run from a resolved config: set-up, resume, the epoch loop, checkpoints, final eval.
+"""A training run from a resolved config, top to bottom: set-up, resume, the epoch loop (log points,
+mid-epoch checkpoints, stop decisions, evaluation, end-of-epoch checkpoints), the export, and what
+happens when anything fails.
 
-Called by ``engine.run`` (single process or under torchrun). The global batch of the recipe is
-kept on any device count: per-device batch x world size x accumulation steps = global batch.
+Called by ``engine.run`` (one process, under torchrun, or one task per GPU under Slurm's srun). The
+global batch of the recipe is kept on any device count: per-device batch x world size x accumulation
+steps = global batch (``engine.setup``). The step itself: ``engine.step``.
 """
 from __future__ import annotations
 
 import hashlib
 import math
 import signal
-import sys
 import traceback
-import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 
+from common.config import Config, ConfigError, to_dict
 from engine import checkpoint as ckpt
 from engine import run_folder
-from common.config import Config, ConfigError, to_dict
-from pipelines.build import build_stage2, build_train_pipeline, build_val_pipeline, check_num_classes
 from engine.distributed import DistInfo, any_rank, barrier, cleanup, init_distributed, reduce_bn_stats
+from engine.evaluate import evaluate
 from engine.failures import FailureBoard
 from engine.logging import RunLogger
-from engine.precision import resolve_precision
 from engine.progressive import regularization_scale, resolution_for_epoch
-from engine.optim import clear_grads
-from engine.trainer import (EpochProgress, NonFiniteLossError, StepContext, autocast, build_step, evaluate,
-                            train_one_epoch)
+from engine.setup import batch_composition, build_pipelines, quiet, set_up_device, wrap_for_training
+from engine.state import EpochProgress, NonFiniteLossError, RanksDisagreeError, StopReason
+from engine.step import StepContext, build_step, train_one_epoch
 from models.factory import UnknownModelError
 from pipelines.base import DataError, MissingBackendError
-
-
-def batch_composition(global_batch: int, world: int, per_device: int) -> tuple[int, int]:
-    """(per-device micro-batch, accumulation steps) such that their product x world = global batch."""
-    if per_device == 0:
-        if global_batch % world:
-            raise ConfigError(f"train.global_batch_size {global_batch} is not divisible by {world} processes; "
-                              f"set train.per_device_batch_size")
-        per_device = global_batch // world
-    if global_batch % (per_device * world):
-        raise ConfigError(f"train.global_batch_size {global_batch} is not a multiple of per-device batch {per_device} "
-                          f"x {world} processes; pick a per_device_batch_size that divides {global_batch // world}")
-    return per_device, global_batch // (per_device * world)
-
+from pipelines.build import build_stage2
 
 class StopRequest:
     """SIGINT/SIGTERM/SIGUSR2 set a flag that the loop acts on at a consistent point (after an
@@ -88,25 +73,6 @@ class StopRequest:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
-
-def compile_for_training(module: nn.Module, backend: str = "inductor") -> nn.Module:
-    """``torch.compile`` as the engine uses it: static shapes, so a progressive-resolution run
-    compiles once per training resolution and reuses each graph (``dynamic=None`` would switch to
-    a dynamic-shape graph at the second resolution). Evaluation runs the uncompiled module.
-    ``backend`` is for tests (the default is what training uses)."""
-    return torch.compile(module, dynamic=False, backend=backend)
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def train(cfg: Config, out: Path, resume: str | None = None, max_steps: int | None = None) -> int:
     """Train the recipe ``cfg`` into the run folder ``out``; returns the exit status: 0, 2 for a user
     error (one line: config, data, out of memory, full disk), 3 for a diverged run, 128 + signal
@@ -138,7 +104,6 @@ def train(cfg: Config, out: Path, resume: str | None = None, max_steps: int | No
         if not existed and d.is_main:
             run_folder.remove_if_empty(out)
 
-
 def _failure(e: Exception, cfg: Config, d: DistInfo, out: Path) -> tuple[int, str | None, bool]:
     """(exit status, the one line, whether every rank raised it at the same step) for a failure the
     user can act on; (1, None, False) for anything else."""
@@ -147,7 +112,7 @@ def _failure(e: Exception, cfg: Config, d: DistInfo, out: Path) -> tuple[int, st
     if isinstance(e, NonFiniteLossError):  # raised on reduced values only: every rank at the same step
         # rank 0 writes the checkpoints, so it sets aside the unconfirmed ones and prints the line
         return 3, f"error: {e}; {run_folder.reject_after_failure(out)}" if d.is_main else f"error: {e}", True
-    if isinstance(e, run_folder.RanksDisagreeError):  # found from every rank's fingerprint: agreed
+    if isinstance(e, RanksDisagreeError):  # found from every rank's fingerprint: agreed
         return 1, f"error: {e}", True
     if isinstance(e, torch.OutOfMemoryError):
         per_device, _ = batch_composition(cfg.train.global_batch_size, d.world_size, cfg.train.per_device_batch_size)
@@ -159,25 +124,17 @@ def _failure(e: Exception, cfg: Config, d: DistInfo, out: Path) -> tuple[int, st
         return 2, f"error: {detail}; earlier checkpoints are intact, continue with --resume auto", False
     return 1, None, False
 
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _quiet(msg: str) -> None:
-    """Where rank 0 alone reports: the other ranks' sink."""
-
-
 def _train(cfg: Config, d: DistInfo, out: Path, resume: str | None, max_steps: int | None) -> int:
     """The run top to bottom: set-up, resume, the epoch loop (log points, mid-epoch checkpoints,
     stop decisions, evaluation, end-of-epoch checkpoints), the export."""
     requested = cfg.train.precision
     cfg = set_up_device(cfg, d)
-    t, device = cfg.train, d.device
+    t = cfg.train
+    device = d.device
     per_device, accum = batch_composition(t.global_batch_size, d.world_size, t.per_device_batch_size)
     epochs_total = t.epochs + cfg.optim.cooldown_epochs
-    train_pipe, val_pipe, steps_per_epoch = _pipelines(cfg, d, per_device, accum, epochs_total)
-    run_folder.prepare(out, resume, d, log=print if d.is_main else _quiet)
+    train_pipe, val_pipe, steps_per_epoch = build_pipelines(cfg, d, per_device, accum, epochs_total)
+    run_folder.prepare(out, resume, d, log=print if d.is_main else quiet)
     log = RunLogger(cfg.log, out, to_dict(cfg), enabled=d.is_main, run_id=_run_id(out))
     log.info(f"batch: global {t.global_batch_size} = {per_device} per device x {d.world_size} processes x "
              f"{accum} accumulation steps; device {device}; precision {t.precision}"
@@ -219,13 +176,13 @@ def _train(cfg: Config, d: DistInfo, out: Path, resume: str | None, max_steps: i
                     log.progress(rec, steps_per_epoch)
                 stopped = rec.get("stopped")
                 if stopped is None and d.enabled and any_rank(stop.requested, device):
-                    stopped = "stop requested"  # agreed at this log point, so every rank stops at the same step
+                    stopped = StopReason.SIGNAL  # agreed at this log point, so every rank stops at the same step
                 if stopped is not None:
                     break
                 if any_rank(saver.due() and d.is_main, device):  # the main rank's clock decides
                     saver.save(prog, best, "mid-epoch")
             log.end_progress()
-            if stopped == "stop requested":
+            if stopped == StopReason.SIGNAL:
                 path = saver.save(prog, best, "interrupted")
                 log.info(f"stopped by {signal.Signals(stop.signal).name} at epoch {prog.epoch} step {prog.step}; "
                          f"checkpoint {path}; continue with --resume auto (exit {stop.exit_code()})")
@@ -242,112 +199,11 @@ def _train(cfg: Config, d: DistInfo, out: Path, resume: str | None, max_steps: i
                 if path is not None:
                     log.artifact(path, epoch, {"val_top1": final_metrics.get("val_top1")})
     barrier()
-    return _finish(cfg, d, out, ctx, prog, final_metrics, stop if stopped == "stop requested" else None, log)
-
-
-def set_up_device(cfg: Config, d: DistInfo) -> Config:
-    """The recipe with ``train.precision`` resolved for this device; cuDNN flags and seeds set."""
-    t = cfg.train
-    precision = resolve_precision(t.precision, d.device, warn=_stderr if d.is_main else _quiet)
-    if t.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif d.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    seed_everything(t.seed + d.rank)
-    return replace(cfg, train=replace(t, precision=precision))
-
-
-def _pipelines(cfg: Config, d: DistInfo, per_device: int, accum: int, epochs_total: int):
-    """(train pipeline at the first epoch's resolution, val pipeline, optimizer steps per epoch)."""
-    t = cfg.train
-    res0 = resolution_for_epoch(t.progressive, 0, epochs_total, t.train_res)
-    train_pipe = build_train_pipeline(cfg.data, cfg.augment, res=res0, batch_size=per_device, rank=d.rank,
-                                      world_size=d.world_size, device=d.device, seed=t.seed,
-                                      channels_last=t.channels_last)
-    val_pipe = build_val_pipeline(cfg.data, cfg.eval, rank=d.rank, world_size=d.world_size, device=d.device)
-    check_num_classes(cfg.data, train_pipe)
-    steps_per_epoch = len(train_pipe) // accum
-    if steps_per_epoch == 0:
-        raise DataError(f"the train set gives {len(train_pipe)} batches per process, fewer than one optimizer step "
-                        f"({accum} batches); lower train.global_batch_size")
-    return train_pipe, val_pipe, steps_per_epoch
-
+    return _finish(cfg, d, out, ctx, prog, final_metrics, stop if stopped == StopReason.SIGNAL else None, log)
 
 def _run_id(out: Path) -> str:
     """The W&B run id: the same for every resume of one run folder."""
     return hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]
-
-
-def wrap_for_training(ctx: StepContext, d: DistInfo, accum: int, compile: bool, *, input_shape: tuple[int, ...],
-                       channels_last: bool, ema_from_model: bool) -> None:
-    """DDP (when distributed) and torch.compile around ``ctx.raw_model``; the step calls ``ctx.model``.
-
-    Under DDP, three things make every rank, and every start of the run, train the same model:
-
-    * DDP broadcasts rank 0's weights into every rank's model at construction (each rank built its
-      own from ``seed + rank``); the EMA then starts from that model (``ema_from_model``: a fresh
-      start), not from the rank's own initialisation (``engine.ema``).
-    * The gradient bucket layout is the same at every start (:func:`_settle_ddp_buckets`).
-    * DDP's runtime statistics are sampled only on the first 10 iterations, not every 100th: on
-      CUDA each sample synchronises the host (``Reducer::should_collect_runtime_stats``,
-      ``CudaTimer::measureDifference``); the first 10 cannot be turned off.
-    """
-    ctx.accum_steps, ctx.is_ddp = accum, d.enabled
-    if d.enabled:
-        with warnings.catch_warnings():
-            # broadcast_buffers=False is what we need: each rank keeps its own BatchNorm statistics
-            # (restored per rank on resume), so buffers must not be synced at construction either,
-            # which the suggested forward_sync_buffers=False would still do.
-            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*deprecated", category=FutureWarning)
-            ctx.model = nn.parallel.DistributedDataParallel(
-                ctx.raw_model, device_ids=[d.device.index] if d.device.type == "cuda" else None, bucket_cap_mb=64,
-                gradient_as_bucket_view=True, broadcast_buffers=False)
-        ctx.model._set_ddp_runtime_logging_sample_rate(DDP_STATS_NEVER)
-    if ctx.ema is not None and ema_from_model:
-        ctx.ema.set(ctx.raw_model)
-    if compile:
-        ctx.model = compile_for_training(ctx.model)
-    if d.enabled:
-        _settle_ddp_buckets(ctx, input_shape, channels_last)
-
-
-DDP_STATS_NEVER = 2**31 - 1  # DDP's runtime-statistics sample rate: "every 2^31-1 iterations" = never after the first 10
-
-
-def _settle_ddp_buckets(ctx: StepContext, input_shape: tuple[int, ...], channels_last: bool) -> None:
-    """One throw-away forward and backward on zeros, so that DDP rebuilds its gradient buckets
-    (in the order gradients became ready) before the first real step of this process.
-
-    Why: DDP reduces the first iteration of a process in one bucket in parameter order, and every
-    later one in the rebuilt buckets. A resumed process would reduce its first step in the other
-    layout than the uninterrupted run did at that step; the ring all-reduce then sums each element
-    in another rank order, and with more than two ranks (a + b + c != c + a + b in floating point)
-    the weights would differ in the last bits. Here every process, fresh or resumed, takes all its
-    real steps in the rebuilt layout. The zeros' gradients are dropped, and the BatchNorm
-    statistics and random states the forward touched are restored, so the run is as if it had
-    not happened."""
-    model = ctx.raw_model
-    buffers = [b.detach().clone() for b in model.buffers()]
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if ctx.device.type == "cuda" else None
-    # the layout stage 2 gives the real batches, so a compiled model reuses this graph
-    x = torch.zeros(input_shape, device=ctx.device).contiguous(
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    ctx.model.train()
-    with autocast(ctx):
-        out = ctx.model(x)
-    (out.float().sum() * 0.0).backward()
-    clear_grads(ctx.optimizer)
-    with torch.no_grad():
-        for b, saved in zip(model.buffers(), buffers):
-            b.copy_(saved)
-    torch.set_rng_state(cpu_rng)
-    if cuda_rng is not None:
-        torch.cuda.set_rng_state_all(cuda_rng)
-
 
 def _finish(cfg: Config, d: DistInfo, out: Path, ctx: StepContext, prog: EpochProgress, final_metrics: dict,
             stopped_by: StopRequest | None, log) -> int:
@@ -362,7 +218,6 @@ def _finish(cfg: Config, d: DistInfo, out: Path, ctx: StepContext, prog: EpochPr
               f"(epoch {final_metrics['epoch']}, step {final_metrics['step']}) -> {out}", flush=True)
     log.close()
     return stopped_by.exit_code() if stopped_by is not None else 0
-
 
 def _evaluate(ctx: StepContext, val_pipe, stage2_eval, cfg: Config, d: DistInfo, out: Path, prog: EpochProgress,
               best: dict, log) -> dict[str, Any]:

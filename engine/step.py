@@ -1,13 +1,18 @@
-"""The training step, one epoch of it, and evaluation: plain functions, no callbacks.
+"""The training step and the steps of one epoch: plain functions, no callbacks.
 
-Host syncs (docs/design.md, "The hot path"): on CUDA the host must run ahead of the GPU, so a step reads nothing back.
-The loss of each micro-batch is summed on the device together with "the first step whose loss
-was not finite", and both are read once per log point (``log_every`` optimizer steps), at the end
-of the epoch and when a stop is requested. Checkpoints are written only right after such a read,
-so a NaN found there is raised before anything is saved (the last good checkpoint stays).
-``tests/test_host_syncs.py`` counts the syncs of real steps: none between log points with bf16
-and fp32. With fp16, torch's ``GradScaler.step`` reads its inf/NaN flag every step (it decides on
-the host whether to skip ``optimizer.step()``): one deliberate sync per step, as in timm.
+Following one step from batch to optimizer: :func:`train_one_epoch` takes a batch from stage 1,
+stage 2 augments it, the forward and backward run under autocast (``ctx.scaler`` scales the loss
+for fp16), every ``ctx.accum_steps`` micro-batches :func:`_optimizer_step` clips, steps, clears the
+gradients and updates the EMA, and the :class:`LossWindow` sums the loss on the device.
+
+Host syncs (docs/design.md, "The hot path"): on CUDA the host must run ahead of the GPU, so a step
+reads nothing back. The loss of each micro-batch is summed on the device together with "the first
+step whose loss was not finite", and both are read once per log point (``log_every`` optimizer
+steps), at the end of the epoch and when a stop is requested. Checkpoints are written only right
+after such a read, so a NaN found there is raised before anything is saved (the last good checkpoint
+stays). ``tests/test_host_syncs.py`` counts the syncs of real steps: none between log points with
+bf16 and fp32. With fp16, torch's ``GradScaler.step`` reads its inf/NaN flag every step (it decides
+on the host whether to skip ``optimizer.step()``): one deliberate sync per step, as in timm.
 """
 from __future__ import annotations
 
@@ -19,29 +24,17 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from common.config import Config
-from engine.distributed import all_reduce_sum, all_reduce_min
+from engine.distributed import all_reduce_min, all_reduce_sum
 from engine.ema import EMA
 from engine.losses import build_loss
 from engine.optim import build_optimizer, clear_grads
 from engine.schedule import apply_lr, build_schedule
+from engine.state import EpochProgress, NonFiniteLossError, StopReason, advice
 from models.factory import create_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-class NonFiniteLossError(RuntimeError):
-    """Loss became NaN/Inf (or, with fp16, every loss of a window, or the loss scale collapsed), or its
-    mean passed ``train.loss_limit``, or the weights are no longer finite; the run stops and the last
-    good checkpoint stays. Raised only from values reduced over ranks, so under DDP every rank
-    raises it at the same step (``engine.failures``: printed once, by rank 0)."""
-
-    def __init__(self, message: str, step: int | None = None):
-        super().__init__(message)
-        self.step = step
-
 
 @dataclass
 class StepContext:
@@ -62,7 +55,6 @@ class StepContext:
     ema: EMA | None = None
     is_ddp: bool = False
 
-
 def build_step(cfg: Config, device: torch.device, steps_per_epoch: int) -> StepContext:
     """Model (channels-last when the recipe says so), optimizer, schedule, loss, GradScaler (on for
     fp16 only) and EMA from a recipe whose ``train.precision`` is already resolved."""
@@ -77,39 +69,15 @@ def build_step(cfg: Config, device: torch.device, steps_per_epoch: int) -> StepC
                        precision=t.precision, device=device, grad_clip=t.grad_clip,
                        ema=EMA(model, t.ema_decay) if t.ema_decay > 0 else None)
 
-
-@dataclass
-class EpochProgress:
-    """Position and running sums inside an epoch; saved in checkpoints so a resume is exact."""
-
-    epoch: int = 0
-    batch: int = 0  # micro-batches consumed in this epoch
-    step: int = 0  # global optimizer steps done
-    window_loss: float = 0.0  # finite losses summed since the last log point (micro-batch means)
-    window_count: int = 0  # micro-batches since the last log point
-    window_nonfinite: int = 0  # of which with a NaN/Inf loss (fp16 only: other precisions stop at once)
-    skipped_images: int = 0  # unreadable images stage 1 replaced so far (Batch.skipped), this run
-    epoch_time_s: float = 0.0  # this epoch's training wall time so far (over resumes; eval not included)
-    epoch_wait_s: float = 0.0  # of which waiting for stage 1
-    epoch_images: int = 0  # images trained this epoch, all ranks
-    records: int = -1  # metrics.jsonl records when this state was saved (-1: not counted)
-    elapsed_s: float = 0.0  # the run's wall time when this state was saved (over all its resumes)
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
 def autocast(ctx: StepContext):
     if ctx.precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=ctx.device.type, dtype=DTYPES[ctx.precision])
 
-
 # fp16's dynamic loss scale halves at every step whose gradients overflow; below this floor every
 # step is being skipped and the run has diverged (fairseq's ``--min-loss-scale`` default, 1e-4:
 # ``fairseq/optim/dynamic_loss_scaler.py`` raises "Minimum loss scale reached" there).
 MIN_LOSS_SCALE = 1e-4
-
 
 @dataclass
 class WindowReading:
@@ -121,7 +89,6 @@ class WindowReading:
     first_bad: int | None  # first step with a non-finite loss (bf16/fp32 only), or None
     nonfinite: int  # micro-batches whose loss was NaN/Inf
     scale: float | None = None  # fp16: GradScaler's loss scale now
-
 
 class LossWindow:
     """Loss sum, non-finite count and the first non-finite step since the last log point, kept on
@@ -183,7 +150,6 @@ class LossWindow:
         self.acc[2] = math.inf
         self.count, self.images = 0, 0
 
-
 def _check(r: WindowReading, ctx: StepContext, prog: "EpochProgress", loss_limit: float) -> None:
     """Stops a diverging run (the same verdict on every rank: ``r`` is reduced over ranks)."""
     if r.first_bad is not None:
@@ -201,14 +167,6 @@ def _check(r: WindowReading, ctx: StepContext, prog: "EpochProgress", loss_limit
         raise NonFiniteLossError(f"mean loss {r.mean:.3g} up to step {prog.step} (epoch {prog.epoch}) is above "
                                  f"train.loss_limit={loss_limit:g}: the run is diverging; {advice(ctx.precision)}",
                                  step=prog.step)
-
-
-def advice(precision: str) -> str:
-    """What to change when a run diverges; fp32 is suggested only to a run that is not fp32."""
-    if precision == "fp32":
-        return "lower optim.lr or lengthen optim.warmup_epochs (the run is already fp32)"
-    return f"lower optim.lr or lengthen optim.warmup_epochs, or try train.precision=fp32 (this run is {precision})"
-
 
 def train_one_epoch(ctx: StepContext, pipeline, stage2, prog: EpochProgress, *, steps_per_epoch: int,
                     log_every: int, stop: Any = None, max_steps: int | None = None,
@@ -259,9 +217,9 @@ def train_one_epoch(ctx: StepContext, pipeline, stage2, prog: EpochProgress, *, 
             continue
         _optimizer_step(ctx)
         prog.step += 1
-        stopping = "stop requested" if stop is not None and stop.requested else None
+        stopping = StopReason.SIGNAL if stop is not None and stop.requested else None
         if max_steps is not None and prog.step >= max_steps:
-            stopping = "max_steps"
+            stopping = StopReason.MAX_STEPS
         step_in_epoch = prog.batch // ctx.accum_steps
         epoch_done = prog.batch >= usable
         if step_in_epoch % log_every == 0 or epoch_done:
@@ -299,7 +257,6 @@ def train_one_epoch(ctx: StepContext, pipeline, stage2, prog: EpochProgress, *, 
     # the window holds. A sync, once per epoch.
     _keep_window(window, ctx, prog)
 
-
 def _keep_window(window: LossWindow, ctx: StepContext, prog: EpochProgress) -> int:
     """This rank's loss sums since the last log point into ``prog`` (a checkpoint written now
     resumes them exactly, per rank), after checking them for a non-finite loss; returns the images
@@ -319,7 +276,6 @@ def _keep_window(window: LossWindow, ctx: StepContext, prog: EpochProgress) -> i
     prog.window_loss, prog.window_count, prog.window_nonfinite = loss_sum, count, nonfinite
     return images
 
-
 def _optimizer_step(ctx: StepContext) -> None:
     if ctx.grad_clip > 0:
         ctx.scaler.unscale_(ctx.optimizer)
@@ -329,38 +285,3 @@ def _optimizer_step(ctx: StepContext) -> None:
     clear_grads(ctx.optimizer)
     if ctx.ema is not None:
         ctx.ema.update(ctx.raw_model)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, pipeline, stage2, *, device: torch.device, precision: str,
-             flip_tta: bool = False) -> dict[str, float]:
-    """Top-1/top-5 and CE loss over the whole val set, summed across ranks.
-
-    ``flip_tta``: average the softmax of each image and its horizontal mirror (flip test-time
-    augmentation; probabilities, not logits, are averaged); the loss is then the NLL of that
-    average. Off in training, so the engine's figures are single-view.
-    """
-    model.eval()
-    sums = torch.zeros(4, device=device, dtype=torch.float64)  # correct1, correct5, loss, count
-    ctx_autocast = (contextlib.nullcontext() if precision == "fp32"
-                    else torch.autocast(device_type=device.type, dtype=DTYPES[precision]))
-    for batch in pipeline:
-        images, labels = stage2(batch)
-        with ctx_autocast:
-            logits = model(images)
-            flipped = model(images.flip(3)) if flip_tta else None
-        logits = logits.float()
-        if flipped is not None:
-            log_probs = torch.logsumexp(torch.stack([logits.log_softmax(1), flipped.float().log_softmax(1)]), 0)
-            logits = log_probs - math.log(2.0)  # log of the mean probability: ranks and NLL as the average
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top.eq(labels[:, None])
-        sums[0] += hit[:, 0].sum()
-        sums[1] += hit.any(dim=1).sum()
-        sums[2] += F.cross_entropy(logits, labels, reduction="sum")
-        sums[3] += labels.numel()
-    all_reduce_sum(sums)
-    n = max(float(sums[3]), 1.0)
-    return {"val_top1": 100.0 * float(sums[0]) / n, "val_top5": 100.0 * float(sums[1]) / n,
-            "val_loss": float(sums[2]) / n, "val_images": int(sums[3])}

@@ -1,0 +1,148 @@
+"""Setting a run up before its first step: the batch's composition over devices and accumulation,
+the device's precision and seeds, the pipelines, and the model's wrapping (DDP, torch.compile) with
+what makes every rank and every start train the same model."""
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+
+from common.config import Config, ConfigError
+from engine.distributed import DistInfo
+from engine.optim import clear_grads
+from engine.precision import resolve_precision
+from engine.progressive import resolution_for_epoch
+from engine.step import StepContext, autocast
+from pipelines.base import DataError
+from pipelines.build import build_train_pipeline, build_val_pipeline, check_num_classes
+
+def batch_composition(global_batch: int, world: int, per_device: int) -> tuple[int, int]:
+    """(per-device micro-batch, accumulation steps) such that their product x world = global batch."""
+    if per_device == 0:
+        if global_batch % world:
+            raise ConfigError(f"train.global_batch_size {global_batch} is not divisible by {world} processes; "
+                              f"set train.per_device_batch_size")
+        per_device = global_batch // world
+    if global_batch % (per_device * world):
+        raise ConfigError(f"train.global_batch_size {global_batch} is not a multiple of per-device batch {per_device} "
+                          f"x {world} processes; pick a per_device_batch_size that divides {global_batch // world}")
+    return per_device, global_batch // (per_device * world)
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+def set_up_device(cfg: Config, d: DistInfo) -> Config:
+    """The recipe with ``train.precision`` resolved for this device; cuDNN flags and seeds set."""
+    t = cfg.train
+    precision = resolve_precision(t.precision, d.device, warn=_stderr if d.is_main else quiet)
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif d.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    seed_everything(t.seed + d.rank)
+    return replace(cfg, train=replace(t, precision=precision))
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+def quiet(msg: str) -> None:
+    """Where rank 0 alone reports: the other ranks' sink."""
+
+def build_pipelines(cfg: Config, d: DistInfo, per_device: int, accum: int, epochs_total: int):
+    """(train pipeline at the first epoch's resolution, val pipeline, optimizer steps per epoch)."""
+    t = cfg.train
+    res0 = resolution_for_epoch(t.progressive, 0, epochs_total, t.train_res)
+    train_pipe = build_train_pipeline(cfg.data, cfg.augment, res=res0, batch_size=per_device, rank=d.rank,
+                                      world_size=d.world_size, device=d.device, seed=t.seed,
+                                      channels_last=t.channels_last)
+    val_pipe = build_val_pipeline(cfg.data, cfg.eval, rank=d.rank, world_size=d.world_size, device=d.device)
+    check_num_classes(cfg.data, train_pipe)
+    steps_per_epoch = len(train_pipe) // accum
+    if steps_per_epoch == 0:
+        raise DataError(f"the train set gives {len(train_pipe)} batches per process, fewer than one optimizer step "
+                        f"({accum} batches); lower train.global_batch_size")
+    return train_pipe, val_pipe, steps_per_epoch
+
+def compile_for_training(module: nn.Module, backend: str = "inductor") -> nn.Module:
+    """``torch.compile`` as the engine uses it: static shapes, so a progressive-resolution run
+    compiles once per training resolution and reuses each graph (``dynamic=None`` would switch to
+    a dynamic-shape graph at the second resolution). Evaluation runs the uncompiled module.
+    ``backend`` is for tests (the default is what training uses)."""
+    return torch.compile(module, dynamic=False, backend=backend)
+
+def wrap_for_training(ctx: StepContext, d: DistInfo, accum: int, compile: bool, *, input_shape: tuple[int, ...],
+                       channels_last: bool, ema_from_model: bool) -> None:
+    """DDP (when distributed) and torch.compile around ``ctx.raw_model``; the step calls ``ctx.model``.
+
+    Under DDP, three things make every rank, and every start of the run, train the same model:
+
+    * DDP broadcasts rank 0's weights into every rank's model at construction (each rank built its
+      own from ``seed + rank``); the EMA then starts from that model (``ema_from_model``: a fresh
+      start), not from the rank's own initialisation (``engine.ema``).
+    * The gradient bucket layout is the same at every start (:func:`_settle_ddp_buckets`).
+    * DDP's runtime statistics are sampled only on the first 10 iterations, not every 100th: on
+      CUDA each sample synchronises the host (``Reducer::should_collect_runtime_stats``,
+      ``CudaTimer::measureDifference``); the first 10 cannot be turned off.
+    """
+    ctx.accum_steps, ctx.is_ddp = accum, d.enabled
+    if d.enabled:
+        with warnings.catch_warnings():
+            # broadcast_buffers=False is what we need: each rank keeps its own BatchNorm statistics
+            # (restored per rank on resume), so buffers must not be synced at construction either,
+            # which the suggested forward_sync_buffers=False would still do.
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*deprecated", category=FutureWarning)
+            ctx.model = nn.parallel.DistributedDataParallel(
+                ctx.raw_model, device_ids=[d.device.index] if d.device.type == "cuda" else None, bucket_cap_mb=64,
+                gradient_as_bucket_view=True, broadcast_buffers=False)
+        ctx.model._set_ddp_runtime_logging_sample_rate(DDP_STATS_NEVER)
+    if ctx.ema is not None and ema_from_model:
+        ctx.ema.set(ctx.raw_model)
+    if compile:
+        ctx.model = compile_for_training(ctx.model)
+    if d.enabled:
+        _settle_ddp_buckets(ctx, input_shape, channels_last)
+
+DDP_STATS_NEVER = 2**31 - 1  # DDP's runtime-statistics sample rate: "every 2^31-1 iterations" = never after the first 10
+
+def _settle_ddp_buckets(ctx: StepContext, input_shape: tuple[int, ...], channels_last: bool) -> None:
+    """One throw-away forward and backward on zeros, so that DDP rebuilds its gradient buckets
+    (in the order gradients became ready) before the first real step of this process.
+
+    Why: DDP reduces the first iteration of a process in one bucket in parameter order, and every
+    later one in the rebuilt buckets. A resumed process would reduce its first step in the other
+    layout than the uninterrupted run did at that step; the ring all-reduce then sums each element
+    in another rank order, and with more than two ranks (a + b + c != c + a + b in floating point)
+    the weights would differ in the last bits. Here every process, fresh or resumed, takes all its
+    real steps in the rebuilt layout. The zeros' gradients are dropped, and the BatchNorm
+    statistics and random states the forward touched are restored, so the run is as if it had
+    not happened."""
+    model = ctx.raw_model
+    buffers = [b.detach().clone() for b in model.buffers()]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if ctx.device.type == "cuda" else None
+    # the layout stage 2 gives the real batches, so a compiled model reuses this graph
+    x = torch.zeros(input_shape, device=ctx.device).contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    ctx.model.train()
+    with autocast(ctx):
+        out = ctx.model(x)
+    (out.float().sum() * 0.0).backward()
+    clear_grads(ctx.optimizer)
+    with torch.no_grad():
+        for b, saved in zip(model.buffers(), buffers):
+            b.copy_(saved)
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state_all(cuda_rng)
