@@ -1,6 +1,6 @@
 """Stage-2 throughput: batched RandAugment + normalize + mixup/CutMix vs timm's per-image transforms.
 
-Both run in the same process on the same 64 real photo crops (tests/photos.py) at 224x224:
+Both run in the same process on the same 64 real photo crops (tests/helpers/photos.py) at 224x224:
 
 * timm:    ``rand_augment_transform`` (PIL, per image) -> ``ToTensor`` -> ``Normalize`` per image,
            ``torch.stack``, then ``timm.data.Mixup`` on the batch (what timm's train loop does
@@ -26,7 +26,7 @@ import torch
 from common.config import AugmentConfig
 from pipelines.augment import Stage2
 from pipelines.base import Batch
-from tests.photos import photo_crops
+from tests.helpers.photos import photo_crops
 
 
 def timed(fn, iters: int, sync=lambda: None) -> list[float]:

@@ -2,7 +2,7 @@
 """Conversion throughput and output size: our one-pass FFCV + DALI converter against FFCV's own
 ``DatasetWriter`` over a torchvision ``ImageFolder`` (the peer), in the same run on the same images.
 
-Images are ImageNet-like: ~400x350 JPEG crops of real photographs (tests/photos.py), q90, in a
+Images are ImageNet-like: ~400x350 JPEG crops of real photographs (tests/helpers/photos.py), q90, in a
 class-folder tree. Both writers use the same FFCV settings (jpg, max side 500, quality 90) and the
 same number of worker processes; runs alternate (ours, peer, ours, ...) and the best of
 ``--repeats`` is reported, since other jobs share this machine's CPUs. Goal: ours (writing BOTH
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from pipelines.convert.convert import Settings, convert
-from tests.photos import photo_crops
+from tests.helpers.photos import photo_crops
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """Stage-1 throughput: reference (PIL DataLoader) vs FFCV vs DALI, and our wrappers vs bare loops.
 
-Everything runs in one process on the same converted images (real photo crops from tests/photos.py,
+Everything runs in one process on the same converted images (real photo crops from tests/helpers/photos.py,
 ImageNet-like 500x375 / 375x500, run through tools/convert_imagenet.py once and cached):
 
 * ``reference``  pipelines.reference.ReferencePipeline (PIL decode + timm RandomResizedCrop, flip;
@@ -64,7 +64,7 @@ def make_data(data: Path, images: int, workers: int, raw: bool = False) -> Path:
                                   str(workers), "--quiet"], check=True)
     if (out / "manifest.json").is_file() and (prop / "manifest.json").is_file():
         return out
-    from tests.photos import photo_crops
+    from tests.helpers.photos import photo_crops
 
     src = data / "src"
     if not (out / "manifest.json").is_file():  # (a finished conversion means the source tree is complete)

@@ -82,7 +82,7 @@ def ours(backend: str, epochs: int, out: Path, precision: str) -> dict:
         shutil.rmtree(out)
     _run([PY, "-m", "engine.run", "recipes/demo.toml", "--out", str(out)] + _set_args(backend, epochs, precision),
          f"{backend}: the engine")
-    from toolkit.run_report import summarize  # what make demo prints: img/s over the epochs' training time
+    from workflows.run_report import summarize  # what make demo prints: img/s over the epochs' training time
 
     s = summarize(out)
     return {"side": f"ours ({backend})", "images_per_s": s["images_per_s"], "train_s": s["train_s"],

@@ -1,5 +1,5 @@
 """The engine with apex's FusedLAMB (picked on CUDA when apex imports), through a stand-in that has
-apex's exact signatures and state layout (tests/apex_standin.py): a training step runs, and a
+apex's exact signatures and state layout (tests/helpers/apex_standin.py): a training step runs, and a
 checkpoint's optimizer state moves between FusedLAMB and our Lamb in both directions."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 import engine.optim as optim
 from common.config import OptimConfig, load_config
 from engine.optim import Lamb, build_optimizer, uses_apex
-from tests.apex_standin import FusedLAMB
+from tests.helpers.apex_standin import FusedLAMB
 
 CFG = OptimConfig(name="lamb", lr=5e-3, weight_decay=0.01, max_grad_norm=1.0)
 
@@ -50,15 +50,15 @@ def _roundtrip(state):
 
 def test_the_engine_steps_with_apex_fused_lamb(with_apex):
     """The engine's own step: apex's ``zero_grad`` takes no ``set_to_none`` (TypeError before)."""
-    from tests.test_host_syncs import _Feed, _batches, _context
+    from tests.helpers.steps import Feed, device_batches, step_context
     from engine.state import EpochProgress
     from engine.step import train_one_epoch
 
     cfg = load_config("recipes/a1.toml", ["model.arch=resnet_tiny", "data.num_classes=10", "train.precision=fp32"])
-    ctx, stage2 = _context(cfg, 2)
+    ctx, stage2 = step_context(cfg, 2)
     assert uses_apex(ctx.optimizer) and isinstance(ctx.optimizer, FusedLAMB)
     before = [p.detach().clone() for p in ctx.raw_model.parameters()]
-    records = list(train_one_epoch(ctx, _Feed(_batches(2, 8, 32)), stage2, EpochProgress(), steps_per_epoch=2,
+    records = list(train_one_epoch(ctx, Feed(device_batches(2, 8, 32)), stage2, EpochProgress(), steps_per_epoch=2,
                                    log_every=1))
     assert [r["step"] for r in records] == [1, 2]
     assert all(p.grad is None for p in ctx.raw_model.parameters())

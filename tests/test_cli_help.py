@@ -3,51 +3,14 @@
 example with that same command, in plain text."""
 from __future__ import annotations
 
-import configparser
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.cli import BIN, SCRIPTS, TYPED, help_in_process, help_text
+
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def console_scripts() -> dict[str, str]:
-    """rsb-* name -> module, from setup.cfg's entry points (what pip installs)."""
-    cfg = configparser.ConfigParser()
-    cfg.read(ROOT / "setup.cfg")
-    lines = [ln.strip() for ln in cfg["options.entry_points"]["console_scripts"].splitlines() if ln.strip()]
-    return {name.strip(): target.strip().split(":")[0] for name, target in (ln.split("=", 1) for ln in lines)}
-
-
-SCRIPTS = console_scripts()
-TYPED = {module: ("python -m engine.run" if module == "engine.run" else f"python {module.replace('.', '/')}.py")
-         for module in SCRIPTS.values()}
-
-
-def help_text(cmd: list[str]) -> str:
-    """``cmd --help`` as a process (the console-script wrapper sets argv[0] itself)."""
-    proc = subprocess.run(cmd + ["--help"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
-
-
-def help_in_process(module: str, argv0: str, monkeypatch, capsys) -> str:
-    """``main(["--help"])`` of ``module`` with ``sys.argv[0]`` as the shell sets it (no new Python and
-    torch import per command)."""
-    import importlib
-
-    monkeypatch.setattr(sys, "argv", [argv0])
-    monkeypatch.setenv("COLUMNS", "120")
-    with pytest.raises(SystemExit) as done:
-        importlib.import_module(module).main(["--help"])
-    assert done.value.code == 0
-    return capsys.readouterr().out
 
 
 def check(text: str, command: str) -> None:

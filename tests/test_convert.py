@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_convert_fixtures import (CLASSES, JPEG_TOL, ODD_FILES, SIZE, build_tree, manifest,
-                                         mean_abs_diff, reference_rgb, run_tool, shard_samples, source_for_key)
+from tests.helpers.convert_tree import (CLASSES, JPEG_TOL, ODD_FILES, SIZE, build_tree, manifest,
+                                        mean_abs_diff, reference_rgb, run_tool, shard_samples, source_for_key)
 
 N_TRAIN_PHOTOS, N_VAL = 3 * len(CLASSES), 2 * len(CLASSES)
 GOOD_ODD = [n for n, why in ODD_FILES.items() if why is None]
@@ -301,7 +301,7 @@ def test_user_errors_are_one_line_exit_2(tmp_path, argv, message):
     src = build_tree(tmp_path / "src", per_class=1, val_per_class=1, odd=False)
     (tmp_path / "empty").mkdir()
     fill = {"src": src, "out": tmp_path / "out", "missing": tmp_path / "nope", "empty": tmp_path / "empty"}
-    from tests.cli import run_main
+    from tests.helpers.cli import run_main
     from tools.convert_imagenet import main
     proc = run_main(main, [*[a.format(**fill) for a in argv], "--quiet"])  # in process: the same main
     assert proc.returncode == 2, proc.stderr

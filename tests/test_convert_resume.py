@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_convert_fixtures import TOOL, build_tree, manifest, run_tool
+from tests.helpers.convert_tree import TOOL, build_tree, manifest, run_tool
 
 ARGS = ("--workers", "2", "--shard-size", "2", "--max-skip-frac", "0.5")
 DELAY = {"RSB_CONVERT_TEST_DELAY": "0.08"}  # seconds per image, so there is time to interrupt

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_convert_fixtures import CLASSES, build_tree, manifest, run_tool, shard_samples
+from tests.helpers.convert_tree import CLASSES, build_tree, manifest, run_tool, shard_samples
 
 ARGS = ("--workers", "2", "--shard-size", "4", "--max-skip-frac", "0.5")
 

@@ -19,7 +19,7 @@ from pipelines.augment import apply_params, cpu_kernels
 from pipelines.augment.buffers import BufferPool
 from pipelines.augment.randaugment import resolve_backend
 from pipelines.base import Batch
-from tests.photos import photo_crops
+from tests.helpers.photos import photo_crops
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="numba not installed")
 A1 = AugmentConfig(rand_augment="rand-m7-mstd0.5-inc1", mixup_alpha=0.2, cutmix_alpha=1.0)

@@ -15,41 +15,9 @@ import pytest
 import torch
 
 from engine.setup import batch_composition
+from tests.helpers.engine_runs import comparable, engine_cmd, metrics, newest_per_point, run_engine
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# A tiny but real run: timm ResNet (resnet_tiny) on Fashion-MNIST crops through the reference pipeline
-# and stage 2 (RandAugment + mixup/CutMix + BCE, as in the RSB recipes) with LAMB.
-TINY = ["model.arch=resnet_tiny", "data.pipeline=reference", "data.num_classes=10", "data.workers=0",
-        "train.epochs=2", "train.global_batch_size=64", "train.train_res=32", "train.precision=fp32",
-        "train.log_every=2", "eval.res=32", "eval.crop_pct=1.0", "eval.batch_size=64",
-        "optim.warmup_epochs=1", "optim.lr=0.005", "augment.rand_augment=rand-m7-mstd0.5-inc1",
-        "augment.mixup_alpha=0.2", "augment.cutmix_alpha=1.0", "checkpoint.every_minutes=0",
-        "log.wandb=off", "train.deterministic=true"]
-
-
-def engine_cmd(root: Path, out: Path, *extra: str) -> list[str]:
-    sets = [f"data.root={root}", *TINY, *extra]
-    return [sys.executable, "-m", "engine.run", "recipes/a3.toml", "--out", str(out)] + \
-        [a for s in sets for a in ("--set", s)]
-
-
-def run_engine(root, out, *extra, check=True, env=None, args=()):
-    proc = subprocess.run(engine_cmd(root, out, *extra) + list(args), cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def comparable(records: list[dict]) -> list[tuple]:
-    """What must be identical between runs (timings are not)."""
-    keys = ("epoch", "step", "lr", "train_loss", "val_top1", "val_top5", "val_loss")
-    return [tuple(r.get(k) for k in keys) for r in records]
 
 
 def test_batch_composition():
@@ -101,8 +69,8 @@ def test_run_writes_metrics_checkpoints_and_exports(fmnist_tree, tmp_path):
 
 def test_accumulation_keeps_the_global_batch(fmnist_tree, tmp_path):
     """16 per device x 4 accumulation steps = the same optimizer steps as 64 at once."""
-    a = run_engine(fmnist_tree, tmp_path / "a", "train.epochs=1", "augment.rand_augment=", "augment.mixup_alpha=0",
-                   "augment.cutmix_alpha=0", "model.drop_path_rate=0")
+    run_engine(fmnist_tree, tmp_path / "a", "train.epochs=1", "augment.rand_augment=", "augment.mixup_alpha=0",
+               "augment.cutmix_alpha=0", "model.drop_path_rate=0")
     b = run_engine(fmnist_tree, tmp_path / "b", "train.epochs=1", "augment.rand_augment=", "augment.mixup_alpha=0",
                    "augment.cutmix_alpha=0", "model.drop_path_rate=0", "train.per_device_batch_size=16")
     assert "16 per device x 1 processes x 4 accumulation steps" in b.stderr
@@ -165,11 +133,6 @@ def test_ffcv_runs_repeat_for_any_thread_count_and_resume_exactly(fmnist_convert
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
 
 
-def newest_per_point(records: list[dict]) -> list[dict]:
-    latest = {(r["step"], "val_top1" in r): r for r in records}
-    return [latest[k] for k in sorted(latest)]
-
-
 @pytest.mark.parametrize("extra,message", [
     (("data.root=/nonexistent/data",), "data.root /nonexistent/data does not exist"),
     (("data.num_classes=1000",), "data.num_classes = 1000 but the dataset"),
@@ -177,7 +140,7 @@ def newest_per_point(records: list[dict]) -> list[dict]:
 ])
 def test_user_errors_are_one_line(fmnist_tree, tmp_path, extra, message):
     from engine.run import main
-    from tests.cli import run_main
+    from tests.helpers.cli import run_main
 
     proc = run_main(main, engine_cmd(fmnist_tree, tmp_path / "e", *extra)[3:])  # in process: python -m engine.run ...
     assert proc.returncode == 2
@@ -220,7 +183,7 @@ def test_a_folder_with_a_finished_run_needs_resume(fmnist_tree, tmp_path):
     """A --max-steps run writes no checkpoint, only metrics and exports; a second run into the same
     --out without --resume stops with one line and leaves them as they were."""
     from engine.run import main
-    from tests.cli import run_main
+    from tests.helpers.cli import run_main
 
     out = tmp_path / "run"
     first = run_main(main, engine_cmd(fmnist_tree, out, "train.epochs=1")[3:] + ["--max-steps", "2"])
@@ -241,7 +204,7 @@ def test_wandb_offline_run_has_config_metrics_and_artifact(fmnist_tree, tmp_path
     run_engine(fmnist_tree, out, "log.wandb=offline", "train.epochs=1", env={"WANDB_MODE": "offline"})
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    from tests.wandb_reader import read_offline_run
+    from tests.helpers.wandb_reader import read_offline_run
 
     found = read_offline_run(runs[0])
     assert found["config"]["optim"]["lr"] == 0.005 and found["config"]["model"]["arch"] == "resnet_tiny"
@@ -277,7 +240,7 @@ def test_torchrun_two_processes_matches_single_process_and_its_export(fmnist_tre
     # reduce) and every rank holds the same EMA: the figures the run reported are those of the
     # exported model, evaluated in one process. Without the reduction each rank evaluates its own
     # statistics; with an EMA per rank, each its own weights; and the export is rank 0's.
-    from tests.test_evaluate import evaluate
+    from tests.helpers.engine_runs import evaluate
 
     got = tmp_path / "export_eval.json"
     proc = evaluate(ddp / "model.safetensors", "--json", got)

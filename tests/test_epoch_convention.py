@@ -7,7 +7,7 @@ import re
 
 from safetensors import safe_open
 
-from tests.test_engine import metrics, run_engine
+from tests.helpers.engine_runs import metrics, run_engine
 
 NAME = re.compile(r"^ckpt-e(\d{4})-s(\d{9})\.pt$")
 

@@ -10,17 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import run_main
+from tests.helpers.engine_runs import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def evaluate(*args: str) -> subprocess.CompletedProcess:
-    """tools/evaluate.py's ``main`` in this process (tests/cli.py); the first test below also runs
-    the script itself."""
-    from tools.evaluate import main
-
-    return run_main(main, list(args))
 
 
 def evaluate_script(*args: str) -> subprocess.CompletedProcess:

@@ -1,4 +1,4 @@
-"""What a multi-day run meets, run through the real CLI (benchmarks/faults.py holds the cases; this
+"""What a multi-day run meets, run through the real CLI (tests/helpers/faults.py holds the cases; this
 module runs them on one shared small data set, the benchmark adds kill -9 at random points and the
 FFCV stop).
 
@@ -20,7 +20,7 @@ import os
 
 import pytest
 
-from benchmarks.faults import Faults
+from tests.helpers.faults import Faults
 
 
 @pytest.fixture(scope="module")

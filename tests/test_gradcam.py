@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toolkit.gradcam import LayerError, explain, pick_samples, target_layer
-from toolkit.load_model import load_model
+from workflows.gradcam import LayerError, explain, pick_samples, target_layer
+from workflows.load_model import load_model
 from pipelines.augment import Stage2
 from pipelines.base import Batch
 
@@ -27,8 +27,8 @@ def final_ckpt(run: Path) -> Path:
 
 
 def gradcam(*args, env=None) -> subprocess.CompletedProcess:
-    """tools/gradcam.py's ``main`` in this process (tests/cli.py)."""
-    from tests.cli import run_main
+    """tools/gradcam.py's ``main`` in this process (tests/helpers/cli.py)."""
+    from tests.helpers.cli import run_main
     from tools.gradcam import main
 
     return run_main(main, list(args), env=env)
@@ -82,7 +82,7 @@ def test_heatmaps_differ_between_checkpoints_and_match_the_definition(tiny_runs,
 def test_grid_png_and_wandb_table(tiny_runs, tmp_path):
     from PIL import Image
 
-    from tests.wandb_reader import iter_records, read_offline_run
+    from tests.helpers.wandb_reader import iter_records, read_offline_run
 
     png = tmp_path / "grid.png"
     proc = gradcam(final_ckpt(tiny_runs["ema"]), tiny_runs["plain"] / "model.safetensors", "--labels", "ema,plain",
@@ -124,7 +124,7 @@ def cli(capsys, *args) -> tuple[int, str, str]:
 def test_default_layer_is_the_deepest_at_least_4x4_and_says_so(tiny_runs, tmp_path, capsys):
     """At the run's 32 px resnet_tiny's layer4 is 1x1 (a flat heat-map): the default is the deepest stage
     whose map is at least 4x4, found from timm's own feature_info (each stage's reduction)."""
-    from toolkit.gradcam import compare
+    from workflows.gradcam import compare
 
     ckpt = final_ckpt(tiny_runs["plain"])
     model, cfg = load_model(ckpt)

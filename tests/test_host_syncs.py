@@ -1,7 +1,7 @@
 """The CUDA path without a GPU: no host syncs between log points, stage 2 launches a batch-size
 independent number of ops, and ``train.compile`` compiles once per resolution without graph breaks.
 
-Syncs are counted by ``tests/host_sync.py`` (device tensors tracked through every op on CPU). The
+Syncs are counted by ``tests/helpers/host_sync.py`` (device tensors tracked through every op on CPU). The
 step is the engine's own (``engine.step.train_one_epoch``) with A1's settings: RandAugment
 rand-m7-mstd0.5-inc1, mixup 0.2 / CutMix 1.0, BCE with target threshold 0.2 and smoothing 0.1,
 LAMB with its internal clip, stochastic depth, an EMA; stage 2 on its torch backend and LAMB
@@ -10,70 +10,25 @@ compiled kernels and host-side scalars, which are free there).
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from common.config import load_config
 from engine.setup import compile_for_training
 from engine.state import EpochProgress
-from engine.step import StepContext, build_step, train_one_epoch
+from engine.step import train_one_epoch
 from pipelines.augment import Stage2
 from pipelines.augment import randaugment as RA
-from pipelines.base import Batch
-from tests.host_sync import HostSyncCounter
-
-A1_SMALL = ["model.arch=resnet_tiny", "data.num_classes=10", "train.ema_decay=0.99", "train.precision=bf16"]
-
-
-def _a1(*extra):
-    return load_config("recipes/a1.toml", [*A1_SMALL, *extra])
-
-
-def _batches(n: int, batch: int, res: int, classes: int = 10, seed: int = 0) -> list[Batch]:
-    g = torch.Generator().manual_seed(seed)
-    return [Batch(torch.randint(0, 256, (batch, 3, res, res), dtype=torch.uint8, generator=g)
-                  .contiguous(memory_format=torch.channels_last), torch.randint(0, classes, (batch,), generator=g))
-            for _ in range(n)]
-
-
-class _Feed:
-    """Stage 1 stand-in: hands out batches already 'on the device' and labels the counter's events
-    with the index of the micro-batch being processed."""
-
-    def __init__(self, batches, counter: HostSyncCounter | None = None):
-        self.batches, self.counter = batches, counter
-
-    def __iter__(self):
-        for i, b in enumerate(self.batches):
-            if self.counter is not None:
-                self.counter.label = i
-                self.counter.mark(b.images, b.labels)
-            yield b
-
-    def __len__(self):
-        return len(self.batches)
-
-
-def _context(cfg, steps: int, accum: int = 1, model_wrapper=None) -> tuple[StepContext, Stage2]:
-    dev = torch.device("cpu")
-    ctx = build_step(cfg, dev, steps)
-    ctx.optimizer.clip_on_host = False  # the CUDA branch of Lamb
-    ctx.accum_steps = accum
-    if model_wrapper:
-        ctx.model = model_wrapper(ctx.raw_model)
-    stage2 = Stage2(cfg.augment, cfg.data.num_classes, cfg.loss.label_smoothing, train=True, channels_last=True,
-                    seed=0, backend="torch")
-    return ctx, stage2
+from tests.helpers.host_sync import HostSyncCounter
+from tests.helpers.steps import Feed, a1_small, device_batches, step_context
 
 
 def _count_syncs(cfg, steps: int, log_every: int, accum: int = 1) -> HostSyncCounter:
-    ctx, stage2 = _context(cfg, steps, accum)
+    ctx, stage2 = step_context(cfg, steps, accum)
     counter = HostSyncCounter()
     with counter:
         counter.mark(*ctx.raw_model.parameters(), *ctx.raw_model.buffers(),
                      *ctx.ema.module.parameters(), *ctx.ema.module.buffers())
-        for _ in train_one_epoch(ctx, _Feed(_batches(steps * accum, 16, 32), counter), stage2, EpochProgress(),
+        for _ in train_one_epoch(ctx, Feed(device_batches(steps * accum, 16, 32), counter), stage2, EpochProgress(),
                                  steps_per_epoch=steps, log_every=log_every):
             pass
     return counter
@@ -85,7 +40,7 @@ def test_no_host_sync_between_log_points(precision, accum):
     nothing back and copy nothing in a blocking way; a log point reads once (the reduced loss
     window); the last micro-batch of the epoch reads once more (the window handed to ``prog``)."""
     steps, log_every = 6, 3
-    counter = _count_syncs(_a1(f"train.precision={precision}"), steps, log_every, accum)
+    counter = _count_syncs(a1_small(f"train.precision={precision}"), steps, log_every, accum)
     per_micro = {i: counter.count(i) for i in range(steps * accum)}
     log_micro = {(s + 1) * accum - 1 for s in range(steps) if (s + 1) % log_every == 0}
     quiet = {i: n for i, n in per_micro.items() if i not in log_micro}
@@ -139,11 +94,11 @@ def _all_ops_params(n: int, policy) -> RA.RandAugmentParams:
 
 
 def _stage2_ops(n: int, monkeypatch) -> int:
-    cfg = _a1()
+    cfg = a1_small()
     stage2 = Stage2(cfg.augment, 10, cfg.loss.label_smoothing, train=True, channels_last=True, seed=0,
                     backend="torch")
     monkeypatch.setattr(RA, "sample_params", lambda size, policy, gen: _all_ops_params(size, policy))
-    (batch,) = _batches(1, n, 16)
+    (batch,) = device_batches(1, n, 16)
     stage2(batch)  # warm caches (device constants) as a training loop has
     with HostSyncCounter() as c:
         c.mark(batch.images, batch.labels)
@@ -173,11 +128,11 @@ def test_compile_once_per_resolution_without_graph_breaks():
 
     torch._dynamo.reset()
     counters.clear()
-    cfg = _a1("train.precision=fp32")
-    ctx, stage2 = _context(cfg, 2, model_wrapper=lambda m: compile_for_training(m, backend="aot_eager"))
+    cfg = a1_small("train.precision=fp32")
+    ctx, stage2 = step_context(cfg, 2, model_wrapper=lambda m: compile_for_training(m, backend="aot_eager"))
     prog = EpochProgress()
     for res in (32, 48, 32):
-        for _ in train_one_epoch(ctx, _Feed(_batches(2, 8, res)), stage2, prog, steps_per_epoch=2, log_every=2):
+        for _ in train_one_epoch(ctx, Feed(device_batches(2, 8, res)), stage2, prog, steps_per_epoch=2, log_every=2):
             pass
         prog.epoch, prog.batch = prog.epoch + 1, 0
     breaks = sum(counters["graph_break"].values())

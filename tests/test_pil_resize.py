@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from pipelines import pil_resize
-from tests.photos import photo_crops
+from tests.helpers.photos import photo_crops
 
 pytestmark = pytest.mark.skipif(not pil_resize.AVAILABLE, reason="numba not installed")
 

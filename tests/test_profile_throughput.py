@@ -14,7 +14,7 @@ from PIL import Image
 
 from common.config import load_config
 from pipelines.synthetic import SyntheticPipeline
-from toolkit import profiling
+from workflows import profiling
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "profile_throughput.py"
@@ -29,8 +29,8 @@ def _tool():
 
 
 def run_tool(*args: str) -> subprocess.CompletedProcess:
-    """tools/profile_throughput.py's ``main`` in this process (tests/cli.py)."""
-    from tests.cli import run_main
+    """tools/profile_throughput.py's ``main`` in this process (tests/helpers/cli.py)."""
+    from tests.helpers.cli import run_main
     from tools.profile_throughput import main
 
     return run_main(main, list(args))

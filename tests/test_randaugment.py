@@ -29,7 +29,7 @@ import timm.data.auto_augment as AA
 from pipelines.augment import RandAugmentParams, apply_params, parse_rand_augment, rand_augment_batch, sample_params
 from pipelines.augment import cpu_kernels
 from pipelines.augment.policy import OPS, OPS_INCREASING, RandAugmentPolicy
-from tests.photos import photo_crops
+from tests.helpers.photos import photo_crops
 
 ALL_OPS = sorted(set(OPS) | set(OPS_INCREASING))
 GEOMETRIC = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}

@@ -9,13 +9,12 @@ import math
 import re
 from pathlib import Path
 
-import pytest
 
 from common.config import load_config
 from engine import checkpoint as ckpt
 from pipelines.convert.demo_data import CLASS_DIRS
 from pipelines.sampler import repeat_aug_length
-from tests.test_cli_help import SCRIPTS, TYPED, help_in_process
+from tests.helpers.cli import SCRIPTS, TYPED, help_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGENET_TRAIN = 1_281_167  # ILSVRC2012 train images
@@ -32,7 +31,7 @@ USER_DATA = {  # what the user brings; the README names them as examples of thei
     "/shared/rsb-trainer": "the user's checkout on the cluster (the --dry-run example's working folder)",
     "/shared/rsb-trainer/.venv/bin/python": "that checkout's set-up Python",
 }
-# what tools/launch_slurm.py keeps in OUT/slurm/ (toolkit/slurm_launch.py: the script, the frozen recipe,
+# what tools/launch_slurm.py keeps in OUT/slurm/ (workflows/slurm_launch.py: the script, the frozen recipe,
 # the submissions, the log, srun's own messages, the current job id, every job id)
 LAUNCH_FILES = ("job.sh", "recipe.toml", "launch.json", "job.log", "srun.log", "job", "jobs.txt")
 WRITTEN_ELSEWHERE = {  # files a command the README names writes, on a machine this suite does not assume

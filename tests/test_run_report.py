@@ -1,4 +1,4 @@
-"""toolkit/run_report.py (the end of `make demo`): the summary of a real run folder agrees with its
+"""workflows/run_report.py (the end of `make demo`): the summary of a real run folder agrees with its
 metrics.jsonl read here by hand, and metrics.png is a three-panel picture."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from toolkit.run_report import format_summary, plot_metrics, read_metrics, summarize
+from workflows.run_report import format_summary, plot_metrics, read_metrics, summarize
 
 
 def test_summary_and_png_of_a_real_run(tiny_runs, tmp_path):

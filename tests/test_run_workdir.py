@@ -10,8 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.cli import run_main
-from tests.test_engine import TINY
+from tests.helpers.cli import run_main
+from tests.helpers.engine_runs import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,5 +1,5 @@
 """The launcher and the sweep's Slurm executor against a real two-node Slurm cluster on this machine
-(the session's ``slurm_cluster`` fixture; benchmarks/slurm.py holds the cases and runs them
+(the session's ``slurm_cluster`` fixture; tests/helpers/slurm_cases.py holds the cases; benchmarks/slurm.py runs them
 standalone with the figures): a-f of the issue, on the tiny deterministic run of the fault
 benchmark through the reference pipeline.
 
@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from benchmarks.slurm import SlurmCases
-from tests.conftest import skip_or_fail
+from tests.helpers.slurm_cases import SlurmCases
+from tests.helpers.slurm_cluster import skip_or_fail
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_f_sweep_on_slurm_finishes_with_a_preempted_trial_resumed(cases):
 
 def test_the_cluster_stops_every_daemon_and_job_it_started_when_a_test_fails(tmp_path):
     """Its own short-lived cluster with a running job; the block fails; nothing is left."""
-    from benchmarks.slurm_cluster import SlurmCluster, unavailable
+    from tests.helpers.slurm_cluster import SlurmCluster, unavailable
 
     why = unavailable()
     if why:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from engine.distributed import expand_nodelist, process_ranks, rendezvous_port, slurm_rendezvous
-from tests.cli import run_main
-from toolkit.slurm_launch import parse_time
+from tests.helpers.cli import run_main
+from workflows.slurm_launch import parse_time
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def test_dry_run_for_4_nodes_of_8_gpus_is_the_job_a_user_expects(tmp_path):
                       "--signal=B:USR2@300", "--requeue", "--open-mode=append",
                       f"--output={out.resolve()}/slurm/job.log", f"--chdir={Path.cwd()}", "--partition=gpu",
                       "--account=proj"]
-    assert f"toolkit.slurm_task srun -- {out.resolve()}/slurm/recipe.toml --out {out.resolve()} --resume auto" in script
+    assert f"workflows.slurm_task srun -- {out.resolve()}/slurm/recipe.toml --out {out.resolve()} --resume auto" in script
     assert "srun --wait=60" in script and "scontrol requeue" in script and '--dependency="afterany:' in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # the script parses
     assert not out.exists()  # a dry run writes nothing
@@ -44,7 +44,7 @@ def test_dry_run_for_4_nodes_of_8_gpus_is_the_job_a_user_expects(tmp_path):
     torchrun = launch("recipes/a1.toml", "--nodes", "4", "--gpus-per-node", "8", "--out", out, "--launcher",
                       "torchrun", "--dry-run").stdout
     assert "#SBATCH --ntasks-per-node=1\n" in torchrun and "#SBATCH --gpus-per-node=8\n" in torchrun
-    assert "toolkit.slurm_task torchrun --nproc-per-node 8 --" in torchrun and "--ntasks-per-node=1 " in torchrun
+    assert "workflows.slurm_task torchrun --nproc-per-node 8 --" in torchrun and "--ntasks-per-node=1 " in torchrun
 
 
 def test_the_readme_shows_the_dry_run_as_it_is():
@@ -117,8 +117,9 @@ def test_every_start_of_a_job_has_its_own_rendezvous_port():
 
 
 def test_a_sweep_is_one_array_job_task_i_running_trial_i_also_for_one_trial(tmp_path):
-    from toolkit.slurm_launch import job_script, sbatch_options
-    from toolkit.sweep import TrialSpec, slurm_job
+    from workflows.slurm_launch import job_script, sbatch_options
+    from workflows.sweep.plan import TrialSpec
+    from workflows.sweep.run import slurm_job
 
     trials = [TrialSpec(name=f"t{i}", folder=str(tmp_path / f"t{i}"), base="recipes/a3.toml", cwd=str(ROOT), swept={},
                         seed=i, overrides=(), max_steps=None) for i in range(3)]
@@ -130,5 +131,5 @@ def test_a_sweep_is_one_array_job_task_i_running_trial_i_also_for_one_trial(tmp_
         assert not any(o.startswith("--gpus") for o in opts) and "--ntasks-per-node=1" in opts
         script = job_script(job)
         for i, t in enumerate(todo):
-            assert f"  {i}) OUT={t.folder}\n" in script and f"toolkit.slurm_task trial {t.folder})" in script
+            assert f"  {i}) OUT={t.folder}\n" in script and f"workflows.slurm_task trial {t.folder})" in script
         assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0

@@ -17,11 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_pipeline_parity import (check_missing_backend, check_missing_data, check_sharding_resume_progressive,
-                                        check_train_crops, check_val_sharding, coords_root, ids_root, make,
-                                        photos_root)
-
-__all__ = ["coords_root", "ids_root", "photos_root"]  # session fixtures shared with the other stage-1 tests
+from tests.helpers.stage1 import (check_missing_backend, check_missing_data, check_sharding_resume_progressive,
+                                  check_train_crops, check_val_sharding, make)
 
 SEED, REPEATS, BS = 5, 3, 8
 LIBRARY = {"ffcv": "ffcv", "dali": "nvidia.dali"}
@@ -151,6 +148,7 @@ def test_a_graph_dali_cannot_checkpoint_still_trains(ids_root, monkeypatch):
     for epoch, res, start in ((0, 32, 0), (1, 48, 0), (2, 48, 2)):  # resolution change, resume offset
         pipe.set_epoch(epoch, res, start_batch=start)
         sizes = [b.images.shape[-1] for b in pipe]
+        assert len(sizes) == len(pipe) - start and set(sizes) == {res}, (epoch, sizes)
 
 
 def test_dali_plain_sharding(ids_root):
@@ -161,7 +159,7 @@ def test_dali_plain_sharding(ids_root):
 
 
 def test_dali_no_flip_when_hflip_is_zero(coords_root):
-    from tests.test_pipeline_parity import crop_boxes
+    from tests.helpers.stage1 import crop_boxes
 
     pipe = make("dali", coords_root, "train", batch_size=8, res=48, hflip=0.0)
     for epoch in range(4):
@@ -194,7 +192,7 @@ def test_dali_consecutive_epochs_continue_without_a_reset(ids_root):
     rebuilds the pipeline once, from the checkpoint of the batches handed out (so the crops DALI
     prefetched and nobody used do not move its random streams: as after a resume)."""
     from pipelines.sampler import epoch_indices
-    from tests.test_pipeline_parity import ids_of, stored_ids
+    from tests.helpers.stage1 import ids_of, stored_ids
 
     pipe = make("dali", ids_root, "train", seed=3, repeats=0, batch_size=BS, res=32, hflip=0.0)
     resets = []
@@ -278,8 +276,8 @@ def test_counter_rng_is_uniform_and_keyed():
 
 def converted_photos(tmp_path_factory, name: str, size: tuple[int, int], seed: int, quality: int) -> Path:
     """8 train JPEGs of ``size`` (real photo crops) in two classes, converted (train split only)."""
-    from tests.photos import photo_crops
-    from tests.test_pipeline_parity import convert
+    from tests.helpers.photos import photo_crops
+    from tests.helpers.stage1 import convert
 
     src = tmp_path_factory.mktemp(name) / "src"
     for i, img in enumerate(photo_crops(8, size, seed=seed)):
@@ -411,7 +409,7 @@ def test_eval_interpolation_reaches_every_backend(name, photos_root):
 
     from common.config import DataConfig, EvalConfig
     from pipelines.build import build_val_pipeline
-    from tests.test_pipeline_parity import EVAL_CROP, EVAL_RES, collect
+    from tests.helpers.stage1 import EVAL_CROP, EVAL_RES, collect
 
     if name != "reference":
         pytest.importorskip(LIBRARY[name])
@@ -461,7 +459,7 @@ def test_ffcv_flip_rate_over_2048_draws(coords_root):
     pytest.importorskip("ffcv")
     from scipy.stats import binomtest
 
-    from tests.test_pipeline_parity import crop_boxes
+    from tests.helpers.stage1 import crop_boxes
 
     pipe = make("ffcv", coords_root, "train", batch_size=16, res=32, seed=7)
     flips = []

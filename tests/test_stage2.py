@@ -10,7 +10,7 @@ import torch
 from common.config import AugmentConfig
 from pipelines.augment import Stage2, normalize
 from pipelines.base import Batch
-from tests.photos import photo_crops
+from tests.helpers.photos import photo_crops
 
 A3 = AugmentConfig(rand_augment="rand-m6-mstd0.5-inc1", mixup_alpha=0.1, cutmix_alpha=1.0)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.sweep import (SweepError, TrialSpec, configurations, pending, plan, read_sweep, read_trial,
-                           run_trial)
+from workflows.sweep.plan import SweepError, TrialSpec, configurations, plan, read_sweep
+from workflows.sweep.run import pending, read_trial, run_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 

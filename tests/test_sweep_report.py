@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from toolkit.sweep import TrialSpec
-from toolkit.sweep_report import figure, markdown, sort_rows, top1_sigma, write_report
+from workflows.sweep.plan import TrialSpec
+from workflows.sweep.report import figure, markdown, sort_rows, top1_sigma, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 

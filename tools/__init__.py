@@ -1,1 +1,1 @@
-"""Thin command-line front ends: argument parsing, printing and exit codes over ``toolkit``."""
+"""Thin command-line front ends: argument parsing, printing and exit codes over ``workflows``."""

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from common.config import load_config
-from toolkit.run_report import format_summary, minutes, plot_metrics, read_metrics, summarize
+from engine import run as engine_run
+from tools import convert_imagenet, make_demo_data
+from workflows.run_report import format_summary, minutes, plot_metrics, read_metrics, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,36 +31,38 @@ CONVERTED = DEMO / "converted"
 RECIPE = "recipes/demo.toml"
 
 
-def run(cmd: list[str]) -> None:
-    print("+ " + " ".join(cmd), flush=True)
-    rc = subprocess.call(cmd, cwd=ROOT)
+def run(command: str, main, argv: list[str]) -> None:
+    """One step, as the command a user would type (printed) and run in this process: ``main(argv)``."""
+    print(f"+ {command} {' '.join(argv)}", flush=True)
+    rc = main(argv)
     if rc != 0:
-        sys.exit(f"demo: step failed with exit status {rc}: {' '.join(cmd)}")
+        sys.exit(f"demo: step failed with exit status {rc}: {command} {' '.join(argv)}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="Other options (e.g. --set "
                                      f"train.epochs=1) are passed to python -m engine.run {RECIPE}.")
     _, extra = parser.parse_known_args(argv)
+    os.chdir(ROOT)  # the recipe's data.root (data/demo/converted) is relative to the repository
     t0 = time.time()
     fmnist = Path("/usr/share/datasets/fashion-mnist")
     if not fmnist.is_dir():
         sys.exit("demo: Fashion-MNIST is missing; as root run `apt-get install dataset-fashion-mnist` "
                  "(make demo does this when run as root)")
     if not (SRC / "val").is_dir():
-        run([sys.executable, "tools/make_demo_data.py", "--out", str(SRC)])
+        run("python tools/make_demo_data.py", make_demo_data.main, ["--out", str(SRC)])
     manifest = CONVERTED / "manifest.json"
     formats = _formats()
     if not manifest.is_file() or set(json.loads(manifest.read_text()).get("formats", [])) != set(formats):
-        run([sys.executable, "tools/convert_imagenet.py", str(SRC), str(CONVERTED), "--formats", ",".join(formats),
-             "--workers", "2"])
+        run("python tools/convert_imagenet.py", convert_imagenet.main,
+            [str(SRC), str(CONVERTED), "--formats", ",".join(formats), "--workers", "2"])
     pipeline = load_config(ROOT / RECIPE).data.pipeline
     print(f"demo: training through {pipeline} (stage 1) and the batched stage 2 (RandAugment, mixup/CutMix); "
           f"{RECIPE} says why this backend", flush=True)
     out = ROOT / "runs" / "demo"
     if out.exists():  # a fresh run each time: old checkpoints would otherwise be resumed or mixed in
         shutil.rmtree(out)
-    run([sys.executable, "-m", "engine.run", RECIPE, "--out", str(out)] + extra)
+    run("python -m engine.run", engine_run.main, [RECIPE, "--out", str(out)] + extra)
     records = read_metrics(out)
     summary = summarize(out.relative_to(ROOT), records)
     png = _plot(records, out / "metrics.png", f"{RECIPE} through {pipeline}")

@@ -9,7 +9,7 @@ CHECKPOINT is a training checkpoint (``ckpt-*.pt``: its EMA weights when the run
 engine evaluates) or a ``*.safetensors`` export of a run. The evaluation is the engine's own
 (pipelines.build.build_val_pipeline + stage 2 + engine.evaluate.evaluate) with the run's resolved config,
 so with no options changed it gives exactly the val top-1 the run logged for those weights
-(logic: toolkit/evaluate.py; this file parses options and prints).
+(logic: workflows/evaluate.py; this file parses options and prints).
 
 --data: a converter output folder (``manifest.json``; FFCV/DALI/reference all read it), a class-folder
 tree with ``val/<class>/``, or (reference pipeline) a class-folder directory itself. --imagenet-v2:
@@ -27,8 +27,8 @@ import torch
 from common.cli import examples, prog
 from common.config import CHOICES, ConfigError
 from pipelines.base import DataError, MissingBackendError
-from toolkit.evaluate import evaluate_checkpoint
-from toolkit.load_model import CheckpointError
+from workflows.evaluate import evaluate_checkpoint
+from workflows.load_model import CheckpointError
 
 SCRIPT = "python tools/evaluate.py"
 

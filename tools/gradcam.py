@@ -21,7 +21,7 @@ Target layer: the deepest ResNet stage whose map is at least 4x4 at the resoluti
 which. --layer names another module, e.g. layer3 or layer4.0.
 --wandb offline|online logs a ``gradcam`` table (image, true class, per checkpoint: overlay and
 prediction) to a run under --wandb-dir (default: the PNG's folder).
-Logic: toolkit/gradcam.py; this file parses options and prints.
+Logic: workflows/gradcam.py; this file parses options and prints.
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ import torch
 from common.cli import examples, prog
 from common.config import ConfigError, LogConfig
 from pipelines.base import DataError
-from toolkit.gradcam import LayerError, compare, layer_lines, log_wandb, predictions_right, render_grid
-from toolkit.load_model import CheckpointError
+from workflows.gradcam import LayerError, compare, layer_lines, log_wandb, predictions_right, render_grid
+from workflows.load_model import CheckpointError
 
 SCRIPT = "python tools/gradcam.py"
 

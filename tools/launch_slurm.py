@@ -7,7 +7,7 @@
 Prints the job id, the log and how to watch and stop it. The run folder (``--out``, by default
 runs/<recipe name>) keeps the job script, the frozen recipe and the log in ``OUT/slurm/``; the same
 command submits the run again after it stopped, and it continues from its checkpoints. What the job
-does at a time limit, at preemption and on failure: toolkit/slurm_launch.py and the README's
+does at a time limit, at preemption and on failure: workflows/slurm_launch.py and the README's
 "Run on a Slurm cluster". Exit status: 0 submitted (or dry run), 2 a user error (one line).
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from common.cli import examples, prog
-from toolkit.slurm_launch import (DEFAULT_LEAD_S, DEFAULT_MAX_REQUEUES, LAUNCHERS, Launch, LaunchError, Resources,
-                                  launch_run)
+from workflows.slurm_launch import (DEFAULT_LEAD_S, DEFAULT_MAX_REQUEUES, LAUNCHERS, Launch, LaunchError, Resources,
+                                    launch_run)
 
 
 SCRIPT = "python tools/launch_slurm.py"

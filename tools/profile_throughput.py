@@ -16,7 +16,7 @@ finding, each with its batch size and resolution: "bottleneck:" (the slowest of 
 the step), "figures:" (what that rests on), "advice:" (what to change); advice whose figures come
 from repeats that disagree (more than 1.5x, or more than the effect claimed) is "held back:" with the
 reason. Writes OUT/profile.json (every figure, the findings and the environment) and OUT/profile.png
-(images/s vs batch size, the bottleneck marked). Logic: toolkit/profiling/ (measure, verdict, report).
+(images/s vs batch size, the bottleneck marked). Logic: workflows/profiling/ (measure, verdict, report).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from common.cli import examples, prog
 from common.config import ConfigError
 from models.factory import UnknownModelError
 from pipelines.base import DataError, MissingBackendError
-from toolkit import profiling
+from workflows import profiling
 
 SCRIPT = "python tools/profile_throughput.py"
 

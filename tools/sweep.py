@@ -4,8 +4,8 @@
     python tools/sweep.py SWEEP.toml --executor slurm             # one Slurm array task per trial
     python tools/sweep.py SWEEP.toml --report-only                # tables and plot from what is done
 
-The sweep file format is documented in toolkit/sweep.py, which holds the logic (this file parses
-options and prints). Each trial is a plain
+The sweep file format is documented in workflows/sweep/plan.py; workflows/sweep/ holds the logic
+(this file parses options and prints). Each trial is a plain
 ``python -m engine.run BASE --out OUT/trials/<name> --set ... [--max-steps N]``; finished trials are
 skipped on a rerun, unfinished ones continue from their checkpoints. Writes OUT/results.csv,
 OUT/results.md (sorted by val top-1, plus mean and std over seeds) and OUT/sweep.png.
@@ -19,9 +19,9 @@ from pathlib import Path
 
 from common.cli import examples, prog
 from common.config import ConfigError
-from toolkit.sweep import (EXECUTORS, SweepError, budget_text, default_out, pending, plan_sweep, read_sweep,
-                           run_trials, start_sweep, trial_summary)
-from toolkit.sweep_report import write_report
+from workflows.sweep.plan import EXECUTORS, SweepError, budget_text, default_out, plan_sweep, read_sweep, start_sweep
+from workflows.sweep.report import write_report
+from workflows.sweep.run import pending, run_trials, trial_summary
 
 SCRIPT = "python tools/sweep.py"
 
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="sweep folder (default runs/sweeps/<sweep file name>)")
     p.add_argument("--executor", choices=EXECUTORS, default=None,
                    help="local: subprocesses here; slurm: one array job on Slurm, a task per trial, each "
-                        "preemptible and resumed (toolkit/slurm_launch.py). Default: [run] executor")
+                        "preemptible and resumed (workflows/slurm_launch.py). Default: [run] executor")
     p.add_argument("--parallel", type=int, default=None, help="trials at a time (default: [run] parallel)")
     p.add_argument("--report-only", action="store_true", help="launch nothing; write the tables and plot")
     p.add_argument("--dry-run", action="store_true", help="print the trial commands and exit")

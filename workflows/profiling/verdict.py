@@ -1,6 +1,6 @@
 """The verdict on a profile's figures: which of stage 1, stage 2 and the step limits the run, with
 their figures, one short line per finding, and advice held back where the repeats it rests on disagree
-(a shared or throttled machine). Pure functions of the measurement rows (``toolkit.profiling.measure``).
+(a shared or throttled machine). Pure functions of the measurement rows (``workflows.profiling.measure``).
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ continues. What the script does at each way a start can end:
   line, repeated at the end when something was printed after it, or one of ours when the engine
   printed none).
 
-Tasks run ``python -m toolkit.slurm_task`` (see there): one task per GPU with the engine taking its
+Tasks run ``python -m workflows.slurm_task`` (see there): one task per GPU with the engine taking its
 rank from Slurm (``launcher="srun"``), or one ``torchrun`` agent per node (``launcher="torchrun"``,
 c10d rendezvous on the job's first node, an id per start). ``srun`` writes the tasks' output
 straight into the log (``--output``) and its own messages into ``OUT/slurm/srun.log``, so that
@@ -106,7 +106,7 @@ class Resources:
 @dataclass
 class RunEntry:
     """One run of a job (an array job has one per array task): its folder and what its tasks run
-    (the arguments of ``python -m toolkit.slurm_task``)."""
+    (the arguments of ``python -m workflows.slurm_task``)."""
 
     out: Path
     task: list[str]
@@ -177,11 +177,11 @@ def job_script(job: Job) -> str:
     srun = ["srun", "--wait=60", '--output="$LOG"', "--open-mode=append"]
     if job.launcher == "torchrun":
         srun.append("--ntasks-per-node=1")
-    cases = "\n".join(f"  {i}) OUT={q(str(run.out))}\n     TASK=({' '.join(q(a) for a in [job.python, '-m', 'toolkit.slurm_task', *run.task])}) ;;"
+    cases = "\n".join(f"  {i}) OUT={q(str(run.out))}\n     TASK=({' '.join(q(a) for a in [job.python, '-m', 'workflows.slurm_task', *run.task])}) ;;"
                       for i, run in enumerate(job.runs))
     header = "\n".join(f"#SBATCH {opt}" for opt in sbatch_options(job))
     return f"""#!/bin/bash
-# Written by rsb-launch (toolkit/slurm_launch.py); every start of the job runs it from the top.
+# Written by rsb-launch (workflows/slurm_launch.py); every start of the job runs it from the top.
 # The engine continues from its newest checkpoint (--resume auto). SIGUSR2, {job.signal_lead_s} s before the
 # time limit: the run stops with a checkpoint and the job requeues itself (at most {job.max_requeues} times).
 # SIGTERM (scancel, preemption): the run stops with a checkpoint; a preempted job is requeued by Slurm.

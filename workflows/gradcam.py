@@ -37,8 +37,8 @@ from torch import nn
 from common.config import Config, ConfigError, LogConfig
 from pipelines.build import build_stage2
 from pipelines.base import Batch, DataError
-from toolkit.evaluate import val_pipeline_for
-from toolkit.load_model import load_model
+from workflows.evaluate import val_pipeline_for
+from workflows.load_model import load_model
 
 TITLE_PT = 6.5  # points; the figure is laid out in cells of one inch, so text scales with cell_px
 MIN_MAP = 4  # the default layer's map is at least MIN_MAP x MIN_MAP: 1x1 is flat, 2x2 four blocks

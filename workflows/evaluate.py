@@ -2,14 +2,14 @@
 
 The evaluation is the engine's own (``pipelines.build.build_val_pipeline`` + stage 2 +
 ``engine.evaluate.evaluate``) with the run's resolved config, so with no setting changed it gives
-exactly the val top-1 the run logged for those weights (``toolkit.load_model`` returns the model
+exactly the val top-1 the run logged for those weights (``workflows.load_model`` returns the model
 as the engine evaluated it: EMA weights when kept, channels_last when trained so).
 
 The data root may be a converter output folder (``manifest.json``; FFCV/DALI/reference all read
 it), a class-folder tree with ``val/<class>/``, or (reference pipeline only) a class-folder
 directory itself. ``imagenet_v2``: folder names are class indices (``0`` ... ``999``), as in the
 ImageNet-V2 downloads. :func:`val_pipeline_for` is the one place that picks the val reader for a
-tool (evaluation here and the images of ``toolkit.gradcam``).
+tool (evaluation here and the images of ``workflows.gradcam``).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from pipelines.build import build_stage2, build_val_pipeline, check_num_classes
 from engine.precision import resolve_precision
 from engine.evaluate import evaluate
 from pipelines.base import DataError
-from toolkit.load_model import load_model
+from workflows.load_model import load_model
 
 
 def val_pipeline_for(cfg: Config, device: torch.device | str = "cpu", imagenet_v2: bool = False):
@@ -54,7 +54,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data: str | None = None, pipe
                         recipe: str | None = None) -> dict[str, Any]:
     """Top-1/top-5/loss of ``checkpoint`` (``ckpt-*.pt`` or ``*.safetensors``) on its run's val set,
     or on ``data``; None for a setting means the run's own (``data.root``: relative to the run's working
-    folder, ``toolkit.load_model.run_data_root``; ``data.pipeline``,
+    folder, ``workflows.load_model.run_data_root``; ``data.pipeline``,
     ``eval.res``...). ``flip_tta`` averages the softmax of each image and its mirror. Returns the
     settings used and the metrics. Raises CheckpointError, ConfigError, DataError or
     MissingBackendError with a one-line message."""

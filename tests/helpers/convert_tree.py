@@ -1,6 +1,6 @@
 """Builders shared by the converter tests: small ImageNet-like trees of real photos plus every kind
 of bad or odd file that occurs in ImageNet or user data, and helpers to run the CLI and to read the
-outputs back with the real readers. (No tests here; pytest just finds nothing to run.)"""
+outputs back with the real readers."""
 from __future__ import annotations
 
 import io
@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tests.photos import photo_crops
+from tests.helpers.photos import photo_crops
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "convert_imagenet.py"
 SIZE = (96, 80)  # all images one size, so FFCV's SimpleRGBImageDecoder can read them back unchanged
 # Created in this order on purpose: class indices must follow the sorted names, not creation order.

@@ -1,5 +1,5 @@
-"""What each task of a launcher job runs (``python -m toolkit.slurm_task MODE ...``, written into the
-job script by :mod:`toolkit.slurm_launch`; not a command for people).
+"""What each task of a launcher job runs (``python -m workflows.slurm_task MODE ...``, written into the
+job script by :mod:`workflows.slurm_launch`; not a command for people).
 
 * ``srun -- ENGINE_ARGS``: one task per GPU; becomes ``python -m engine.run ENGINE_ARGS`` (exec), and
   the engine takes its rank and rendezvous from Slurm (``engine.distributed``);
@@ -7,7 +7,7 @@ job script by :mod:`toolkit.slurm_launch`; not a command for people).
   ``--nnodes`` = the job's nodes, the c10d rendezvous on the job's first node at a port of this
   start's own, and an id unique to this start (job id and restart count), and exits with the first
   failing rank's status (torchrun's own is 1 for any failure);
-* ``trial FOLDER``: one sweep trial (``toolkit.sweep.run_trial``, which records ``trial.json``
+* ``trial FOLDER``: one sweep trial (``workflows.sweep.run.run_trial``, which records ``trial.json``
   around the engine) and exits with the engine's status.
 
 In every mode the early signal (SIGUSR2) is ignored until the engine installs its own handler
@@ -64,7 +64,7 @@ def _torchrun(nproc: int, engine_args: list[str]) -> int:
         print(f"slurm: torchrun on {nnodes} node(s) x {nproc}, c10d rendezvous {host}:{port}, id {run_id}",
               file=sys.stderr, flush=True)
     # the agent's own messages (closing signals, "failed (exitcode: 140)") go to a side log, not the
-    # run's: the run's log ends with the engine's last line (toolkit.slurm_launch)
+    # run's: the run's log ends with the engine's last line (workflows.slurm_launch)
     out = Path(engine_args[engine_args.index("--out") + 1]) if "--out" in engine_args else Path.cwd()
     agent_log = logging.getLogger("torch.distributed.elastic")
     agent_log.propagate = False
@@ -88,7 +88,8 @@ def _trial(folder: str) -> int:
     import json
     from pathlib import Path
 
-    from toolkit.sweep import TrialSpec, run_trial
+    from workflows.sweep.plan import TrialSpec
+    from workflows.sweep.run import run_trial
 
     # SIGTERM reaches the engine from Slurm directly; this process waits for it to stop and records
     signal.signal(signal.SIGTERM, lambda *_: None)
@@ -113,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         return _torchrun(int(argv[1]), argv[3:])
     if mode == "trial" and len(argv) == 1:
         return _trial(argv[0])
-    print(f"error: toolkit.slurm_task: unknown mode {' '.join([mode, *argv])[:200]!r} (written by "
-          f"toolkit.slurm_launch only)", file=sys.stderr)
+    print(f"error: workflows.slurm_task: unknown mode {' '.join([mode, *argv])[:200]!r} (written by "
+          f"workflows.slurm_launch only)", file=sys.stderr)
     return 2
 
 

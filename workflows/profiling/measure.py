@@ -1,5 +1,5 @@
 """Measuring the three stages of the training loop, alone and together, at one (per-device batch,
-resolution) point each: what ``tools/profile_throughput.py`` times (``toolkit.profiling.profile``
+resolution) point each: what ``tools/profile_throughput.py`` times (``workflows.profiling.profile``
 runs every point; ``verdict`` reads the figures; ``report`` shows them).
 
 The training loop is three stages, and each is measured alone for one (per-device batch,

@@ -23,7 +23,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from toolkit.sweep import TrialSpec, final_eval, format_value, read_trial
+from workflows.sweep.plan import TrialSpec, format_value
+from workflows.sweep.run import final_eval, read_trial
 
 METRICS = ("val_top1", "val_top5", "val_loss")
 NOISE_Z = 2.0  # gaps within NOISE_Z standard errors of the difference are sampling noise

@@ -30,6 +30,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
 NODES = ("n1", "n2")
@@ -264,3 +266,11 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
             if marker in environ.split(b"\0"):
                 left.append(f"{cmdline[:80] or '?'} (pid {proc_dir.name})")
         return left
+
+
+def skip_or_fail(why: str):
+    """Skip a Slurm test with the reason; under CI (``RSB_REQUIRE_SLURM=1``, set by .ci/run) fail
+    instead, so that a CI run where Slurm is missing cannot pass with those tests skipped."""
+    if os.environ.get("RSB_REQUIRE_SLURM"):
+        pytest.fail(f"the Slurm tests must run here (RSB_REQUIRE_SLURM is set): {why}", pytrace=False)
+    pytest.skip(f"Slurm tests skipped: {why}")
