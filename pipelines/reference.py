@@ -27,16 +27,17 @@ its batch slot takes another image of the same batch (the next readable one, wit
 the batch size stays fixed (stage 2's mixup pairs samples; compiled steps want static shapes), and
 the batch lists it in ``Batch.skipped``. The main process prints one warning line per path.
 
-Workers ignore SIGINT, and SIGTERM from any process but their parent: a signal sent to the whole
-process group (Ctrl-C, Slurm preemption, which signals every process of the job step, ``kill --
--PGID``) must reach only the main process, which owns shutdown (a final checkpoint); a worker killed
-first would make the ``DataLoader`` raise instead. SIGTERM from the main process still ends a worker
-at once, with status 0: torch's own worker handler does the same (``handler_SIGTERM`` in
-``torch/csrc/DataLoader.cpp``), because when a traceback keeps a loader alive at exit,
-``multiprocessing``'s exit handler terminates the workers and then joins them, so a worker that
-ignored it would hang the exit forever. Workers also end with the main process (the loader's parent
-watchdog), and SIGKILL still kills them. The sender is told apart with ``sigwaitinfo`` on a thread
-(SIGTERM stays blocked elsewhere in the worker).
+Workers start from a forkserver once per pipeline and persist across epochs (``_loader``). They
+ignore SIGINT and SIGUSR2, and SIGTERM from any process but the main one: a signal sent to the whole
+process group (Ctrl-C, Slurm preemption and its early signal, which reach every process of the job
+step, ``kill -- -PGID``) must reach only the main process, which owns shutdown (a final checkpoint);
+a worker killed first would make the ``DataLoader`` raise instead. SIGTERM from the main process
+still ends a worker at once, with status 0: torch's own worker handler does the same
+(``handler_SIGTERM`` in ``torch/csrc/DataLoader.cpp``), because when a traceback keeps a loader
+alive at exit, ``multiprocessing``'s exit handler terminates the workers and then joins them, so a
+worker that ignored it would hang the exit forever. Workers also end with the main process (the
+loader's parent watchdog), and SIGKILL still kills them. The sender is told apart with
+``sigwaitinfo`` on a thread (SIGTERM stays blocked elsewhere in the worker).
 
 Determinism: each sample's randomness comes from its own generator seeded by
 ``(seed, epoch, rank, position in this rank's epoch)``, so results do not depend on worker count
@@ -45,6 +46,7 @@ or timing, repeated copies of an image get different crops, and a resumed run
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -194,7 +196,8 @@ def random_resized_crop_params(width: int, height: int, scale, ratio, rng: np.ra
 
 
 class _Folder(torch.utils.data.Dataset):
-    """Items are addressed by ``(index, key)``: key seeds the sample's own generator (train)."""
+    """Items are addressed by ``(index, key, res)``: key seeds the sample's own generator (train), res
+    is the epoch's resolution (a persistent worker's copy of the dataset never sees a later epoch's)."""
 
     def __init__(self, samples, train: bool, res: int, crop_pct: float, scale, ratio, hflip: float,
                  interpolation: str, eval_interpolation: str = "bicubic"):
@@ -208,29 +211,30 @@ class _Folder(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def transform(self, img: Image.Image, rng: np.random.Generator | None) -> Image.Image:
+    def transform(self, img: Image.Image, rng: np.random.Generator | None, res: int | None = None) -> Image.Image:
+        res = self.res if res is None else res
         if not self.train:
-            img = TF.resize(img, math.floor(self.res / self.crop_pct), INTERPOLATIONS[self.eval_interpolation])
-            return TF.center_crop(img, [self.res, self.res])
+            img = TF.resize(img, math.floor(res / self.crop_pct), INTERPOLATIONS[self.eval_interpolation])
+            return TF.center_crop(img, [res, res])
         top, left, h, w = random_resized_crop_params(img.width, img.height, self.scale, self.ratio, rng)
         name = self.interpolation
         if name == "random":
             name = "bilinear" if rng.random() < 0.5 else "bicubic"
-        img = TF.resized_crop(img, top, left, h, w, [self.res, self.res], INTERPOLATIONS[name])
+        img = TF.resized_crop(img, top, left, h, w, [res, res], INTERPOLATIONS[name])
         if rng.random() < self.hflip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return img
 
     def __getitem__(self, item):
         """``(HWC uint8 array, label, None)``, or ``(None, label, (path, reason))`` when unreadable."""
-        index, key = item
+        index, key, res = item
         path, label = self.samples[index]
         try:
             img = _decode(path)
         except UNREADABLE as e:
             return None, label, (path, _reason(e))
         rng = np.random.default_rng(key) if self.train else None
-        return np.asarray(self.transform(img, rng)), label, None
+        return np.asarray(self.transform(img, rng, res)), label, None
 
 
 def _decode(path: str) -> Image.Image:
@@ -256,19 +260,62 @@ def _collate(items):
     return images.permute(0, 3, 1, 2), labels, skipped  # NCHW view of NHWC memory: channels_last
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def _ignore_stop_signals(worker_id: int, main_pid: int) -> None:
     """DataLoader ``worker_init_fn`` (runs after the loader's per-worker seeding and signal handlers):
-    ignore SIGINT, and SIGTERM from any process but the main one (see the module docstring)."""
+    ignore SIGINT, and SIGTERM from any process but the main one (see the module docstring). The
+    main process is named, not found as the parent: forkserver's workers are the server's children."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "sigwaitinfo"):  # not on macOS: there torch's handler lets any SIGTERM end the worker
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
-        threading.Thread(target=_exit_on_parent_sigterm, args=(os.getppid(),), daemon=True).start()
+        threading.Thread(target=_exit_on_parent_sigterm, args=(main_pid,), daemon=True).start()
 
 
 def _exit_on_parent_sigterm(parent: int) -> None:
     while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
         pass  # a group-wide SIGTERM (Slurm, kill -- -PGID): the main process decides
     os._exit(0)  # status 0, as torch's handler_SIGTERM does, so the loader's SIGCHLD check stays quiet
+
+
+class _EpochBatches:
+    """The DataLoader's batch sampler: the current pass's batches of ``(index, key, res)`` items,
+    fixed when the pass starts (:meth:`ReferencePipeline.__iter__`). The loader may ask for them
+    more than once per pass (a persistent loader's first pass does: when made, and when reset)."""
+
+    def __init__(self, pipe: "ReferencePipeline"):
+        self.pipe = pipe
+
+    def __iter__(self):
+        return iter(self.pipe._pass)
+
+    def __len__(self) -> int:
+        return len(self.pipe._pass)
+
+
+def _forkserver():
+    """multiprocessing's forkserver, with torch and this module imported in the server once, so a
+    worker starts in a fraction of a second instead of importing torch.
+
+    The server and multiprocessing's resource tracker are started here with the stop signals
+    blocked, and keep them blocked (the tracker ignores SIGINT/SIGTERM itself): Slurm signals every
+    process of a job step (the early SIGUSR2, SIGTERM), a terminal every process of its group
+    (Ctrl-C), and their default action would end the server, so that the next loader made (the val
+    loader after the first epoch) fails to start its workers, and the tracker, which would be
+    restarted with a screen of errors. The workers inherit the mask: the main process alone decides
+    when to stop, and ends them. The server itself exits when this process does."""
+    import multiprocessing
+    from multiprocessing import forkserver, resource_tracker
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "pipelines.reference"])
+    stops = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR2}
+    saved = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        resource_tracker.ensure_running()  # ends by unblocking SIGINT/SIGTERM here: blocked again below
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, saved)
+    return ctx
 
 
 class ReferencePipeline:
@@ -314,6 +361,8 @@ class ReferencePipeline:
         self.epoch = 0
         self.start_batch = 0
         self._warned: set[str] = set()  # unreadable paths already reported
+        self._dataloader = None  # made at the first pass (_loader)
+        self._pass: list = []  # this pass's batches (_EpochBatches)
 
     @property
     def res(self) -> int:
@@ -338,10 +387,10 @@ class ReferencePipeline:
         from ._stage1_common import val_indices
         return val_indices(self.num_samples, self.rank, self.world_size)
 
-    def _batches(self) -> list[list[tuple[int, tuple[int, ...]]]]:
+    def _batches(self) -> list[list[tuple[int, tuple[int, ...], int]]]:
         idx = self._indices()
         keys = [(self.seed, self.epoch, self.rank, pos) for pos in range(len(idx))]
-        items = list(zip(idx.tolist(), keys))
+        items = [(i, key, self.res) for i, key in zip(idx.tolist(), keys)]
         n = len(items) // self.batch_size if self.drop_last else math.ceil(len(items) / self.batch_size)
         return [items[b * self.batch_size:(b + 1) * self.batch_size] for b in range(self.start_batch, n)]
 
@@ -357,11 +406,30 @@ class ReferencePipeline:
                 print(f"warning: skipped unreadable image {path} ({reason}); its batch slot reuses another image",
                       file=sys.stderr, flush=True)
 
+    def _loader(self) -> torch.utils.data.DataLoader:
+        """The pipeline's one DataLoader. Its workers persist across epochs (the batches, with each
+        item's key and resolution, come from :class:`_EpochBatches` at each epoch) and start from a
+        forkserver, a clean single-threaded process: a worker forked from the training process could
+        inherit a lock that one of its threads (a queue's feeder, gloo, the failure watcher) held at
+        that instant, and wait for it forever (seen here about once in 20 runs of 8 epochs under
+        torchrun, with fork and a new set of workers every epoch)."""
+        if self._dataloader is None:
+            kw = {}
+            if self.workers > 0:
+                kw = dict(persistent_workers=True, multiprocessing_context=_forkserver(),
+                          worker_init_fn=functools.partial(_ignore_stop_signals, main_pid=os.getpid()))
+            # Its own generator: the loader draws its workers' base seed when its first pass starts, which
+            # would otherwise take a number from the training's global RNG (restored by a resume) once
+            # per process, not once per run. The transforms never read that seed (keys seed them).
+            self._dataloader = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=_EpochBatches(self), num_workers=self.workers, collate_fn=_collate,
+                pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.seed), **kw)
+        return self._dataloader
+
     def __iter__(self):
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=self._batches(), num_workers=self.workers, collate_fn=_collate,
-            pin_memory=self.device.type == "cuda", worker_init_fn=_ignore_stop_signals)
+        self._pass = self._batches()
         self.start_batch = 0  # a skip applies to one epoch only
+        loader = self._loader()
         for images, labels, skipped in loader:
             if images is None:
                 path, reason = skipped[0]

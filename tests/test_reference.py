@@ -11,7 +11,7 @@ from timm.data import create_transform
 
 from pipelines.base import DataError, Pipeline
 from pipelines.reference import ReferencePipeline, random_resized_crop_params
-from tests.photos import photo_crops
+from tests.helpers.photos import photo_crops
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +67,12 @@ def test_deterministic_independent_of_workers_and_resumes(tree):
     assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(ra, rb))
     a.set_epoch(3)
     assert not torch.equal(_all(a)[0][0], ra[0][0])  # a new epoch draws new crops
-    a.set_epoch(2, start_batch=3)
-    resumed = _all(a)
-    assert len(resumed) == len(ra) - 3
-    assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(resumed, ra[3:]))
+    fresh = ReferencePipeline(str(tree), "train", batch_size=2, res=32, workers=2, seed=3)
+    for p in (a, b, fresh):  # in-process; workers' later pass; a resumed process's first pass
+        p.set_epoch(2, start_batch=3)
+        resumed = _all(p)
+        assert len(resumed) == len(ra) - 3
+        assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(resumed, ra[3:]))
     a.skip_batches(4)
     assert len(_all(a)) == len(ra) - 4
     assert len(_all(a)) == len(ra)  # a skip applies to one epoch only

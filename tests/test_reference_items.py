@@ -20,8 +20,8 @@ from pipelines.base import DataError
 from pipelines.convert.convert import Settings, convert
 from pipelines.dataroot import decode_items
 from pipelines.reference import ReferencePipeline, _Folder
-from tests.conftest import write_fmnist_tree
-from tests.test_convert_fixtures import shard_samples
+from tests.helpers.fmnist import write_fmnist_tree
+from tests.helpers.convert_tree import shard_samples
 
 SUBSET = ("c1", "c3", "c5", "c7", "c9")  # every other class: labels must be re-indexed to 0..4
 SETTINGS = Settings(formats=("dali",), classes=SUBSET, shard_size=16)
@@ -168,8 +168,8 @@ def test_batch_with_no_readable_image_is_a_one_line_error(tmp_path):
 # ---------------------------------------------------------------- worker signals
 
 class _SignalsItself(_Folder):
-    """Each DataLoader worker sends SIGTERM and SIGINT to itself before its first image, as a
-    ``kill -- -PGID`` or a Ctrl-C to the process group would."""
+    """Each DataLoader worker sends SIGTERM, SIGINT and SIGUSR2 to itself before its first image, as
+    a ``kill -- -PGID``, a Ctrl-C to the process group or Slurm's early signal to a job step would."""
 
     signalled = False
 
@@ -178,10 +178,11 @@ class _SignalsItself(_Folder):
             _SignalsItself.signalled = True  # per worker: each has its own copy of the class
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGUSR2)
         return super().__getitem__(item)
 
 
-def test_workers_ignore_sigterm_and_sigint(damaged):
+def test_workers_ignore_sigterm_sigint_and_sigusr2(damaged):
     out, _ = damaged
     p = ReferencePipeline(str(out), "train", batch_size=4, res=32, workers=2)
     p.dataset.__class__ = _SignalsItself
@@ -197,6 +198,32 @@ EXIT_WITH_LIVE_WORKERS = textwrap.dedent("""
     next(it)
     print("ok", flush=True)
 """)  # exits with the loader's workers alive: multiprocessing terminates (SIGTERM) and joins them
+
+
+GROUP_SIGNALS_THEN_A_NEW_LOADER = textwrap.dedent("""
+    import os, signal, sys, time
+    from pipelines.reference import ReferencePipeline
+    got = []
+    for s in (signal.SIGTERM, signal.SIGUSR2):  # as the engine's stop handlers do
+        signal.signal(s, lambda n, f: got.append(n))
+    train = ReferencePipeline(sys.argv[1], "train", batch_size=4, res=32, workers=2)
+    n = sum(len(b.labels) for b in train)
+    for s in (signal.SIGUSR2, signal.SIGTERM):
+        os.killpg(0, s)  # the whole group: the forkserver, the resource tracker, the workers
+    time.sleep(0.5)
+    val = ReferencePipeline(sys.argv[1], "val", batch_size=4, res=32, workers=2)  # needs the forkserver
+    print(n == train.num_samples, sum(len(b.labels) for b in val) == val.num_samples, len(got), flush=True)
+""")
+
+
+def test_group_signals_spare_the_forkserver_and_the_resource_tracker(damaged):
+    """Slurm's early signal and SIGTERM reach every process of a job step: the loader's helper
+    processes must outlive them (a val loader made after them starts its workers), and say nothing."""
+    out, _ = damaged
+    proc = subprocess.run([sys.executable, "-c", GROUP_SIGNALS_THEN_A_NEW_LOADER, str(out)], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+    assert proc.returncode == 0 and proc.stdout == "True True 2\n", proc.stdout + proc.stderr[-3000:]
+    assert "resource_tracker" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_main_process_still_ends_its_workers_at_exit(damaged):

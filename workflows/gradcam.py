@@ -126,7 +126,7 @@ def pick_samples(root: str | Path, n: int, res: int, crop_pct: float) -> Samples
     pipe = val_pipeline_for(cfg)
     total = pipe.num_samples
     picks = sorted({int(i * total / n) for i in range(min(n, total))})
-    loaded = [(i, pipe.dataset[(i, None)]) for i in picks]
+    loaded = [(i, pipe.dataset[(i, None, res)]) for i in picks]
     picks = [i for i, (a, _, _) in loaded if a is not None]  # an unreadable image is left out, as in training
     items = [(a, b) for a, b, _ in (item for _, item in loaded) if a is not None]
     if not items:
