@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from pathlib import Path
 
+    from pipelines.worker_server import start_early
+
+    start_early(cfg.data)  # before this process imports torch (engine.loop)
     from engine.loop import train
 
     out = Path(args.out) if args.out else Path("runs") / Path(args.recipe).stem

@@ -27,7 +27,7 @@ its batch slot takes another image of the same batch (the next readable one, wit
 the batch size stays fixed (stage 2's mixup pairs samples; compiled steps want static shapes), and
 the batch lists it in ``Batch.skipped``. The main process prints one warning line per path.
 
-Workers start from a forkserver once per pipeline and persist across epochs (``_loader``). They
+Workers start from a forkserver (pipelines/worker_server.py) and persist across epochs. They
 ignore SIGINT and SIGUSR2, and SIGTERM from any process but the main one: a signal sent to the whole
 process group (Ctrl-C, Slurm preemption and its early signal, which reach every process of the job
 step, ``kill -- -PGID``) must reach only the main process, which owns shutdown (a final checkpoint);
@@ -68,6 +68,7 @@ from .dataroot import load_manifest
 from .base import Batch, DataError
 from .dataroot import decode_items
 from .sampler import ShardSampler
+from .worker_server import worker_context
 
 INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 # What PIL and the OS raise for a bad file (missing, truncated, not an image, a broken header, a
@@ -277,45 +278,21 @@ def _exit_on_parent_sigterm(parent: int) -> None:
 
 
 class _EpochBatches:
-    """The DataLoader's batch sampler: the current pass's batches of ``(index, key, res)`` items,
-    fixed when the pass starts (:meth:`ReferencePipeline.__iter__`). The loader may ask for them
-    more than once per pass (a persistent loader's first pass does: when made, and when reset)."""
+    """The DataLoader's batch sampler: the current pass's batches of ``(index, key, res)`` items, set
+    when the pass starts (:meth:`ReferencePipeline.__iter__`). The loader may ask for them more than
+    once per pass (a persistent loader's first pass does: when made, and when reset). It holds no
+    reference back to the pipeline: without a cycle, a dropped pipeline's workers are shut down at
+    once (by reference counting), not by the cycle collector, whose order of finalizers leaves
+    them to a 5-s join timeout each."""
 
-    def __init__(self, pipe: "ReferencePipeline"):
-        self.pipe = pipe
+    def __init__(self):
+        self.batches: list = []
 
     def __iter__(self):
-        return iter(self.pipe._pass)
+        return iter(self.batches)
 
     def __len__(self) -> int:
-        return len(self.pipe._pass)
-
-
-def _forkserver():
-    """multiprocessing's forkserver, with torch and this module imported in the server once, so a
-    worker starts in a fraction of a second instead of importing torch.
-
-    The server and multiprocessing's resource tracker are started here with the stop signals
-    blocked, and keep them blocked (the tracker ignores SIGINT/SIGTERM itself): Slurm signals every
-    process of a job step (the early SIGUSR2, SIGTERM), a terminal every process of its group
-    (Ctrl-C), and their default action would end the server, so that the next loader made (the val
-    loader after the first epoch) fails to start its workers, and the tracker, which would be
-    restarted with a screen of errors. The workers inherit the mask: the main process alone decides
-    when to stop, and ends them. The server itself exits when this process does."""
-    import multiprocessing
-    from multiprocessing import forkserver, resource_tracker
-
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "pipelines.reference"])
-    stops = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR2}
-    saved = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
-    try:
-        resource_tracker.ensure_running()  # ends by unblocking SIGINT/SIGTERM here: blocked again below
-        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
-        forkserver.ensure_running()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, saved)
-    return ctx
+        return len(self.batches)
 
 
 class ReferencePipeline:
@@ -362,7 +339,8 @@ class ReferencePipeline:
         self.start_batch = 0
         self._warned: set[str] = set()  # unreadable paths already reported
         self._dataloader = None  # made at the first pass (_loader)
-        self._pass: list = []  # this pass's batches (_EpochBatches)
+        self._mp_context = worker_context() if workers > 0 else None
+        self._pass = _EpochBatches()  # this pass's batches, the loader's batch sampler
 
     @property
     def res(self) -> int:
@@ -408,26 +386,23 @@ class ReferencePipeline:
 
     def _loader(self) -> torch.utils.data.DataLoader:
         """The pipeline's one DataLoader. Its workers persist across epochs (the batches, with each
-        item's key and resolution, come from :class:`_EpochBatches` at each epoch) and start from a
-        forkserver, a clean single-threaded process: a worker forked from the training process could
-        inherit a lock that one of its threads (a queue's feeder, gloo, the failure watcher) held at
-        that instant, and wait for it forever (seen here about once in 20 runs of 8 epochs under
-        torchrun, with fork and a new set of workers every epoch)."""
+        item's key and resolution, come from :class:`_EpochBatches` at each pass) and start from the
+        forkserver of :mod:`pipelines.worker_server`."""
         if self._dataloader is None:
             kw = {}
             if self.workers > 0:
-                kw = dict(persistent_workers=True, multiprocessing_context=_forkserver(),
+                kw = dict(persistent_workers=True, multiprocessing_context=self._mp_context,
                           worker_init_fn=functools.partial(_ignore_stop_signals, main_pid=os.getpid()))
             # Its own generator: the loader draws its workers' base seed when its first pass starts, which
             # would otherwise take a number from the training's global RNG (restored by a resume) once
             # per process, not once per run. The transforms never read that seed (keys seed them).
             self._dataloader = torch.utils.data.DataLoader(
-                self.dataset, batch_sampler=_EpochBatches(self), num_workers=self.workers, collate_fn=_collate,
+                self.dataset, batch_sampler=self._pass, num_workers=self.workers, collate_fn=_collate,
                 pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.seed), **kw)
         return self._dataloader
 
     def __iter__(self):
-        self._pass = self._batches()
+        self._pass.batches = self._batches()
         self.start_batch = 0  # a skip applies to one epoch only
         loader = self._loader()
         for images, labels, skipped in loader:

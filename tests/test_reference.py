@@ -1,6 +1,7 @@
 """ReferencePipeline: class-folder input, timm's eval transform, determinism, resume, sharding."""
 from __future__ import annotations
 
+import gc
 import json
 import math
 
@@ -108,3 +109,21 @@ def test_random_resized_crop_params_follow_timm_ranges():
         assert 0.08 * 9600 * 0.8 <= h * w <= 9600
     # Impossible ratio falls back to a centre crop clamped to the allowed ratio.
     assert random_resized_crop_params(300, 50, (0.99, 1.0), (1.0, 1.0), rng) == (0, 125, 50, 50)
+
+
+def test_a_dropped_pipeline_ends_its_workers_at_once(tree):
+    """Its persistent workers are shut down when the last reference goes, not when (and in whatever
+    order) the cycle collector gets to it, which leaves each worker to a 5-s join timeout."""
+    p = ReferencePipeline(str(tree), "train", batch_size=2, res=32, workers=2, seed=3)
+    it = iter(p)
+    next(it)
+    it.close()
+    workers = list(p._dataloader._iterator._workers)
+    assert len(workers) == 2 and all(w.is_alive() for w in workers)
+    gc.disable()  # reference counting alone must do it
+    try:
+        del p
+        assert not any(w.is_alive() for w in workers)
+    finally:
+        gc.enable()
+
