@@ -4,7 +4,7 @@ Work unit = a *chunk*: ``shard_size`` consecutive items of a split's fixed order
 decodes each item once (:mod:`decode`), encodes one JPEG that feeds every format, and writes the
 chunk's DALI shard + index and FFCV part; then it commits the chunk record (:mod:`state`). The
 parent shows progress, and when all chunks of a split are committed packs the FFCV parts into the
-split's beton, writes the split's item list (:mod:`items`: which source file each stored sample
+split's beton, writes the split's item list (:mod:`pipelines.dataroot`: which source file each stored sample
 came from, for the reference pipeline) and finally ``manifest.json``. A rerun of the same command
 skips committed chunks, so ``kill -9`` loses at most the chunks in flight and never duplicates a
 sample; on a conversion finished by a version without item lists it only adds those.

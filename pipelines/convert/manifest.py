@@ -1,19 +1,5 @@
-"""Writing ``manifest.json`` (its format, and reading it: ``pipelines/dataroot.py``).
-
-Top level: ``version`` (tool version), ``format`` (this file's schema), ``source`` (absolute SRC),
-``formats``, ``settings``, ``exif_orientation``. Per split (``splits.<name>``): ``images`` written,
-``classes`` (names in index order), ``class_counts``, ``labels_sha256`` (of the label sequence in
-storage order, the same order in the beton and across the shards), ``skipped`` (``{path, reason}``),
-``source_kind`` (``folders``, ``flat`` or ``archive``), ``jpeg_passed_through`` / ``jpeg_reencoded``
-(stored JPEGs that are the source file's own bytes / encoded from its pixels: CMYK, grey, PNG,
-rotated, or over the size cap), ``items`` (the stored item list,
-``items/<split>.tsv``: ``file``, ``images``, ``bytes``, ``sha256``; one ``<path relative to source><TAB><label>``
-line per stored image in storage order, see :mod:`items`; absent in ``format`` 1 manifests),
-``ffcv`` (file, bytes, sha256, page size) and ``shards`` (DALI tar ``path`` + ``index``, images, bytes,
-sha256).
-Paths of outputs are relative to OUT, so a converted folder can be moved; item paths are relative to
-``source`` (the reference pipeline reads the source files they name).
-"""
+"""Writing ``manifest.json``. Its format (every key) and its reading are documented in one place,
+:mod:`pipelines.dataroot`, which the readers and this converter both import."""
 from __future__ import annotations
 
 import hashlib

@@ -14,7 +14,7 @@ assign them. ``--classes`` re-indexes over the chosen subset so a 10-class subse
 
 Every regular file in a class folder is an item, not only ones with image extensions: a
 non-image file is then skipped *and reported*, instead of silently ignored. So is a file whose name
-holds a line break: the item list (:mod:`items`, one line per stored image) could not name it.
+holds a line break: the item list (:mod:`pipelines.dataroot`, one line per stored image) could not name it.
 """
 from __future__ import annotations
 
