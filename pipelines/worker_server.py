@@ -16,6 +16,11 @@ exits when the process that started it does.
 This module imports no torch: the engine starts the server before it imports torch itself
 (:func:`start_early`), so that the two imports share the machine's cores instead of the first batch
 waiting for the server's.
+
+A script of your own that builds a ``ReferencePipeline`` with workers must guard its entry point
+with ``if __name__ == "__main__":``, as for any forkserver or spawn start (Python's multiprocessing
+docs, "safe importing of main module"; forkserver is Python 3.14's default on Linux): each worker
+imports the main module.
 """
 from __future__ import annotations
 
