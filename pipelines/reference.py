@@ -198,13 +198,13 @@ def random_resized_crop_params(width: int, height: int, scale, ratio, rng: np.ra
 
 class _Folder(torch.utils.data.Dataset):
     """Items are addressed by ``(index, key, res)``: key seeds the sample's own generator (train), res
-    is the epoch's resolution (a persistent worker's copy of the dataset never sees a later epoch's)."""
+    is the pass's resolution. The resolution travels with the item, not in the dataset: a persistent
+    worker's copy of the dataset is made once and never sees a later epoch's."""
 
-    def __init__(self, samples, train: bool, res: int, crop_pct: float, scale, ratio, hflip: float,
+    def __init__(self, samples, train: bool, crop_pct: float, scale, ratio, hflip: float,
                  interpolation: str, eval_interpolation: str = "bicubic"):
         self.samples = samples
         self.train = train
-        self.res = res
         self.crop_pct = crop_pct
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
         self.interpolation, self.eval_interpolation = interpolation, eval_interpolation
@@ -212,8 +212,7 @@ class _Folder(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def transform(self, img: Image.Image, rng: np.random.Generator | None, res: int | None = None) -> Image.Image:
-        res = self.res if res is None else res
+    def transform(self, img: Image.Image, rng: np.random.Generator | None, res: int) -> Image.Image:
         if not self.train:
             img = TF.resize(img, math.floor(res / self.crop_pct), INTERPOLATIONS[self.eval_interpolation])
             return TF.center_crop(img, [res, res])
@@ -330,7 +329,8 @@ class ReferencePipeline:
         self.rank, self.world_size = rank, world_size
         self.seed = seed
         self.drop_last = self.train if drop_last is None else drop_last
-        self.dataset = _Folder(samples, self.train, res, crop_pct, scale, ratio, hflip, interpolation,
+        self._res = res
+        self.dataset = _Folder(samples, self.train, crop_pct, scale, ratio, hflip, interpolation,
                                eval_interpolation)
         # Eval visits every image once in file order (padded to equal length across ranks).
         self.sampler = ShardSampler(self.num_samples, seed=seed, rank=rank, world_size=world_size,
@@ -344,12 +344,12 @@ class ReferencePipeline:
 
     @property
     def res(self) -> int:
-        return self.dataset.res
+        return self._res
 
     def set_epoch(self, epoch: int, res: int | None = None, *, start_batch: int = 0) -> None:
         self.epoch = epoch
         if res is not None:
-            self.dataset.res = res
+            self._res = res
         self.sampler.set_epoch(epoch)
         self.start_batch = start_batch
 

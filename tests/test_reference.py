@@ -127,3 +127,16 @@ def test_a_dropped_pipeline_ends_its_workers_at_once(tree):
     finally:
         gc.enable()
 
+
+def test_persistent_workers_follow_a_resolution_change(tree):
+    """Progressive resolution: the same workers serve every epoch, each at that epoch's size, with
+    the crops a new in-process pipeline draws at that size."""
+    p = ReferencePipeline(str(tree), "train", batch_size=2, res=24, workers=2, seed=3)
+    q = ReferencePipeline(str(tree), "train", batch_size=2, res=24, workers=0, seed=3)
+    for epoch, res in ((0, 24), (1, 40), (2, 32)):
+        p.set_epoch(epoch, res)
+        q.set_epoch(epoch, res)
+        got, want = _all(p), _all(q)
+        assert {x.shape[-1] for x, _ in got} == {res}, epoch
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(got, want)), epoch
+
