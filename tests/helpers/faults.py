@@ -3,7 +3,6 @@ that records them all (benchmarks/faults.py, which lists the cases): each runs t
 small real data set and returns a row (case, expected, observed, ok)."""
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -18,13 +17,15 @@ from pathlib import Path
 
 import torch
 
+from tests.helpers.engine_runs import TINY as ENGINE_TINY
+from tests.helpers.engine_runs import metrics
+
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
-TINY = ["model.arch=resnet_tiny", "data.num_classes=10", "data.workers=2", "train.epochs=2",
-        "train.global_batch_size=64", "train.train_res=32", "train.precision=fp32", "train.log_every=2",
-        "eval.res=32", "eval.crop_pct=1.0", "eval.batch_size=64", "optim.warmup_epochs=1", "optim.lr=0.005",
-        "augment.rand_augment=rand-m7-mstd0.5-inc1", "augment.mixup_alpha=0.2", "augment.cutmix_alpha=1.0",
-        "checkpoint.every_minutes=0", "log.wandb=off", "train.deterministic=true", "log.progress=false"]
+# the engine tests' tiny run (tests/helpers/engine_runs.py) with DataLoader workers, whose signal handling
+# these cases are about, and no progress bar; the pipeline is each case's own (engine_cmd)
+TINY = [s for s in ENGINE_TINY if s.split("=")[0] not in ("data.pipeline", "data.workers")] + \
+    ["data.workers=2", "log.progress=false"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -79,12 +80,8 @@ def identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def one_record_per_step(out: Path) -> bool:
-    keys = [(r["step"], "val_top1" in r) for r in records(out)]
+    keys = [(r["step"], "val_top1" in r) for r in metrics(out)]
     return len(keys) == len(set(keys))
 
 
@@ -96,7 +93,7 @@ def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float 
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         try:
-            if any(r.get("step", 0) >= step and "train_loss" in r for r in records(out)):
+            if any(r.get("step", 0) >= step and "train_loss" in r for r in metrics(out)):
                 return True
         except (OSError, ValueError):
             pass

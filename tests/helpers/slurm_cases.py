@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from tests.helpers.faults import ENV, PY, ROOT, TINY, Row, engine_cmd, identical, one_record_per_step, records, weights
+from tests.helpers.engine_runs import metrics
+from tests.helpers.faults import ENV, PY, ROOT, TINY, Row, engine_cmd, identical, one_record_per_step, weights
 from tests.helpers.slurm_cluster import SlurmCluster
 
 SETS = [*TINY, "train.log_every=1", "data.pipeline=reference"]  # a log point (a stop decision) every step
@@ -86,7 +87,7 @@ class SlurmCases:
         """The first train record at ``step`` or later."""
         def look():
             try:
-                recs = records(out)
+                recs = metrics(out)
             except (OSError, ValueError):
                 return None
             return next((r for r in recs if "train_loss" in r and r["step"] >= step), None)
@@ -128,7 +129,7 @@ class SlurmCases:
     def first_step_after(out: Path, step: int) -> float:
         """Unix time of the first train record past ``step``: the next start's first step (a log
         point every step)."""
-        recs = [r for r in records(out) if "train_loss" in r and r["step"] > step]
+        recs = [r for r in metrics(out) if "train_loss" in r and r["step"] > step]
         return recs[0]["time"] if recs else float("nan")
 
     # ------------------------------------------------------------ cases
