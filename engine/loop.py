@@ -25,7 +25,7 @@ from engine.evaluate import evaluate
 from engine.failures import FailureBoard
 from engine.logging import RunLogger
 from engine.progressive import regularization_scale, resolution_for_epoch
-from engine.setup import batch_composition, build_pipelines, quiet, set_up_device, wrap_for_training
+from engine.setup import batch_composition, build_pipelines, cpu_lines, quiet, set_up_device, wrap_for_training
 from engine.state import EpochProgress, NonFiniteLossError, RanksDisagreeError, StopReason
 from engine.step import StepContext, build_step, train_one_epoch
 from models.factory import UnknownModelError
@@ -136,6 +136,8 @@ def _train(cfg: Config, d: DistInfo, out: Path, resume: str | None, max_steps: i
     train_pipe, val_pipe, steps_per_epoch = build_pipelines(cfg, d, per_device, accum, epochs_total)
     run_folder.prepare(out, resume, d, log=print if d.is_main else quiet)
     log = RunLogger(cfg.log, out, to_dict(cfg), enabled=d.is_main, run_id=_run_id(out))
+    for line in cpu_lines(cfg.data.workers, d):  # after the pipelines: a library's import could have changed them
+        log.info(line)
     log.info(f"batch: global {t.global_batch_size} = {per_device} per device x {d.world_size} processes x "
              f"{accum} accumulation steps; device {device}; precision {t.precision}"
              + (" (auto)" if requested == "auto" else "") + f"; stage 1 {cfg.data.pipeline}")

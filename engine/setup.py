@@ -3,6 +3,8 @@ the device's precision and seeds, the pipelines, and the model's wrapping (DDP, 
 what makes every rank and every start train the same model."""
 from __future__ import annotations
 
+import os
+import socket
 import sys
 import warnings
 from dataclasses import replace
@@ -11,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from common.config import Config, ConfigError
-from engine.distributed import DistInfo
+from engine.distributed import DistInfo, gather_objects
 from engine.optim import clear_grads
 from engine.precision import resolve_precision
 from engine.progressive import resolution_for_epoch
@@ -53,6 +55,51 @@ def set_up_device(cfg: Config, d: DistInfo) -> Config:
         torch.backends.cudnn.allow_tf32 = True
     seed_everything(t.seed + d.rank)
     return replace(cfg, train=replace(t, precision=precision))
+
+def cpu_lines(data_workers: int, d: DistInfo) -> list[str]:
+    """What every rank may run on, said once by rank 0 (a collective: every rank calls it): the CPUs
+    in each process's affinity mask (``os.sched_getaffinity``: what Slurm's ``task/affinity`` or
+    ``task/cgroup`` binding, ``taskset`` or a container left it; ``os.cpu_count`` would count the
+    node's) and torch's intra-op threads, which the step, stage 2 and evaluation run on. A rank
+    given fewer CPUs than ``data.workers`` decodes on CPUs shared with its own step: the line
+    becomes a warning. Up to 8 ranks are named one by one, more are grouped by what they got."""
+    mine = (socket.gethostname(), sorted(os.sched_getaffinity(0)), torch.get_num_threads())
+    everyone = gather_objects(mine, d)
+    if not d.is_main:
+        return []
+    if not d.enabled:
+        host, cpus, threads = mine
+        lines = [f"cpus: {len(cpus)} usable by this process ({_ranges(cpus)}), torch threads {threads}, "
+                 f"data.workers {data_workers}"]
+    elif d.world_size <= 8:
+        lines = ["cpus: " + "; ".join(f"rank {r} on {h}: {len(c)} usable ({_ranges(c)}), torch threads {t}"
+                                      for r, (h, c, t) in enumerate(everyone)) + f"; data.workers {data_workers}"]
+    else:
+        groups: dict[tuple[int, int], list[int]] = {}
+        for r, (_, c, t) in enumerate(everyone):
+            groups.setdefault((len(c), t), []).append(r)
+        lines = ["cpus: " + "; ".join(f"{n} usable, torch threads {t} on ranks {_ranges(rs)}"
+                                      for (n, t), rs in groups.items()) + f"; data.workers {data_workers}"]
+    short = [r for r, (_, c, _) in enumerate(everyone) if len(c) < data_workers]
+    if short:
+        fewest = min(len(everyone[r][1]) for r in short)
+        where = "" if not d.enabled else f" ({'ranks' if len(short) > 1 else 'rank'} {_ranges(short)})"
+        lines.append(f"warning: data.workers = {data_workers} is more than the {fewest} CPUs this process may use"
+                     f"{where}: decoding shares them with the step; give each rank more CPUs (Slurm: "
+                     f"--cpus-per-task, which srun must be given too) or lower data.workers")
+    return lines
+
+
+def _ranges(numbers: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``0-2,5,7-8`` (taskset's and Slurm's notation)."""
+    spans: list[list[int]] = []
+    for n in sorted(numbers):
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
+
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)

@@ -42,9 +42,15 @@ from typing import Iterator
 
 import numba
 import numpy as np
+import torch
 
 from pipelines.base import Batch, DataError, MissingBackendError
 
+# FFCV's compiler module ends with ``Compiler.set_num_threads(1)``, whose ``torch.set_num_threads(1)``
+# would leave every training step of the process on one CPU thread (the step, stage 2's kernels and
+# evaluation all follow torch's count): the user's count (or OMP_NUM_THREADS's) is put back after
+# the import, and the method replaced below (:func:`_set_decode_threads`) no longer touches it.
+_USER_THREADS = torch.get_num_threads()
 try:
     from ffcv.fields import IntField, RGBImageField
     from ffcv.fields.basics import IntDecoder
@@ -58,6 +64,8 @@ try:
 except ImportError as e:  # pipelines/build.py turns this into the one-line "what to install" message
     raise MissingBackendError(f"FFCV is not importable ({e}): pip install -e '.[ffcv]' "
                               "(needs libturbojpeg and OpenCV dev packages), or set data.pipeline=reference") from None
+finally:
+    torch.set_num_threads(_USER_THREADS)
 
 from pipelines import counter_rng, pil_resize
 
