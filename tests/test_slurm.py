@@ -52,6 +52,17 @@ def test_f_sweep_on_slurm_finishes_with_a_preempted_trial_resumed(cases):
     check(cases.sweep())
 
 
+def test_g_each_rank_gets_and_names_the_cpus_it_asked_for_where_the_site_binds(fmnist_tree, tmp_path):
+    """Its own cluster with CPU binding (task/affinity), nodes of 2 CPUs (tests/helpers/slurm_cases.py)."""
+    from tests.helpers.slurm_cases import cpu_binding
+    from tests.helpers.slurm_cluster import unavailable
+
+    why = unavailable()
+    if why:
+        skip_or_fail(why)
+    check(cpu_binding(tmp_path, fmnist_tree))
+
+
 def test_the_cluster_stops_every_daemon_and_job_it_started_when_a_test_fails(tmp_path):
     """Its own short-lived cluster with a running job; the block fails; nothing is left."""
     from tests.helpers.slurm_cluster import SlurmCluster, unavailable

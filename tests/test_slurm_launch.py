@@ -32,12 +32,16 @@ def test_dry_run_for_4_nodes_of_8_gpus_is_the_job_a_user_expects(tmp_path):
     assert proc.returncode == 0, proc.stderr
     script = proc.stdout
     header = re.findall(r"^#SBATCH (\S+)$", script, re.M)
-    assert header == ["--job-name=a1", "--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--time=24:00:00",
-                      "--signal=B:USR2@300", "--requeue", "--open-mode=append",
+    # without sinfo (no cluster here) each rank asks for what a1.toml needs: data.workers 8 + 1
+    assert header == ["--job-name=a1", "--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=9",
+                      "--time=24:00:00", "--signal=B:USR2@300", "--requeue", "--open-mode=append",
                       f"--output={out.resolve()}/slurm/job.log", f"--chdir={Path.cwd()}", "--partition=gpu",
                       "--account=proj"]
     assert f"workflows.slurm_task srun -- {out.resolve()}/slurm/recipe.toml --out {out.resolve()} --resume auto" in script
     assert "srun --wait=60" in script and "scontrol requeue" in script and '--dependency="afterany:' in script
+    # Slurm >= 22.05: srun does not inherit the job's --cpus-per-task; without it every rank gets one CPU
+    assert re.search(r"^srun .*--cpus-per-task=9 ", script, re.M)
+    assert "CPUs per rank: 9, what the recipe needs (data.workers 8 + 1" in proc.stderr
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # the script parses
     assert not out.exists()  # a dry run writes nothing
 
@@ -45,6 +49,38 @@ def test_dry_run_for_4_nodes_of_8_gpus_is_the_job_a_user_expects(tmp_path):
                       "torchrun", "--dry-run").stdout
     assert "#SBATCH --ntasks-per-node=1\n" in torchrun and "#SBATCH --gpus-per-node=8\n" in torchrun
     assert "workflows.slurm_task torchrun --nproc-per-node 8 --" in torchrun and "--ntasks-per-node=1 " in torchrun
+    # one task (torchrun's agent) per node runs the node's 8 ranks: it gets the CPUs of all 8
+    assert "#SBATCH --cpus-per-task=72\n" in torchrun and re.search(r"^srun .*--cpus-per-task=72 ", torchrun, re.M)
+
+
+@pytest.mark.parametrize("gres,gpus", [("gpu:8", 8), ("gpu:a100:4(S:0-1)", 4), ("gpu:a100:4,gpu:h100:4", 8),
+                                       ("(null)", 0), ("gpu:h100:8(S:0-1),shard:16", 8)])
+def test_gpus_per_node_from_sinfo_gres(gres, gpus):
+    from workflows.slurm_launch import _gres_gpus
+
+    assert _gres_gpus(gres) == gpus
+
+
+def test_cpus_and_memory_per_rank_follow_the_node_or_the_recipe():
+    from workflows.slurm_launch import NodeShape, Resources, choose_cpus_and_memory
+
+    node = NodeShape(cpus=96, memory_mb=1_000_000, gpus=8)
+    whole = choose_cpus_and_memory(Resources(nodes=4, tasks_per_node=8, gpus_per_node=8), 8, node)
+    assert (whole.cpus_per_task, whole.mem) == (12, "0")  # 96 CPUs / 8 GPUs; the job takes whole nodes
+    assert "the node's share (sinfo: 96 CPUs per node / 8 GPUs); the recipe needs 9" in whole.why[0]
+    half = choose_cpus_and_memory(Resources(nodes=1, tasks_per_node=4, gpus_per_node=4), 8, node)
+    assert (half.cpus_per_task, half.mem) == (12, "500000M")  # 4 of 8 GPUs: half the memory
+    short = choose_cpus_and_memory(Resources(nodes=1, tasks_per_node=8, gpus_per_node=8), 16,
+                                   NodeShape(cpus=64, memory_mb=500_000, gpus=8))
+    assert short.cpus_per_task == 8 and any(w.startswith("warning: 8 CPUs per rank is less than the recipe's 17")
+                                            for w in short.why)
+    cpu_nodes = choose_cpus_and_memory(Resources(nodes=2, tasks_per_node=4), 2, NodeShape(32, 256_000, 0))
+    assert (cpu_nodes.cpus_per_task, cpu_nodes.mem) == (8, "0")
+    asked = choose_cpus_and_memory(Resources(nodes=1, tasks_per_node=8, gpus_per_node=8, cpus_per_task=6, mem="400G"),
+                                   8, node)
+    assert (asked.cpus_per_task, asked.mem) == (6, "400G") and "as asked" in asked.why[0]
+    blind = choose_cpus_and_memory(Resources(nodes=1, tasks_per_node=8, gpus_per_node=8), 5, None)
+    assert (blind.cpus_per_task, blind.mem) == (6, None) and "site's default" in blind.why[-1]
 
 
 def test_the_readme_shows_the_dry_run_as_it_is():

@@ -38,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node: one rank (task) per GPU")
     p.add_argument("--tasks-per-node", type=int, default=None,
                    help="ranks per node (default: --gpus-per-node, else 1); for CPU nodes")
-    p.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per rank (data loading threads)")
+    p.add_argument("--cpus-per-task", type=int, default=None,
+                   help="CPUs per rank (default: the node's CPUs per GPU, or per rank, from sinfo; without sinfo "
+                        "data.workers + 1); srun is given it too")
+    p.add_argument("--mem", default=None, help="memory per node, sbatch's --mem (default: all of each node when the "
+                                               "job takes whole nodes, else its share; without sinfo none)")
     p.add_argument("--time", default="24:00:00", help="time limit of each start (Slurm format; default 24:00:00)")
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = args.tasks_per_node if args.tasks_per_node is not None else (args.gpus_per_node or 1)
     resources = Resources(nodes=args.nodes, tasks_per_node=tasks, gpus_per_node=args.gpus_per_node,
                           cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition,
-                          account=args.account, sbatch_args=tuple(args.sbatch_args))
+                          account=args.account, sbatch_args=tuple(args.sbatch_args), mem=args.mem)
     launch = Launch(recipe=args.recipe, out=out, overrides=args.overrides, resources=resources,
                     launcher=args.launcher, signal_lead_s=args.signal_lead, max_requeues=args.max_requeues,
                     name=args.name)
@@ -71,8 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    why = done["job"].resources.why
     if args.dry_run:
         print(done["script"], end="")
+        for line in why:
+            print(f"# {line}", file=sys.stderr)
         print(f"# dry run: nothing written; without --dry-run this is {done['job'].script_path} and "
               f"`sbatch {done['job'].script_path}` submits it", file=sys.stderr)
         return 0
@@ -80,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ranks = resources.nodes * tasks
     print(f"submitted job {job_id}: {args.recipe} -> {out} ({resources.nodes} node(s) x {tasks} rank(s) = {ranks}, "
           f"{args.launcher}, --time {args.time} per start)")
+    for line in why:
+        print(line)
     print(f"log:   {log}")
     print(f"watch: squeue -j {job_id}    tail -f {log}")
     print(f"stop:  scancel $(cat {out / 'slurm' / 'job'})    (stops with a checkpoint; the same command submits "

@@ -51,7 +51,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 EARLY_SIGNAL = "USR2"
@@ -88,11 +88,13 @@ class Resources:
     nodes: int = 1
     tasks_per_node: int = 1
     gpus_per_node: int = 0
-    cpus_per_task: int | None = None
+    cpus_per_task: int | None = None  # CPUs per rank; None: chosen by :func:`choose_cpus_and_memory`
     time: str = "24:00:00"
     partition: str | None = None
     account: str | None = None
-    sbatch_args: tuple[str, ...] = ()  # anything else, e.g. ("--qos=high", "--mem=0")
+    sbatch_args: tuple[str, ...] = ()  # anything else, e.g. ("--qos=high",)
+    mem: str | None = None  # sbatch --mem per node (e.g. "200G", "0" = all of it); None: chosen
+    why: tuple[str, ...] = ()  # what was chosen for the CPUs and memory, and why (the launch summary)
 
     def check(self) -> None:
         if self.nodes < 1 or self.tasks_per_node < 1 or self.gpus_per_node < 0:
@@ -100,7 +102,100 @@ class Resources:
                               f"{self.nodes}, {self.tasks_per_node}, {self.gpus_per_node}")
         if self.cpus_per_task is not None and self.cpus_per_task < 1:
             raise LaunchError(f"--cpus-per-task must be >= 1, got {self.cpus_per_task}")
+        if self.mem is not None and not re.fullmatch(r"\d+[KMGT]?", self.mem):
+            raise LaunchError(f"--mem {self.mem!r} is not a Slurm memory size (e.g. 200G, 64000M, or 0 for all of "
+                              f"each node's memory)")
         parse_time(self.time)
+
+
+@dataclass
+class NodeShape:
+    """The smallest node of a partition as ``sinfo`` describes it: what one node can give a job."""
+
+    cpus: int
+    memory_mb: int
+    gpus: int
+
+
+def _gres_gpus(gres: str) -> int:
+    """GPUs in sinfo's ``%G`` (``gpu:8``, ``gpu:a100:4(S:0-1),gpu:h100:4``, ``(null)``)."""
+    return sum(int(m) for m in re.findall(r"gpu(?::[^:,(]+)?:(\d+)", gres))
+
+
+def node_shape(partition: str | None) -> NodeShape | None:
+    """The partition's (else the default partition's) smallest node from ``sinfo``; None where Slurm
+    cannot be asked (a dry run on a laptop) or describes no node."""
+    if shutil.which("sinfo") is None:
+        return None
+    cmd = ["sinfo", "-h", "-N", "-o", "%c|%m|%G|%P"] + (["-p", partition] if partition else [])
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    shapes = []
+    for line in proc.stdout.splitlines() if proc.returncode == 0 else []:
+        try:
+            cpus, mem, gres, part = line.strip().split("|")
+            if partition or part.endswith("*"):  # without -p: the default partition's nodes
+                shapes.append(NodeShape(int(cpus.rstrip("+")), int(mem.rstrip("+")), _gres_gpus(gres)))
+        except ValueError:
+            continue
+    if not shapes:
+        return None
+    return NodeShape(min(s.cpus for s in shapes), min(s.memory_mb for s in shapes), min(s.gpus for s in shapes))
+
+
+def choose_cpus_and_memory(r: Resources, data_workers: int, shape: NodeShape | None) -> Resources:
+    """``r`` with the CPUs per rank and the memory per node filled in, and why (``r.why``).
+
+    CPUs: what the user asked for; else the node's share per rank (its CPUs / the ranks on it, or
+    / its GPUs where it has some: a node's cores idle beside its GPUs help nobody); else, where Slurm
+    cannot be asked, what the recipe needs: ``data.workers`` decoding threads or processes plus one
+    for the rank's own training loop. A share below that need is said (the ranks will decode on
+    CPUs their step also uses). Without a request Slurm gives every task one CPU, and since Slurm
+    22.05 ``srun`` does not inherit the batch job's ``--cpus-per-task``: the job script passes it to
+    srun too (:func:`job_script`).
+
+    Memory per node (``--mem``): what the user asked for; else all of each node's (``--mem=0``)
+    when the job takes whole nodes (every GPU, or every CPU, of a node), else the node's memory in
+    proportion to the share of its GPUs (or CPUs) the job takes; else (no sinfo) none: the site's
+    default."""
+    need = data_workers + 1
+    why = []
+    cpus = r.cpus_per_task
+    if cpus is not None:
+        why.append(f"CPUs per rank: {cpus}, as asked (--cpus-per-task)")
+    elif shape is not None:
+        by_gpu = bool(r.gpus_per_node and shape.gpus)
+        cpus = max(1, shape.cpus // (max(shape.gpus, r.tasks_per_node) if by_gpu else r.tasks_per_node))
+        what = f"{shape.gpus} GPUs" if by_gpu else f"{r.tasks_per_node} rank(s)"
+        why.append(f"CPUs per rank: {cpus}, the node's share (sinfo: {shape.cpus} CPUs per node / {what}); the "
+                   f"recipe needs {need} (data.workers {data_workers} + 1 for the training loop)")
+    else:
+        cpus = need
+        why.append(f"CPUs per rank: {cpus}, what the recipe needs (data.workers {data_workers} + 1 for the training "
+                   f"loop); sinfo did not describe the nodes (--cpus-per-task sets it)")
+    if cpus < need:
+        why.append(f"warning: {cpus} CPUs per rank is less than the recipe's {need}: decoding will share the CPUs "
+                   f"of the step; lower data.workers or give --cpus-per-task")
+    mem = r.mem
+    if mem is not None:
+        why.append(f"memory per node: --mem={mem}, as asked")
+    elif shape is not None:
+        if r.gpus_per_node and shape.gpus:
+            fraction = r.gpus_per_node / shape.gpus
+        else:
+            fraction = r.tasks_per_node * cpus / max(1, shape.cpus)
+        if fraction >= 1:
+            mem = "0"
+            why.append(f"memory per node: all of it (--mem=0; the job takes whole nodes of {shape.memory_mb:,} MB)")
+        else:
+            mem = f"{int(shape.memory_mb * fraction)}M"
+            why.append(f"memory per node: --mem={mem}, the job's share ({fraction:.0%}) of a node's "
+                       f"{shape.memory_mb:,} MB")
+    else:
+        why.append("memory: no request, the site's default (sinfo did not describe the nodes; --mem sets it)")
+    return replace(r, cpus_per_task=cpus, mem=mem, why=tuple(why))
 
 
 @dataclass
@@ -153,7 +248,9 @@ def sbatch_options(job: Job) -> list[str]:
     if r.gpus_per_node:
         opts.append(f"--gpus-per-node={r.gpus_per_node}")
     if r.cpus_per_task:
-        opts.append(f"--cpus-per-task={r.cpus_per_task}")
+        opts.append(f"--cpus-per-task={cpus_per_task(job)}")
+    if r.mem is not None:
+        opts.append(f"--mem={r.mem}")
     opts += [f"--time={r.time}", f"--signal=B:{EARLY_SIGNAL}@{job.signal_lead_s}", "--requeue", "--open-mode=append"]
     if not job.array:
         opts.append(f"--output={job.runs[0].out / 'slurm' / 'job.log'}")
@@ -168,6 +265,13 @@ def sbatch_options(job: Job) -> list[str]:
     return opts + list(r.sbatch_args)
 
 
+def cpus_per_task(job: Job) -> int:
+    """CPUs per Slurm task: a rank's under srun; under torchrun one task (the agent) per node runs
+    every rank of the node, so it gets all of theirs."""
+    r = job.resources
+    return r.cpus_per_task * (r.tasks_per_node if job.launcher == "torchrun" else 1)
+
+
 def job_script(job: Job) -> str:
     """The batch script (bash). ``job.runs[i]`` is array task i (one run: task 0)."""
     q = shlex.quote
@@ -177,6 +281,10 @@ def job_script(job: Job) -> str:
     srun = ["srun", "--wait=60", '--output="$LOG"', "--open-mode=append"]
     if job.launcher == "torchrun":
         srun.append("--ntasks-per-node=1")
+    if job.resources.cpus_per_task:
+        # since Slurm 22.05 srun does not inherit the job's --cpus-per-task: without it each task is
+        # bound to one CPU wherever the site binds (task/affinity, task/cgroup)
+        srun.append(f"--cpus-per-task={cpus_per_task(job)}")
     cases = "\n".join(f"  {i}) OUT={q(str(run.out))}\n     TASK=({' '.join(q(a) for a in [job.python, '-m', 'workflows.slurm_task', *run.task])}) ;;"
                       for i, run in enumerate(job.runs))
     header = "\n".join(f"#SBATCH {opt}" for opt in sbatch_options(job))
@@ -342,6 +450,7 @@ def run_job(launch: Launch) -> tuple[Job, str]:
         batch_composition(cfg.train.global_batch_size, world, cfg.train.per_device_batch_size)
     except ConfigError as e:
         raise LaunchError(str(e)) from None
+    r = choose_cpus_and_memory(r, cfg.data.workers, node_shape(r.partition))
     state = out / "slurm"
     task = ["--", str(state / "recipe.toml"), "--out", str(out), "--resume", "auto"]
     if launch.launcher == "torchrun":
@@ -374,7 +483,7 @@ def launch_run(launch: Launch, dry_run: bool = False) -> dict:
     (state / "job").write_text(f"{job_id}\n")
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "job_id": job_id, "recipe": launch.recipe,
               "overrides": launch.overrides, "out": str(launch.out), "launcher": launch.launcher,
-              "resources": asdict(launch.resources), "signal_lead_s": launch.signal_lead_s,
+              "resources": asdict(job.resources), "signal_lead_s": launch.signal_lead_s,
               "max_requeues": launch.max_requeues, "argv": sys.argv}
     history = state / "launch.json"
     past = json.loads(history.read_text()) if history.is_file() else []

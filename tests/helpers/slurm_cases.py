@@ -288,3 +288,43 @@ def _figures_text(figures: dict[str, float]) -> str:
         return "no figures"
     return (f"signal to checkpoint on disk {figures['signal_to_checkpoint_s']:.2f} s, requeue to the next first "
             f"step {figures['requeue_to_first_step_s']:.1f} s")
+
+
+def cpu_binding(work: Path, data: Path) -> Row:
+    """g: CPUs per rank on a cluster that binds tasks to CPUs (``task/affinity``, nodes of 2 CPUs): a
+    one-node job of 2 ranks through the launcher, which chooses the CPUs per rank from sinfo (the
+    node's 2 / 2 ranks) and gives them to srun too; each rank's engine names the CPUs it may use.
+
+    What one 2-CPU host cannot show: the starvation itself (a node of 8 ranks each given one CPU
+    where it asked for more) needs nodes with more CPUs than ranks; here every CPU is someone's."""
+    from workflows.slurm_launch import Launch, Resources, launch_run
+
+    work = Path(work)
+    with SlurmCluster(work / "cluster", kill_wait=10, cpus=2, task_plugin="task/affinity") as cluster:
+        saved = os.environ.get("SLURM_CONF")
+        os.environ["SLURM_CONF"] = str(cluster.conf)
+        try:
+            out = work / "g-cpus"
+            done = launch_run(Launch(recipe=str(ROOT / "recipes" / "a3.toml"), out=out,
+                                     overrides=[f"data.root={data}", *SETS, "train.epochs=1", "data.workers=0"],
+                                     resources=Resources(nodes=1, tasks_per_node=2, time="10")))
+            job = done["job_id"]
+            deadline = time.monotonic() + WAIT_S
+            while job in cluster.active_jobs() and time.monotonic() < deadline:
+                time.sleep(0.5)
+            state = cluster.job_state(job)
+        finally:
+            if saved is None:
+                os.environ.pop("SLURM_CONF", None)
+            else:
+                os.environ["SLURM_CONF"] = saved
+    log = SlurmCases.log(out)
+    line = next((ln for ln in log.splitlines() if ln.startswith("cpus: ")), "")
+    script = (out / "slurm" / "job.sh").read_text()
+    ok = (state == "COMPLETED" and "#SBATCH --cpus-per-task=1\n" in script and " --cpus-per-task=1 " in script
+          and "rank 0 on " in line and "rank 1 on " in line
+          and line.count(": 1 usable (") == 2 and "1 usable (0)" in line and "1 usable (1)" in line)
+    return Row("g: CPUs per rank where the site binds (task/affinity, a node of 2 CPUs, 2 ranks)",
+               "the launcher asks for the node's share (1 CPU per rank) in sbatch and srun; each rank's line names "
+               "the CPU it was bound to (0 and 1)",
+               f"{state}; {line or 'no cpus line'}; why: {'; '.join(done['job'].resources.why)}", ok)

@@ -5,7 +5,8 @@
 as children of the calling process, so each one's PID is known and it is stopped by that PID
 (SIGTERM, then SIGKILL) in :meth:`SlurmCluster.stop`, also when a case fails. Both nodes live on
 127.0.0.1 with a port each (``NodeAddr``/``Port``: Slurm's way to run several slurmd on one host),
-one CPU each, no cgroups (``proctrack/linuxproc``, ``task/none``), no accounting (``sacct`` does
+one CPU each (``cpus``), no cgroups (``proctrack/linuxproc``), no CPU binding (``task/none``; a cluster
+made with ``task_plugin="task/affinity"`` binds each task to the CPUs it was given), no accounting (``sacct`` does
 not work), every state, spool, log and PID file in one temporary folder. Clients (sbatch, squeue,
 scontrol, srun) find it through ``SLURM_CONF``.
 
@@ -65,9 +66,10 @@ class SlurmCluster:
     """Start with :meth:`start`, stop with :meth:`stop` (idempotent); ``with SlurmCluster(w) as c:``
     stops it however the block ends."""
 
-    def __init__(self, work: Path, kill_wait: int = 60):
+    def __init__(self, work: Path, kill_wait: int = 60, cpus: int = 1, task_plugin: str = "task/none"):
         self.work = Path(work)
         self.kill_wait = kill_wait
+        self.cpus, self.task_plugin = cpus, task_plugin  # per node; task/affinity binds each task to its CPUs
         self.procs: dict[str, subprocess.Popen] = {}
         self.conf = self.work / "slurm.conf"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
@@ -80,8 +82,8 @@ class SlurmCluster:
         self.stop()
 
     def describe(self) -> str:
-        return (f"Slurm {self._run(['sinfo', '-V']).stdout.strip() or '?'}, 2 nodes (n1, n2) of 1 CPU on 127.0.0.1, "
-                f"cred_expire=10, sched_interval=2, KillWait={self.kill_wait}")
+        return (f"Slurm {self._run(['sinfo', '-V']).stdout.strip() or '?'}, 2 nodes (n1, n2) of {self.cpus} CPU(s) on "
+                f"127.0.0.1, {self.task_plugin}, cred_expire=10, sched_interval=2, KillWait={self.kill_wait}")
 
     # ---------------------------------------------------------------- set-up
     def _write_config(self) -> None:
@@ -95,7 +97,7 @@ class SlurmCluster:
         host = socket.gethostname().split(".")[0]
         ctld, *node_ports = free_ports(1 + len(NODES))
         self.socket = w / "munge" / "munge.socket"
-        nodes = "\n".join(f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={p} CPUs=1 RealMemory=1000 "
+        nodes = "\n".join(f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={p} CPUs={self.cpus} RealMemory=1000 "
                           f"State=UNKNOWN" for n, p in zip(NODES, node_ports))
         self.conf.write_text(f"""\
 ClusterName=rsbtest
@@ -114,7 +116,7 @@ SlurmctldLogFile={w}/log/slurmctld.log
 SlurmctldDebug=debug2
 SlurmdLogFile={w}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin={self.task_plugin}
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/builtin

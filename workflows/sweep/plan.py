@@ -64,10 +64,11 @@ KEYS = {
 SLURM_KEYS = {"time": "time limit per start, Slurm's format (default 24:00:00)",
               "partition": "partition", "account": "account",
               "gpus_per_node": "GPUs per trial (default 1; 0 on CPU nodes)",
-              "cpus_per_task": "CPUs per trial (data loading)",
+              "cpus_per_task": "CPUs per trial (default: the node's CPUs per GPU from sinfo, else data.workers + 1)",
+              "mem": "memory per trial's node, sbatch's --mem (default: the trial's share of a node, from sinfo)",
               "signal_lead_s": "the early signal this many seconds before the time limit (default 300)",
               "max_requeues": "time-limit requeues per trial (default 20)",
-              "sbatch_args": 'other sbatch options, e.g. ["--qos=high", "--mem=32G"]'}
+              "sbatch_args": 'other sbatch options, e.g. ["--qos=high"]'}
 SKIP_LIMIT = 0.001  # a subset may skip at most this fraction of its files (the converter CLI's --max-skip-frac)
 DEMO_DATA = ("data/demo/src", "data/demo/converted")  # what `make demo` writes (tools/demo.py), repository-relative
 

@@ -151,7 +151,9 @@ def run_local(trials: list[TrialSpec], parallel: int, on_done: Callable[[dict], 
 
 def slurm_job(trials: list[TrialSpec], folder: Path, parallel: int, options: dict[str, Any]):
     """The array job of ``trials`` (task i runs trial i) from the [run.slurm] table."""
-    from workflows.slurm_launch import DEFAULT_LEAD_S, DEFAULT_MAX_REQUEUES, Job, LaunchError, Resources, RunEntry
+    from common.config import ConfigError, load_config
+    from workflows.slurm_launch import (DEFAULT_LEAD_S, DEFAULT_MAX_REQUEUES, Job, LaunchError, Resources, RunEntry,
+                                        choose_cpus_and_memory, node_shape)
 
     extra = options.get("sbatch_args", [])
     if isinstance(extra, str) or not all(isinstance(a, str) for a in extra):
@@ -160,13 +162,15 @@ def slurm_job(trials: list[TrialSpec], folder: Path, parallel: int, options: dic
         resources = Resources(nodes=1, tasks_per_node=1, gpus_per_node=int(options.get("gpus_per_node", 1)),
                               cpus_per_task=options.get("cpus_per_task"), time=str(options.get("time", "24:00:00")),
                               partition=options.get("partition"), account=options.get("account"),
-                              sbatch_args=tuple(extra))
+                              sbatch_args=tuple(extra), mem=options.get("mem"))
+        workers = max(load_config(t.base, t.overrides).data.workers for t in trials)  # validated by the plan
+        resources = choose_cpus_and_memory(resources, workers, node_shape(resources.partition))
         job = Job(name=f"sweep-{folder.parent.name}", folder=folder,
                   runs=[RunEntry(Path(t.folder), ["trial", t.folder]) for t in trials], resources=resources,
                   signal_lead_s=int(options.get("signal_lead_s", DEFAULT_LEAD_S)),
                   max_requeues=int(options.get("max_requeues", DEFAULT_MAX_REQUEUES)), array=True, parallel=parallel)
         job.check()
-    except (LaunchError, TypeError, ValueError) as e:
+    except (LaunchError, ConfigError, TypeError, ValueError) as e:
         raise SweepError(f"[run.slurm]: {e}") from None
     return job
 
