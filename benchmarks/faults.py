@@ -27,7 +27,12 @@ DALI once), with a tiny ResNet in deterministic mode, and compares what happens 
 * ``rank-error``: under torchrun, every image of one batch of rank 1 alone unreadable: one line
   naming rank 1, every rank ends within seconds with its status;
 * ``resume-4-ranks``: 4 gloo ranks resumed from a mid-epoch checkpoint end bit-identical to an
-  uninterrupted 4-rank run (DDP's bucket layout is the same at every start).
+  uninterrupted 4-rank run (DDP's bucket layout is the same at every start);
+* ``eval-stop``: SIGTERM during an evaluation (one process, and torchrun with 2 ranks), SIGINT during
+  the final one: exit 128 + signal within seconds, an ``interrupted`` checkpoint with the evaluation
+  pending, and the resumed run ends as an uninterrupted one;
+* ``no-checkpoint``: ``--resume auto`` on a folder with a ``--max-steps`` run's output and no checkpoint:
+  its files are moved aside with a line, never overwritten.
 
 The cases live in tests/helpers/faults.py; the test suite runs them with fewer kill points
 (tests/test_faults.py), this script runs them all and writes the table.
@@ -48,7 +53,7 @@ from tests.helpers.faults import ROOT, Faults, Row
 
 
 CASES = ("kill9", "sigterm", "corrupt", "truncated", "all-bad", "enospc", "diverge", "stale-temp", "bad-resume",
-         "torchrun-config", "rank-error", "resume-4-ranks")
+         "torchrun-config", "rank-error", "resume-4-ranks", "eval-stop", "no-checkpoint")
 
 
 def run_cases(faults: Faults, names: list[str], kill_points: int) -> list[Row]:
@@ -77,6 +82,10 @@ def run_cases(faults: Faults, names: list[str], kill_points: int) -> list[Row]:
             got = [faults.rank_error()]
         elif name == "resume-4-ranks":
             got = [faults.resume_4_ranks()]
+        elif name == "eval-stop":
+            got = [faults.stop_during_eval(0), faults.stop_during_eval(2)]
+        elif name == "no-checkpoint":
+            got = [faults.resume_auto_without_checkpoint()]
         else:
             got = [faults.torchrun_config()]
         for row in got:

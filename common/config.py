@@ -107,6 +107,9 @@ class EvalConfig:
     crop_pct: float = key(0.95, "center-crop fraction: images are resized to res / crop_pct, then cropped to res")
     interpolation: str = key("bicubic", "resize filter of validation images: bicubic (timm's ResNet default) | bilinear")
     batch_size: int = key(256, "validation images per forward pass per process")
+    max_images: int = key(0, "evaluate at most this many val images, evenly spaced over the val set (every class "
+                             "kept); 0 = all of them. For smoke runs: a top-1 on few images is noisy, and "
+                             "the run's logged figures are then of these images only")
 
 
 @dataclass
@@ -392,7 +395,7 @@ def validate(cfg: Config) -> None:
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     for key in ("augment.mixup_alpha", "augment.cutmix_alpha", "optim.weight_decay", "model.drop_path_rate",
-                "model.drop_rate", "loss.label_smoothing", "train.ema_decay", "train.grad_clip"):
+                "model.drop_rate", "loss.label_smoothing", "train.ema_decay", "train.grad_clip", "eval.max_images"):
         if get_value(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {get_value(cfg, key)}")
     for key in ("augment.hflip", "augment.mix_prob", "augment.switch_prob", "augment.random_erasing",
@@ -418,9 +421,14 @@ def validate(cfg: Config) -> None:
     if p.kind != "none":
         if p.start_res <= 0 or p.end_res <= 0 or p.round_to <= 0:
             raise ConfigError("train.progressive start_res, end_res and round_to must be > 0")
-        if p.kind == "linear" and not 0 <= p.start_epoch <= p.end_epoch <= cfg.train.epochs:
-            raise ConfigError(f"train.progressive needs 0 <= start_epoch <= end_epoch <= train.epochs, "
-                              f"got {p.start_epoch}, {p.end_epoch}, {cfg.train.epochs}")
+        if p.kind == "linear" and p.end_epoch > cfg.train.epochs:
+            raise ConfigError(f"train.progressive.end_epoch = {p.end_epoch} is past train.epochs = {cfg.train.epochs}; "
+                              f"set train.progressive.end_epoch={cfg.train.epochs} (and start_epoch no later), or "
+                              f"train.progressive.kind=none")
+        if p.kind == "linear" and not 0 <= p.start_epoch <= p.end_epoch:
+            raise ConfigError(f"train.progressive needs 0 <= start_epoch <= end_epoch, got start_epoch = "
+                              f"{p.start_epoch}, end_epoch = {p.end_epoch}; set train.progressive.start_epoch to at "
+                              f"most {p.end_epoch}")
         if p.kind == "stages" and p.num_stages < 1:
             raise ConfigError("train.progressive.num_stages must be >= 1")
 

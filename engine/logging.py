@@ -69,6 +69,11 @@ class RunLogger:
         self.records = len(kept)
         self._metrics = open(path, "a", buffering=1)
 
+    @property
+    def tty(self) -> bool:
+        """stderr is a terminal: progress is a bar there, lines elsewhere."""
+        return self._tty
+
     def info(self, msg: str) -> None:
         if not self.enabled:
             return

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import signal
+import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,11 @@ from common.config import Config, ConfigError, to_dict
 from engine import checkpoint as ckpt
 from engine import run_folder
 from engine.distributed import DistInfo, any_rank, barrier, cleanup, init_distributed, reduce_bn_stats
-from engine.evaluate import evaluate
+from engine.evaluate import EvalProgress, EvaluationStopped, evaluate
 from engine.failures import FailureBoard
 from engine.logging import RunLogger
 from engine.progressive import regularization_scale, resolution_for_epoch
-from engine.setup import batch_composition, build_pipelines, cpu_lines, quiet, set_up_device, wrap_for_training
+from engine.setup import batch_composition, build_pipelines, cpu_lines, quiet, say, set_up_device, wrap_for_training
 from engine.state import EpochProgress, NonFiniteLossError, RanksDisagreeError, StopReason
 from engine.step import StepContext, build_step, train_one_epoch
 from models.factory import UnknownModelError
@@ -134,7 +135,7 @@ def _train(cfg: Config, d: DistInfo, out: Path, resume: str | None, max_steps: i
     per_device, accum = batch_composition(t.global_batch_size, d.world_size, t.per_device_batch_size)
     epochs_total = t.epochs + cfg.optim.cooldown_epochs
     train_pipe, val_pipe, steps_per_epoch = build_pipelines(cfg, d, per_device, accum, epochs_total)
-    run_folder.prepare(out, resume, d, log=print if d.is_main else quiet)
+    run_folder.prepare(out, resume, d, log=say if d.is_main else quiet)  # stderr, as every line of the run
     log = RunLogger(cfg.log, out, to_dict(cfg), enabled=d.is_main, run_id=_run_id(out))
     for line in cpu_lines(cfg.data.workers, d):  # after the pipelines: a library's import could have changed them
         log.info(line)
@@ -151,57 +152,89 @@ def _train(cfg: Config, d: DistInfo, out: Path, resume: str | None, max_steps: i
     # and this run starts fresh) are logged again: one record per step.
     log.truncate(prog.records, prog.step)
     log.start_clock(prog.elapsed_s)  # elapsed_s continues from the checkpoint's
+    if resumed and prog.epoch >= epochs_total and prog.eval_pending is None:
+        log.info(f"the run in {out} is finished (epoch {prog.epoch - 1} was its last, step {prog.step}): nothing to "
+                 f"train; its checkpoints and exports are as they were")
+        log.close()
+        return 0
     if resumed:
-        log.info(f"resumed from {resumed} at epoch {prog.epoch}, batch {prog.batch}, step {prog.step}")
+        log.info(f"resumed from {resumed} at epoch {prog.epoch}, batch {prog.batch}, step {prog.step}"
+                 + (f"; the evaluation of epoch {prog.eval_pending} is redone (a stop came during it)"
+                    if prog.eval_pending is not None else ""))
     saver = run_folder.Checkpointer(out, cfg, d, ctx.raw_model, ctx.optimizer, ctx.scaler, ctx.ema, train_pipe,
                                     stage2, log)
     if resumed is not None and d.is_main:
         saver.await_check(resumed)  # good once the first loss check after it passes
-    res = resolution_for_epoch(t.progressive, prog.epoch, epochs_total, t.train_res)
+    res = resolution_for_epoch(t.progressive, min(prog.epoch, epochs_total - 1), epochs_total, t.train_res)
     wrap_for_training(ctx, d, accum, t.compile, input_shape=(per_device, 3, res, res),
                        channels_last=t.channels_last, ema_from_model=not resumed)
     final_metrics: dict[str, Any] = {}
     stopped = None
     with StopRequest() as stop:
-        while prog.epoch < epochs_total and stopped is None:
-            epoch = prog.epoch
-            res = resolution_for_epoch(t.progressive, epoch, epochs_total, t.train_res)
-            stage2.set_magnitude_scale(regularization_scale(t.progressive, epoch, epochs_total))
-            train_pipe.set_epoch(epoch, res, start_batch=prog.batch)
-            log.epoch_start(epoch, steps_per_epoch, prog.batch // accum, res)
-            for rec in train_one_epoch(ctx, train_pipe, stage2, prog, steps_per_epoch=steps_per_epoch,
-                                       log_every=t.log_every, stop=None if d.enabled else stop,
-                                       max_steps=max_steps, loss_limit=t.loss_limit):
-                saver.confirm_pending()  # the loss window up to this step has passed its check
-                if "train_loss" in rec:
-                    log.metrics(rec)
-                    log.progress(rec, steps_per_epoch)
-                stopped = rec.get("stopped")
-                if stopped is None and d.enabled and any_rank(stop.requested, device):
-                    stopped = StopReason.SIGNAL  # agreed at this log point, so every rank stops at the same step
-                if stopped is not None:
+        while (prog.epoch < epochs_total or prog.eval_pending is not None) and stopped is None:
+            if prog.eval_pending is None:  # else a resumed run whose last stop came during an evaluation
+                epoch = prog.epoch
+                res = resolution_for_epoch(t.progressive, epoch, epochs_total, t.train_res)
+                stage2.set_magnitude_scale(regularization_scale(t.progressive, epoch, epochs_total))
+                train_pipe.set_epoch(epoch, res, start_batch=prog.batch)
+                log.epoch_start(epoch, steps_per_epoch, prog.batch // accum, res)
+                for rec in train_one_epoch(ctx, train_pipe, stage2, prog, steps_per_epoch=steps_per_epoch,
+                                           log_every=t.log_every, stop=None if d.enabled else stop,
+                                           max_steps=max_steps, loss_limit=t.loss_limit):
+                    saver.confirm_pending()  # the loss window up to this step has passed its check
+                    if "train_loss" in rec:
+                        log.metrics({**rec, "steps_per_epoch": steps_per_epoch})
+                        log.progress(rec, steps_per_epoch)
+                    stopped = rec.get("stopped")
+                    if stopped is None and d.enabled and any_rank(stop.requested, device):
+                        stopped = StopReason.SIGNAL  # agreed at this log point, so every rank stops at the same step
+                    if stopped is not None:
+                        break
+                    if any_rank(saver.due() and d.is_main, device):  # the main rank's clock decides
+                        saver.save(prog, best, "mid-epoch")
+                log.end_progress()
+                if stopped == StopReason.SIGNAL:
+                    path = saver.save(prog, best, "interrupted")
+                    log.info(f"stopped by {signal.Signals(stop.signal).name} at epoch {prog.epoch} step {prog.step}; "
+                             f"checkpoint {path}; continue with --resume auto (exit {stop.exit_code()})")
                     break
-                if any_rank(saver.due() and d.is_main, device):  # the main rank's clock decides
-                    saver.save(prog, best, "mid-epoch")
-            log.end_progress()
-            if stopped == StopReason.SIGNAL:
-                path = saver.save(prog, best, "interrupted")
-                log.info(f"stopped by {signal.Signals(stop.signal).name} at epoch {prog.epoch} step {prog.step}; "
-                         f"checkpoint {path}; continue with --resume auto (exit {stop.exit_code()})")
-                break
-            last_epoch = epoch == epochs_total - 1 or stopped is not None
-            evaluated = last_epoch or (epoch + 1) % t.eval_every == 0
+                evaluated = epoch == epochs_total - 1 or stopped is not None or (epoch + 1) % t.eval_every == 0
+                smoke = stopped == StopReason.MAX_STEPS  # a --max-steps run: evaluated, never checkpointed
+                # the epoch's training is done: a checkpoint from here on starts the next epoch
+                prog.epoch, prog.batch = epoch + 1, 0
+                prog.window_loss, prog.window_count, prog.window_nonfinite = 0.0, 0, 0
+                prog.epoch_time_s, prog.epoch_wait_s, prog.epoch_images = 0.0, 0.0, 0
+                prog.eval_pending = epoch if evaluated else None
+                reduce_bn = True
+            else:  # resumed: the ranks' BatchNorm statistics were averaged before the stop, and saved so
+                epoch, evaluated, smoke, reduce_bn = prog.eval_pending, True, False, False
             if evaluated:
-                final_metrics = _evaluate(ctx, val_pipe, stage2_eval, cfg, d, out, prog, best, log)
-            prog.epoch, prog.batch = epoch + 1, 0
-            prog.window_loss, prog.window_count, prog.window_nonfinite = 0.0, 0, 0
-            prog.epoch_time_s, prog.epoch_wait_s, prog.epoch_images = 0.0, 0.0, 0
+                try:
+                    final_metrics = _evaluate(ctx, val_pipe, stage2_eval, cfg, d, out, epoch, prog, best, log, stop,
+                                              reduce_bn=reduce_bn)
+                except EvaluationStopped:
+                    name, code = signal.Signals(stop.signal).name, stop.exit_code()
+                    stopped = StopReason.SIGNAL
+                    if smoke:  # a --max-steps run keeps no checkpoint
+                        log.info(f"stopped by {name} during the evaluation after --max-steps (step {prog.step}); "
+                                 f"no checkpoint (exit {code})")
+                        break
+                    path = saver.save(prog, best, "interrupted")
+                    log.info(f"stopped by {name} during the evaluation of epoch {epoch} (step {prog.step}); checkpoint "
+                             f"{path} keeps the epoch's training, its evaluation is redone by --resume auto (exit {code})")
+                    break
+                prog.eval_pending = None
+            last_epoch = epoch == epochs_total - 1
             if stopped is None and ((epoch + 1) % cfg.checkpoint.every_epochs == 0 or last_epoch):
                 path = saver.save(prog, best, "epoch", confirmed=evaluated)
                 if path is not None:
                     log.artifact(path, epoch, {"val_top1": final_metrics.get("val_top1")})
-    barrier()
-    return _finish(cfg, d, out, ctx, prog, final_metrics, stop if stopped == StopReason.SIGNAL else None, log)
+        barrier()
+        code = _finish(cfg, d, out, ctx, prog, final_metrics, stop if stopped == StopReason.SIGNAL else None, log)
+    if code == 0 and stop.requested and d.is_main:  # it came during the export: the run was complete by then
+        print(f"({signal.Signals(stop.signal).name} came after the last evaluation: the run is complete, nothing was "
+              f"lost)", file=sys.stderr, flush=True)
+    return code
 
 def _run_id(out: Path) -> str:
     """The W&B run id: the same for every resume of one run folder."""
@@ -221,22 +254,35 @@ def _finish(cfg: Config, d: DistInfo, out: Path, ctx: StepContext, prog: EpochPr
     log.close()
     return stopped_by.exit_code() if stopped_by is not None else 0
 
-def _evaluate(ctx: StepContext, val_pipe, stage2_eval, cfg: Config, d: DistInfo, out: Path, prog: EpochProgress,
-              best: dict, log) -> dict[str, Any]:
+def _evaluate(ctx: StepContext, val_pipe, stage2_eval, cfg: Config, d: DistInfo, out: Path, epoch: int,
+              prog: EpochProgress, best: dict, log, stop: StopRequest, *, reduce_bn: bool = True) -> dict[str, Any]:
     """Validation of the evaluated weights (the EMA's when kept) after BatchNorm statistics are
-    averaged over ranks; a NaN/Inf validation loss stops the run like a training one."""
+    averaged over ranks (``reduce_bn``; a resumed evaluation finds them averaged already); a NaN/Inf
+    validation loss stops the run like a training one. It says what it evaluates and shows its
+    progress; a stop request ends it within a few batches (:class:`EvaluationStopped`)."""
     model, ema = ctx.raw_model, ctx.ema
-    reduce_bn_stats(model, ema.module if ema else None)  # every rank evaluates the same model
+    if reduce_bn:
+        reduce_bn_stats(model, ema.module if ema else None)  # every rank evaluates the same model
     eval_model = ema.module if ema else model
-    val_pipe.set_epoch(prog.epoch)
-    metrics = evaluate(eval_model, val_pipe, stage2_eval, device=d.device, precision=cfg.train.precision)
+    val_pipe.set_epoch(epoch)
+    total = min(val_pipe.num_samples, cfg.eval.max_images) if cfg.eval.max_images else val_pipe.num_samples
+    log.info(f"epoch {epoch}: evaluating {total:,} images at {cfg.eval.res} px"
+             + (f" (eval.max_images of {val_pipe.num_samples:,})" if total < val_pipe.num_samples else "")
+             + (" (EMA weights)" if ema else ""))
+    shown = EvalProgress(len(val_pipe), total, d.world_size, tty=log.tty, enabled=d.is_main and cfg.log.progress,
+                         write=log.info)
+    try:
+        metrics = evaluate(eval_model, val_pipe, stage2_eval, device=d.device, precision=cfg.train.precision,
+                           stop=stop, progress=shown)
+    finally:
+        shown.close()
     if not math.isfinite(metrics["val_loss"]):
-        raise NonFiniteLossError(f"validation loss is NaN/Inf after epoch {prog.epoch}", step=prog.step)
-    record = {"epoch": prog.epoch, "step": prog.step, **metrics}
+        raise NonFiniteLossError(f"validation loss is NaN/Inf after epoch {epoch}", step=prog.step)
+    record = {"epoch": epoch, "step": prog.step, **metrics}
     log.metrics(record)
-    log.info(f"epoch {prog.epoch}: val top-1 {metrics['val_top1']:.2f} top-5 {metrics['val_top5']:.2f}")
+    log.info(f"epoch {epoch}: val top-1 {metrics['val_top1']:.2f} top-5 {metrics['val_top5']:.2f}")
     if metrics["val_top1"] > best["val_top1"]:
-        best.update(val_top1=metrics["val_top1"], epoch=prog.epoch)
+        best.update(val_top1=metrics["val_top1"], epoch=epoch)
         if d.is_main and cfg.checkpoint.keep_best:
-            run_folder.export(eval_model, out / "best.safetensors", cfg, metrics, prog.epoch)
+            run_folder.export(eval_model, out / "best.safetensors", cfg, metrics, epoch)
     return record

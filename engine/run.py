@@ -7,7 +7,9 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
+from pathlib import Path
 
 from common.cli import examples, prog
 from common.config import ConfigError, explain, key_sources, load_config, to_toml
@@ -40,8 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None,
                    help="'auto': continue from the newest usable checkpoint in --out; a ckpt-*.pt path; 'fresh': "
                         "start over in an --out that holds checkpoints (they are moved into --out/previous-<time>/)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (smoke runs)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after N optimizer steps (N >= 1; smoke runs), then evaluate and export, no checkpoint; "
+                        "the evaluation still covers the whole val set unless --set eval.max_images=M caps it")
     return p
+
+
+def check_resume(value: str | None) -> str | None:
+    """``--resume``: auto, fresh or a checkpoint file; None when it is one of them, else one line."""
+    if value is None or value in ("auto", "fresh") or Path(value).is_file():
+        return None
+    close = difflib.get_close_matches(value, ["auto", "fresh"], n=1, cutoff=0.6)
+    if close:
+        return f"--resume {value}: did you mean --resume {close[0]}? (auto: continue from the newest checkpoint in " \
+               f"--out; fresh: start over; or a ckpt-*.pt file)"
+    return f"--resume {value}: no such checkpoint file; give auto (continue from the newest checkpoint in --out), " \
+           f"fresh (start over) or a ckpt-*.pt file"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,18 +81,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.help_config:
         print(explain(cfg, key_sources(args.recipe, args.overrides)))
         return 0
+    problem = check_resume(args.resume)
+    if problem is None and args.max_steps is not None and args.max_steps < 1:
+        problem = f"--max-steps {args.max_steps}: give a number of optimizer steps >= 1 (or leave it out to train " \
+                  f"the whole recipe)"
+    if problem is not None:
+        from engine.distributed import process_ranks
+        from engine.logging import say_once
+
+        ranks = process_ranks()
+        say_once(f"error: {problem}", ranks.rank, ranks.world_size)
+        return 2
     if args.print_config:
         print(to_toml(cfg))
         return 0
-    from pathlib import Path
-
     from pipelines.worker_server import start_early
 
     start_early(cfg.data)  # before this process imports torch (engine.loop)
     from engine.loop import train
 
     out = Path(args.out) if args.out else Path("runs") / Path(args.recipe).stem
-    return train(cfg, out, resume=args.resume, max_steps=args.max_steps)
+    try:
+        return train(cfg, out, resume=args.resume, max_steps=args.max_steps)
+    except KeyboardInterrupt:  # a second Ctrl-C: the first one's stop (and its checkpoint) was cut short
+        print("error: interrupted by a second Ctrl-C before the stop's checkpoint was written; continue from the "
+              "last checkpoint with --resume auto", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

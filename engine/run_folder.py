@@ -38,20 +38,28 @@ from engine.distributed import DistInfo, barrier, bn_running_stats, gather_objec
 from engine.state import EpochProgress, NonFiniteLossError, RanksDisagreeError, advice, trained_epoch
 from pipelines.base import DataError, load_random_state, random_state
 
-RUN_FILES = ("metrics.jsonl", "best.safetensors", "model.safetensors")
+RUN_FILES = ("metrics.jsonl", "best.safetensors", "model.safetensors")  # a run's output: never overwritten
+SIDE_FILES = ("metrics.png",)  # drawn from a run's output (tools/demo.py): moved aside with it
 
 
 def prepare(out: Path, resume: str | None, d: DistInfo, log=print) -> None:
-    """Checks and tidies ``out`` before a run writes to it (every rank calls it; rank 0 acts)."""
+    """Checks and tidies ``out`` before a run writes to it (every rank calls it; rank 0 acts).
+
+    A run's output is never overwritten: without ``--resume`` a folder with checkpoints or output
+    stops the run with the choices that are true for it; ``--resume fresh`` moves the old run's files
+    into ``previous-<time>/``; ``--resume auto`` continues from a checkpoint, and where the folder holds
+    output but no checkpoint (a ``--max-steps`` run, a run killed before its first checkpoint) there is
+    nothing to continue: its files are moved aside as ``fresh`` does and the run starts over (a
+    refusal would stop a Slurm job, whose every start runs ``--resume auto``, for good)."""
     existing = ckpt.list_checkpoints(out)
     if existing and resume is None:
         raise ConfigError(f"{out} already holds checkpoints (newest {existing[-1].name}); continue them with "
                           f"--resume auto, or start over with --resume fresh (moves them into {out}/previous-<time>/)")
     outputs = run_outputs(out)
     if outputs and resume is None:
-        raise ConfigError(f"{out} already holds a run's output ({', '.join(p.name for p in outputs)}); continue it "
-                          f"with --resume auto, start over with --resume fresh (moves them into "
-                          f"{out}/previous-<time>/), or choose another --out")
+        raise ConfigError(f"{out} already holds a run's output ({', '.join(p.name for p in outputs)}) and no checkpoint "
+                          f"to continue from; start over with --resume fresh (moves them into {out}/previous-<time>/), "
+                          f"or choose another --out")
     barrier()  # every rank has looked before rank 0 moves anything
     if d.is_main:
         count, size = ckpt.clean_stale_temps(out)
@@ -61,6 +69,10 @@ def prepare(out: Path, resume: str | None, d: DistInfo, log=print) -> None:
             moved = _move_aside(out)
             if moved:
                 log(f"--resume fresh: moved the previous run's files into {moved}")
+        elif resume == "auto" and outputs and not existing:
+            moved = _move_aside(out)
+            log(f"--resume auto: {out} holds a run's output ({', '.join(p.name for p in outputs)}) but no checkpoint to "
+                f"continue from; moved its files into {moved} and starting fresh")
     barrier()
 
 
@@ -72,7 +84,8 @@ def run_outputs(out: Path) -> list[Path]:
 
 
 def _move_aside(out: Path) -> Path | None:
-    names = [p for p in out.iterdir() if p.is_file() and (p.name in RUN_FILES or p.name.startswith("ckpt-"))]
+    names = [p for p in out.iterdir()
+             if p.is_file() and (p.name in RUN_FILES + SIDE_FILES or p.name.startswith("ckpt-"))]
     if not names:
         return None
     dest = out / time.strftime("previous-%Y%m%d-%H%M%S")

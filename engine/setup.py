@@ -22,16 +22,30 @@ from pipelines.base import DataError
 from pipelines.build import build_train_pipeline, build_val_pipeline, check_num_classes
 
 def batch_composition(global_batch: int, world: int, per_device: int) -> tuple[int, int]:
-    """(per-device micro-batch, accumulation steps) such that their product x world = global batch."""
+    """(per-device micro-batch, accumulation steps) such that their product x world = global batch.
+    A batch that cannot be composed is one line naming the values that would work."""
+    if global_batch % world:
+        below = global_batch - global_batch % world
+        near = _divisors(global_batch)
+        fewer, more = max(d for d in near if d < world), min((d for d in near if d > world), default=None)
+        counts = f"{fewer}" + (f" or {more}" if more else "")
+        sizes = " or ".join(str(b) for b in (below, below + world) if b > 0)
+        raise ConfigError(f"train.global_batch_size {global_batch} does not split over {world} processes: set a global "
+                          f"batch that does (e.g. train.global_batch_size={sizes}), or use a process count that divides "
+                          f"{global_batch} (e.g. {counts})")
+    per_process = global_batch // world
     if per_device == 0:
-        if global_batch % world:
-            raise ConfigError(f"train.global_batch_size {global_batch} is not divisible by {world} processes; "
-                              f"set train.per_device_batch_size")
-        per_device = global_batch // world
-    if global_batch % (per_device * world):
-        raise ConfigError(f"train.global_batch_size {global_batch} is not a multiple of per-device batch {per_device} "
-                          f"x {world} processes; pick a per_device_batch_size that divides {global_batch // world}")
-    return per_device, global_batch // (per_device * world)
+        per_device = per_process
+    if per_process % per_device:
+        fits = [d for d in _divisors(per_process) if d <= per_device]
+        raise ConfigError(f"train.per_device_batch_size {per_device} does not divide the {per_process} images per process "
+                          f"(global batch {global_batch} / {world} processes): set one that does, e.g. "
+                          f"train.per_device_batch_size={fits[-1]} ({per_process // fits[-1]} accumulation steps)")
+    return per_device, per_process // per_device
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 def seed_everything(seed: int) -> None:
     import random
@@ -45,7 +59,7 @@ def seed_everything(seed: int) -> None:
 def set_up_device(cfg: Config, d: DistInfo) -> Config:
     """The recipe with ``train.precision`` resolved for this device; cuDNN flags and seeds set."""
     t = cfg.train
-    precision = resolve_precision(t.precision, d.device, warn=_stderr if d.is_main else quiet)
+    precision = resolve_precision(t.precision, d.device, warn=say if d.is_main else quiet)
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -101,7 +115,8 @@ def _ranges(numbers: list[int]) -> str:
     return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
 
 
-def _stderr(msg: str) -> None:
+def say(msg: str) -> None:
+    """A line of the run for the user: stderr, where the run's progress and errors go."""
     print(msg, file=sys.stderr, flush=True)
 
 def quiet(msg: str) -> None:

@@ -31,6 +31,7 @@ class EpochProgress:
     epoch_images: int = 0  # images trained this epoch, all ranks
     records: int = -1  # metrics.jsonl records when this state was saved (-1: not counted)
     elapsed_s: float = 0.0  # the run's wall time when this state was saved (over all its resumes)
+    eval_pending: int | None = None  # an epoch whose training is done and whose evaluation a stop cut short
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

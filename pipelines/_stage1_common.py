@@ -110,10 +110,14 @@ def require_file(path: Path, root: Path, fmt: str) -> Path:
     return path
 
 
-def val_indices(num_samples: int, rank: int, world_size: int) -> np.ndarray:
-    """Rank ``rank``'s share of the val set: every sample exactly once across ranks, in file order."""
+def val_indices(num_samples: int, rank: int, world_size: int, limit: int = 0) -> np.ndarray:
+    """Rank ``rank``'s share of the val set: every sample exactly once across ranks, in file order.
+    With ``limit`` (``eval.max_images``, smoke runs) only ``limit`` samples evenly spaced over the
+    set: val is stored class by class, so its first ``limit`` would be a few classes only."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    if 0 < limit < num_samples:
+        return ((np.arange(limit, dtype=np.int64) * num_samples) // limit)[rank::world_size]
     return np.arange(rank, num_samples, world_size, dtype=np.int64)
 
 
@@ -126,13 +130,13 @@ class EpochPlan:
     """
 
     def __init__(self, num_samples: int, *, train: bool, batch_size: int, rank: int, world_size: int,
-                 seed: int = 0, repeats: int = 0):
+                 seed: int = 0, repeats: int = 0, max_images: int = 0):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         self.train, self.batch_size = train, batch_size
         self.sampler = ShardSampler(num_samples, seed=seed, rank=rank, world_size=world_size,
                                     repeats=repeats, shuffle=True) if train else None
-        self._val = None if train else val_indices(num_samples, rank, world_size)
+        self._val = None if train else val_indices(num_samples, rank, world_size, max_images)
         self.epoch, self.start_batch = 0, 0
         self._cache: tuple[int, np.ndarray] | None = None
 

@@ -61,7 +61,8 @@ def build_train_pipeline(data: DataConfig, aug: AugmentConfig, *, res: int, batc
 
 def build_val_pipeline(data: DataConfig, ev: EvalConfig, *, rank: int, world_size: int, device: torch.device):
     common = dict(batch_size=ev.batch_size, res=ev.res, crop_pct=ev.crop_pct, device=device, rank=rank,
-                  world_size=world_size, workers=data.workers, eval_interpolation=ev.interpolation)
+                  world_size=world_size, workers=data.workers, eval_interpolation=ev.interpolation,
+                  max_images=ev.max_images)
     if data.pipeline == "synthetic":
         from pipelines.synthetic import SyntheticPipeline
 

@@ -196,7 +196,7 @@ class DALIPipeline:
                  world_size: int = 1, seed: int = 0, repeats: int = 0, workers: int = 8,
                  scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, interpolation: str = "random",
                  crop_pct: float = 0.875, eval_interpolation: str = "bicubic", hw_decoder_load: float = 0.65,
-                 prefetch: int = 2):
+                 prefetch: int = 2, max_images: int = 0):
         check_interpolation(interpolation)
         info = read_split(root, split, "dali")
         self.root, self.split, self.train = Path(root), split, split == "train"
@@ -208,7 +208,7 @@ class DALIPipeline:
         self.batch_size, self.res, self.device = batch_size, res, resolve_device(device)
         self.crop_pct, self.workers = crop_pct, max(1, workers)
         self.plan = EpochPlan(self.num_samples, train=self.train, batch_size=batch_size, rank=rank,
-                              world_size=world_size, seed=seed, repeats=repeats)
+                              world_size=world_size, seed=seed, repeats=repeats, max_images=max_images)
         self.feed = _Feed(self.store, batch_size, with_size=self.train)
         gpu = self.device.type == "cuda"
         build = _train_graph if self.train else _val_graph

@@ -261,7 +261,7 @@ class FFCVPipeline:
                  world_size: int = 1, seed: int = 0, repeats: int = 0, workers: int = 8,
                  scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, interpolation: str = "random",
                  crop_pct: float = 0.875, eval_interpolation: str = "bicubic", batches_ahead: int = 3,
-                 os_cache: bool = True):
+                 os_cache: bool = True, max_images: int = 0):
         check_interpolation(interpolation)
         info = read_split(root, split, "ffcv")
         self.root, self.split, self.train = Path(root), split, split == "train"
@@ -271,7 +271,7 @@ class FFCVPipeline:
         self.batch_size, self.res, self.device = batch_size, res, resolve_device(device)
         self.crop_pct = crop_pct
         self.plan = EpochPlan(self.num_samples, train=self.train, batch_size=batch_size, rank=rank,
-                              world_size=world_size, seed=seed, repeats=repeats)
+                              world_size=world_size, seed=seed, repeats=repeats, max_images=max_images)
         self.seed, self.rank = seed, rank
         if self.train:
             self.decoder = PILRandomResizedCropDecoder((res, res), scale=tuple(scale), ratio=tuple(ratio),

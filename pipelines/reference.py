@@ -302,11 +302,12 @@ class ReferencePipeline:
                  scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, workers: int = 2,
                  device="cpu", rank: int = 0, world_size: int = 1, seed: int = 0, repeats: int = 0,
                  drop_last: bool | None = None, interpolation: str = "random", eval_interpolation: str = "bicubic",
-                 split_dir: str | Path | None = None, class_index_folders: bool = False):
+                 split_dir: str | Path | None = None, class_index_folders: bool = False, max_images: int = 0):
         """``split_dir``: read this class-folder directory instead of ``root/<split>`` (e.g. an
         ImageNet-V2 download). ``class_index_folders``: folder names are class indices ("0".."999",
         ImageNet-V2's layout), so label = int(name), not the position in sorted name order (where
-        "10" would sort before "2")."""
+        "10" would sort before "2"). ``max_images``: val only, that many images evenly spaced over the
+        split (``eval.max_images``)."""
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         check_interpolation(interpolation)  # the same names and messages as the FFCV and DALI backends
@@ -328,6 +329,7 @@ class ReferencePipeline:
         self.workers = workers
         self.rank, self.world_size = rank, world_size
         self.seed = seed
+        self.max_images = max_images
         self.drop_last = self.train if drop_last is None else drop_last
         self._res = res
         self.dataset = _Folder(samples, self.train, crop_pct, scale, ratio, hflip, interpolation,
@@ -363,7 +365,7 @@ class ReferencePipeline:
         if self.train:
             return self.sampler.indices()
         from ._stage1_common import val_indices
-        return val_indices(self.num_samples, self.rank, self.world_size)
+        return val_indices(self.num_samples, self.rank, self.world_size, self.max_images)
 
     def _batches(self) -> list[list[tuple[int, tuple[int, ...], int]]]:
         idx = self._indices()

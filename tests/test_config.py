@@ -141,13 +141,15 @@ BAD_OVERRIDES = [
     ("optim.lr=inf", "optim.lr: expected a finite number"),
     ("loss.name=ce", "with loss.name=ce also set loss.bce_target_thresh=0"),  # a3 sets the threshold 0.2
     ("train.progressive.kind=linear", None),  # valid on its own (start=end=0)
-    ("train.progressive.start_epoch=500", "needs 0 <= start_epoch <= end_epoch <= train.epochs"),
+    ("train.progressive.start_epoch=500", "needs 0 <= start_epoch <= end_epoch, got start_epoch = 500"),
+    ("train.progressive.end_epoch=500", "train.progressive.end_epoch = 500 is past train.epochs = 100; set "
+                                        "train.progressive.end_epoch=100"),
 ]
 
 
 @pytest.mark.parametrize("override,message", BAD_OVERRIDES, ids=[o for o, _ in BAD_OVERRIDES])
 def test_bad_override_messages(override, message):
-    sets = [override] if not override.startswith("train.progressive.start") else ["train.progressive.kind=linear", override]
+    sets = [override] if not override.startswith("train.progressive.") else ["train.progressive.kind=linear", override]
     if message is None:
         load_config(RECIPES / "a3.toml", sets)
         return

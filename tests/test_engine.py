@@ -25,8 +25,19 @@ def test_batch_composition():
     assert batch_composition(2048, 8, 64) == (64, 4)
     assert batch_composition(256, 1, 32) == (32, 8)
     from common.config import ConfigError
-    with pytest.raises(ConfigError, match="not a multiple"):
+    with pytest.raises(ConfigError, match=r"per_device_batch_size 48 does not divide the 256 images per process "
+                                          r"\(global batch 2048 / 8 processes\): set one that does, e\.g\. "
+                                          r"train\.per_device_batch_size=32 \(8 accumulation steps\)"):
         batch_composition(2048, 8, 48)
+    # the advice must be followable: 256 does not split over 3 processes at all, whatever the per-device batch
+    for per_device in (0, 85):
+        with pytest.raises(ConfigError) as e:
+            batch_composition(256, 3, per_device)
+        assert str(e.value) == ("train.global_batch_size 256 does not split over 3 processes: set a global batch "
+                                "that does (e.g. train.global_batch_size=255 or 258), or use a process count that "
+                                "divides 256 (e.g. 2 or 4)")
+    for fix in ((255, 3, 0), (258, 3, 0), (256, 2, 0), (256, 4, 0), (2048, 8, 32)):
+        batch_composition(*fix)  # each fix the messages name works
 
 
 def test_run_writes_metrics_checkpoints_and_exports(fmnist_tree, tmp_path):
@@ -137,12 +148,20 @@ def test_ffcv_runs_repeat_for_any_thread_count_and_resume_exactly(fmnist_convert
     (("data.root=/nonexistent/data",), "data.root /nonexistent/data does not exist"),
     (("data.num_classes=1000",), "data.num_classes = 1000 but the dataset"),
     (("model.arch=resnet5O",), "did you mean resnet50?"),
+    (("train.epochs=1", "train.progressive.kind=linear", "train.progressive.end_epoch=3"),
+     "train.progressive.end_epoch = 3 is past train.epochs = 1; set train.progressive.end_epoch=1"),
+    (("--max-steps", "0"), "--max-steps 0: give a number of optimizer steps >= 1"),
+    (("--max-steps", "-1"), "--max-steps -1: give a number of optimizer steps >= 1"),
+    (("--resume", "autoo"), "--resume autoo: did you mean --resume auto?"),
+    (("--resume", "runs/x/ckpt-e0001.pt"), "--resume runs/x/ckpt-e0001.pt: no such checkpoint file"),
 ])
 def test_user_errors_are_one_line(fmnist_tree, tmp_path, extra, message):
     from engine.run import main
     from tests.helpers.cli import run_main
 
-    proc = run_main(main, engine_cmd(fmnist_tree, tmp_path / "e", *extra)[3:])  # in process: python -m engine.run ...
+    sets = tuple(e for e in extra if "=" in e)
+    args = [e for e in extra if "=" not in e]
+    proc = run_main(main, engine_cmd(fmnist_tree, tmp_path / "e", *sets)[3:] + args)  # in process: python -m engine.run
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error:") and message in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -194,9 +213,32 @@ def test_a_folder_with_a_finished_run_needs_resume(fmnist_tree, tmp_path):
     assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].startswith(
         f"error: {out} already holds a run's output (metrics.jsonl"), again.stderr[-2000:]
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert "--resume auto" not in again.stderr  # no checkpoint: there is nothing to continue
+    (out / "metrics.png").write_bytes(b"drawn from the first run's metrics")  # as tools/demo.py leaves one
+    before["metrics.png"] = (out / "metrics.png").read_bytes()
     fresh = run_main(main, engine_cmd(fmnist_tree, out, "train.epochs=1")[3:] + ["--max-steps", "2", "--resume", "fresh"])
     assert fresh.returncode == 0 and (out / "metrics.jsonl").is_file()
-    assert sorted(p.name for p in next(out.glob("previous-*")).iterdir()) == sorted(before)
+    moved = next(out.glob("previous-*"))
+    assert {p.name: p.read_bytes() for p in moved.iterdir()} == before
+    assert f"--resume fresh: moved the previous run's files into {moved}" in fresh.stdout + fresh.stderr
+
+
+def test_resume_auto_of_a_finished_run_says_so_and_trains_nothing(tiny_runs, fmnist_tree, tmp_path):
+    """The shared finished 1-epoch run (tests/helpers/fixtures.py), copied: --resume auto has nothing to
+    do, says that the run is finished (not "resumed ... at epoch 1"), and leaves every file as it was."""
+    from engine.run import main
+    from tests.helpers.cli import run_main
+
+    out = tmp_path / "done"
+    shutil.copytree(tiny_runs["plain"], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    sets = ("train.epochs=1", "augment.mixup_alpha=0.0", "augment.cutmix_alpha=0.0", "train.seed=1")
+    proc = run_main(main, engine_cmd(fmnist_tree, out, *sets)[3:] + ["--resume", "auto"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = proc.stdout + proc.stderr
+    assert f"the run in {out} is finished (epoch 0 was its last, step 10): nothing to train" in said, said[-2000:]
+    assert "resumed from" not in said and "epoch 0: train" not in said
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
 def test_wandb_offline_run_has_config_metrics_and_artifact(fmnist_tree, tmp_path):

@@ -12,7 +12,10 @@ FFCV stop).
 * ENOSPC on a small tmpfs (root only) while training and converting: one line with the bytes;
 * a stale temp file, ``--resume`` of a text file / cut checkpoint, a config error under torchrun;
 * an error on rank 1 alone (its batch unreadable): one line with the rank, the group ends at once;
-* 4 ranks resumed from a mid-epoch checkpoint: bit-identical to the uninterrupted 4-rank run.
+* 4 ranks resumed from a mid-epoch checkpoint: bit-identical to the uninterrupted 4-rank run;
+* a stop during an evaluation (SIGTERM one process and under torchrun, SIGINT during the final one):
+  exit 128 + signal within seconds, the evaluation redone on resume, the end as an uninterrupted run;
+* ``--resume auto`` on a folder with a run's output and no checkpoint: moved aside, never overwritten.
 """
 from __future__ import annotations
 
@@ -73,3 +76,15 @@ def test_a_4_rank_resume_is_bit_identical(faults):
     """Before: the resumed processes reduced their first step in DDP's initial one-bucket layout, the
     uninterrupted run in the rebuilt buckets; with 4 ranks the sums differ in the last bits."""
     check(faults.resume_4_ranks())
+
+
+@pytest.mark.parametrize("nproc", [0, 2], ids=["one-process", "torchrun-2"])
+def test_a_stop_during_evaluation_is_honoured_and_resumed_exactly(faults, nproc):
+    """Before: the stop flag was read between training steps only; a signal during an evaluation waited
+    for all of it, and one Ctrl-C during the final evaluation ended the run with exit 0."""
+    check(faults.stop_during_eval(nproc))
+
+
+def test_resume_auto_never_overwrites_output_without_checkpoint(faults):
+    """Before: "no checkpoint in OUT; starting fresh", metrics.jsonl cut and both exports replaced."""
+    check(faults.resume_auto_without_checkpoint())

@@ -376,3 +376,91 @@ class Faults:
         lines = error_lines(proc.stderr)
         return Row("config error (a typo'd key) under torchrun, 2 ranks", "printed once",
                    f"{len(lines)} line(s): {lines[0] if lines else '-'}", len(lines) == 1)
+
+    # ------------------------------------------------------------------ stops during evaluation, output kept
+    EVAL_SETS = ("eval.res=224", "eval.batch_size=4")  # 160 val images in 40 forward passes: an evaluation long
+    # enough that a signal sent when it starts lands inside it, on one rank (a check after every batch)
+    # and on two (the ranks agree every 8 batches, 20 batches each)
+
+    def _signal_during_eval(self, out: Path, epoch: int, sig: int, nproc: int, port: int, resume: bool,
+                            ) -> tuple[int, str, float]:
+        """Start the run, send ``sig`` (to the process group) as soon as the evaluation of ``epoch``
+        starts; (exit status, stderr, seconds from the signal to the exit)."""
+        import threading
+
+        args = ("--resume", "auto") if resume else ()
+        proc = subprocess.Popen(engine_cmd(self.data, out, *self.EVAL_SETS, nproc=nproc, port=port, args=args),
+                                cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        lines, sent = [], {}
+
+        def read():
+            for line in proc.stderr:
+                lines.append(line)
+                if not sent and f"epoch {epoch}: evaluating" in line:
+                    sent["t"] = time.perf_counter()
+                    os.killpg(proc.pid, sig)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        proc.stdout.read()
+        proc.wait(timeout=600)
+        reader.join(timeout=30)
+        took = time.perf_counter() - sent["t"] if sent else float("nan")
+        return proc.returncode, "".join(lines), took
+
+    def stop_during_eval(self, nproc: int = 0) -> Row:
+        """SIGTERM while epoch 0 is evaluated, then ``--resume auto``; a lone process also gets SIGINT
+        while the final epoch is evaluated, then ``--resume auto`` again: the run must end as an
+        uninterrupted one (weights and every logged metric)."""
+        full = self.full("reference", nproc, *self.EVAL_SETS)
+        full_out = self.work / f"full-reference-{nproc}-{abs(hash(self.EVAL_SETS)) % 10**6}"
+        out = self.work / f"eval-stop-{nproc}"
+        port = 29700 + 10 * nproc
+        code, err, took = self._signal_during_eval(out, 0, signal.SIGTERM, nproc, port, resume=False)
+        stops = [ln for ln in err.splitlines() if ln.startswith("stopped by SIGTERM during the evaluation of epoch 0")]
+        tags = [torch.load(p, weights_only=True)["tag"] for p in sorted(out.glob("ckpt-*.pt"))]
+        seen = [f"SIGTERM in epoch 0's evaluation: exit {code} after {took:.1f} s, {len(stops)} stop line(s), "
+                f"checkpoints {tags}"]
+        ok = ((code == 143 if nproc == 0 else code != 0 and "(exit 143)" in "".join(stops))
+              and took < 30 and len(stops) == 1 and tags == ["interrupted"])
+        if nproc == 0:  # one Ctrl-C during the final evaluation: never exit 0
+            code, err, took = self._signal_during_eval(out, 1, signal.SIGINT, nproc, port + 1, resume=True)
+            stops = [ln for ln in err.splitlines() if ln.startswith("stopped by SIGINT during the evaluation of epoch 1")]
+            redone = "the evaluation of epoch 0 is redone" in err
+            ok = ok and code == 130 and took < 30 and len(stops) == 1 and redone and "Traceback" not in err
+            seen.append(f"SIGINT in the final evaluation: exit {code} after {took:.1f} s, {len(stops)} stop line(s), "
+                        f"epoch 0's evaluation redone first: {redone}")
+        resumed = run(engine_cmd(self.data, out, *self.EVAL_SETS, nproc=nproc, port=port + 2, args=("--resume", "auto")))
+        from tests.helpers.engine_runs import comparable, newest_per_point
+
+        same = resumed.returncode == 0 and identical(weights(out), full)
+        same_metrics = comparable(newest_per_point(metrics(out))) == comparable(newest_per_point(metrics(full_out)))
+        ok = ok and same and same_metrics and one_record_per_step(out)
+        seen.append(f"resumed: exit {resumed.returncode}, weights {'identical' if same else 'DIFFER'}, metrics "
+                    f"{'identical' if same_metrics else 'DIFFER'} to an uninterrupted run")
+        who = "one process" if nproc == 0 else f"torchrun {nproc} ranks"
+        what = "SIGTERM during epoch 0's evaluation" + (", SIGINT during the final one," if nproc == 0 else "")
+        return Row(f"{who}: {what} then --resume auto",
+                   "each stop within seconds: exit 128 + signal, one line, an 'interrupted' checkpoint with the "
+                   "evaluation pending; the resumed run redoes it and ends as an uninterrupted one",
+                   "; ".join(seen), ok)
+
+    def resume_auto_without_checkpoint(self) -> Row:
+        """A finished --max-steps run (metrics and exports, no checkpoint), then the same folder with
+        --resume auto: there is nothing to continue, and nothing of the first run may be lost."""
+        out = self.work / "no-checkpoint"
+        first = run(engine_cmd(self.data, out, "train.log_every=1", args=("--max-steps", "4")))
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} if out.is_dir() else {}
+        again = run(engine_cmd(self.data, out, "train.log_every=1", args=("--max-steps", "2", "--resume", "auto")))
+        moved = list(out.glob("previous-*"))
+        kept = len(moved) == 1 and {p.name: p.read_bytes() for p in moved[0].iterdir()} == before
+        said = [ln for ln in again.stderr.splitlines() if ln.startswith("--resume auto:") and "moved its files" in ln]
+        fresh = (out / "metrics.jsonl").is_file() and len(metrics(out)) == 3  # 2 steps and the evaluation
+        ok = first.returncode == 0 and again.returncode == 0 and kept and bool(said) and fresh and len(before) >= 2
+        return Row("--resume auto on a folder with a --max-steps run's output and no checkpoint",
+                   "the old run's files moved into previous-<time>/ (byte for byte), one line saying where; the new "
+                   "run starts fresh",
+                   f"exit {again.returncode}; {said[0] if said else 'no line'}; {len(before)} file(s) "
+                   f"{'kept in ' + moved[0].name if kept else 'NOT KEPT'}; new metrics.jsonl "
+                   f"{'fresh' if fresh else 'NOT FRESH'}", ok)
