@@ -132,7 +132,9 @@ def test_subset_from_the_converter_and_resume_of_an_unfinished_trial(fmnist_tree
     assert again.returncode == 0, again.stderr[-3000:]
     record = read_trial(trial)
     assert record["status"] == "done" and record["launches"] == 2 and record["command"][-2:] == ["--resume", "auto"]
-    assert "resumed from" in (trial / "log.txt").read_text()
+    # the run itself had finished (only the sweep's record said otherwise): it continues from its last
+    # checkpoint, finds nothing left to train, and is not trained again from scratch
+    assert f"the run in {trial} is finished" in (trial / "log.txt").read_text()
 
 
 def test_a_failing_trial_is_recorded_and_stays_pending(tmp_path):
@@ -184,6 +186,64 @@ def test_slurm_without_sbatch_is_one_line(fmnist_tree, tmp_path, capsys, monkeyp
     assert main([str(spec), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "sbatch is not on PATH" in err[0] and not (tmp_path / "out" / "trials").exists()
+
+
+def _subset_body(tree: Path) -> str:
+    return ('[budget.subset]\nsrc = "%s"\nclasses = ["c0", "c3"]\nlimit_per_class = 8\nformats = ["dali"]\n'
+            '[grid]\n"optim.lr" = [0.01]\n' % (tree / ""))
+
+
+def test_a_typo_in_set_stops_before_the_subset_is_made(fmnist_tree, tmp_path, capsys):
+    """On ImageNet the subset is a conversion: every trial's recipe is checked before it."""
+    from tools.sweep import main
+
+    fixed = {"data.pipeline": "dali", "data.num_classes": None, "optim.lrr": 0.1}
+    spec = write_sweep(tmp_path / "s.toml", None, _subset_body(fmnist_tree), fixed, budget="epochs = 1")
+    out = tmp_path / "out"
+    assert main([str(spec), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown key optim.lrr; did you mean optim.lr?" in err[0], err
+    assert not list(out.glob("subset-*")) and not (out / "trials").exists()
+
+
+def test_slurm_without_a_controller_is_one_line_before_the_subset(fmnist_tree, tmp_path, capsys, monkeypatch):
+    """Slurm's commands installed, no cluster to talk to (a laptop, a login node of a cluster that is down)."""
+    from tools.sweep import main
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("sbatch", "squeue"):
+        (bin_dir / name).write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller "
+                                    "(connect failure)' >&2\nexit 1\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    fixed = {"data.pipeline": "dali", "data.num_classes": None}
+    spec = write_sweep(tmp_path / "s.toml", None, _subset_body(fmnist_tree) + '[run]\nexecutor = "slurm"\n', fixed,
+                       budget="epochs = 1")
+    out = tmp_path / "out"
+    assert main([str(spec), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: executor slurm: squeue cannot reach a Slurm controller (slurm_load_jobs error: Unable to "
+                   "contact slurm controller (connect failure)); run the sweep on a Slurm login node, or use "
+                   "--executor local"], err
+    assert not list(out.glob("subset-*")) and not (out / "trials").exists()
+
+
+def test_report_only_refuses_another_sweeps_folder(tmp_path, capsys):
+    """A folder holds the trials of the sweep file copied into it; reporting it for another file would
+    list that file's trials as pending and overwrite results.md."""
+    from tools.sweep import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sweep.toml").write_text(write_sweep(tmp_path / "first.toml", tmp_path, GRID).read_text())
+    (out / "results.md").write_text("the first sweep's tables\n")
+    other = write_sweep(tmp_path / "other.toml", tmp_path, 'seeds = [0]\n[grid]\n"optim.lr" = [0.1, 0.2, 0.3]\n')
+    assert main([str(other), "--out", str(out), "--report-only"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {out}/sweep.toml is not {other}: ") and \
+        f"{out}/sweep.toml --out {out} --report-only" in err[0], err
+    assert (out / "results.md").read_text() == "the first sweep's tables\n"
 
 
 def test_random_space_is_reproducible_and_in_range(tmp_path):

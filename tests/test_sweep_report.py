@@ -18,11 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def fake_trial(out: Path, lr: float, seed: int, top1: float, *, n: int = 600, steps: int = 20,
-               cut: tuple[int, int] | None = None) -> TrialSpec:
+               cut: tuple[int, int] | None = None, legacy: bool = False) -> TrialSpec:
     """A finished trial as the engine and tools/sweep.py leave it: metrics.jsonl (train records every 5
-    steps, each whole epoch's total record, the final eval) and trial.json. One whole epoch of
-    ``steps`` steps, or with ``cut = (epoch, batch)`` whole epochs up to ``epoch`` and then ``batch``
-    steps of it (max_steps ended it; no total record for that epoch)."""
+    steps with the steps per epoch, each whole epoch's total record, the final eval) and trial.json.
+    One whole epoch of ``steps`` steps, or with ``cut = (epoch, batch)`` whole epochs up to ``epoch``
+    and then ``batch`` steps of it (max_steps ended it; no total record for that epoch). ``legacy``: an
+    older engine's records, without ``steps_per_epoch``."""
     name = f"lr={lr}_seed={seed}"
     folder = out / "trials" / name
     folder.mkdir(parents=True)
@@ -30,8 +31,8 @@ def fake_trial(out: Path, lr: float, seed: int, top1: float, *, n: int = 600, st
     records = []
     for epoch in range(last_epoch + 1):
         end = last_batch if epoch == last_epoch else steps
-        records += [{"epoch": epoch, "step": epoch * steps + b, "batch": b, "train_loss": 1.0}
-                    for b in range(min(5, end), end + 1, 5)]
+        records += [{"epoch": epoch, "step": epoch * steps + b, "batch": b, "train_loss": 1.0,
+                     **({} if legacy else {"steps_per_epoch": steps})} for b in range(min(5, end), end + 1, 5)]
         if end == steps:
             records[-1].update(epoch_time_s=10.0, epoch_images_per_s=100.0, epoch_data_wait_frac=0.0)
     final = {"epoch": last_epoch, "step": last_epoch * steps + last_batch, "val_top1": top1, "val_top5": 50.0,
@@ -62,7 +63,8 @@ def test_noise_marks_epochs_and_no_seed_table_for_one_seed(tmp_path):
     # trial far above; plus two cut by max_steps: after 1 epoch and 8 of 20 steps, and within the first epoch
     tops = {0.001: 8.0, 0.002: 11.0, 0.004: 9.5, 0.008: 30.0, 0.016: 27.0}
     trials = [fake_trial(tmp_path, lr, 0, top1) for lr, top1 in tops.items()]
-    trials += [fake_trial(tmp_path, 0.032, 0, 5.0, cut=(1, 8)), fake_trial(tmp_path, 0.064, 0, 4.0, cut=(0, 8))]
+    trials += [fake_trial(tmp_path, 0.032, 0, 5.0, cut=(1, 8)), fake_trial(tmp_path, 0.064, 0, 4.0, cut=(0, 8)),
+               fake_trial(tmp_path, 0.128, 0, 3.0, cut=(0, 8), legacy=True)]
     rows = write_report(trials, ["optim.lr"], tmp_path, "lr sweep")
     md = (tmp_path / "results.md").read_text()
     got = {float(r["optim.lr"]): r for r in table(md)}
@@ -83,9 +85,12 @@ def test_noise_marks_epochs_and_no_seed_table_for_one_seed(tmp_path):
     assert len(low) == 3 and all(np.hypot(top1_sigma(a["val_top1"], 600), top1_sigma(b["val_top1"], 600)) * 2
                                  >= abs(a["val_top1"] - b["val_top1"]) for a in low for b in low)
     assert "sigma = sqrt(p (1 - p) / n)" in md and "600 val images" in md  # says how it is computed
-    # epochs trained: the one-epoch runs (final record epoch 0) trained 1 epoch; the cut ones 1 + 8/20, and
-    # less than one (no whole epoch tells the steps per epoch)
-    assert {lr: r["epochs"] for lr, r in got.items()} == {**{lr: "1" for lr in tops}, 0.032: "1.40", 0.064: "< 1"}
+    # epochs trained: the one-epoch runs (final record epoch 0) trained 1 epoch; the cut ones 1 + 8/20 and
+    # 8/20 (the records say the steps per epoch); an older run cut within its first epoch: less than one
+    assert {lr: r["epochs"] for lr, r in got.items()} == {**{lr: "1" for lr in tops}, 0.032: "1.40", 0.064: "0.40",
+                                                          0.128: "< 1"}
+    csv = {line.split(",")[1]: line for line in (tmp_path / "results.csv").read_text().splitlines()[1:]}
+    assert ",0.4," in csv["0.064"]  # the CSV has the fraction too
     assert "## Seed repeats" not in md and "One seed per configuration" in md
 
 

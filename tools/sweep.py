@@ -21,7 +21,7 @@ from common.cli import examples, prog
 from common.config import ConfigError
 from workflows.sweep.plan import EXECUTORS, SweepError, budget_text, default_out, plan_sweep, read_sweep, start_sweep
 from workflows.sweep.report import write_report
-from workflows.sweep.run import pending, run_trials, trial_summary
+from workflows.sweep.run import check_executor, pending, run_trials, trial_summary
 
 SCRIPT = "python tools/sweep.py"
 
@@ -58,6 +58,13 @@ def _main(args: argparse.Namespace) -> int:
     parallel = args.parallel if args.parallel is not None else sweep.parallel
     if parallel < 1:
         raise SweepError(f"--parallel must be >= 1, got {parallel}")
+    if args.report_only and (out / "sweep.toml").is_file() and \
+            (out / "sweep.toml").read_bytes() != Path(args.sweep).read_bytes():
+        raise SweepError(f"{out}/sweep.toml is not {args.sweep}: {out} holds the trials of that other sweep file; "
+                         f"report it with `{prog(SCRIPT)} {out}/sweep.toml --out {out} --report-only`, or give "
+                         f"another --out")
+    if not args.dry_run and not args.report_only:
+        check_executor(executor)  # before the subset is made and any folder written
     trials = plan_sweep(sweep, out, prepare=not args.dry_run and not args.report_only)
     title = f"{sweep.path.stem}: {len(trials)} trials ({budget_text(sweep)})"
     if args.dry_run:

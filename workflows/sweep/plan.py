@@ -428,14 +428,15 @@ def default_out(sweep_path: str | Path) -> Path:
 def plan_sweep(sweep: Sweep, out: Path, prepare: bool = True) -> list[TrialSpec]:
     """The trials of ``sweep`` in ``out``. With a ``[budget.subset]``, ``prepare`` makes the subset
     once (the converter) before planning; without it (dry run, report only) only its folder is named."""
-    subset_root = None
-    if sweep.subset is not None and prepare:
-        subset_folder(sweep.subset, out, sweep.path)  # a missing source stops here, before any folder is made
+    if sweep.subset is None:
+        return plan(sweep, out, None)
+    # the subset's folder is known without converting (a missing source stops here), so every trial's
+    # recipe is checked before the converter runs: a typo in [set] costs nothing on ImageNet
+    trials = plan(sweep, out, subset_folder(sweep.subset, out, sweep.path)[1])
+    if prepare:
         out.mkdir(parents=True, exist_ok=True)
-        subset_root = prepare_subset(sweep.subset, out, sweep.path)
-    elif sweep.subset is not None:
-        subset_root = subset_folder(sweep.subset, out, sweep.path)[1]
-    return plan(sweep, out, subset_root)
+        prepare_subset(sweep.subset, out, sweep.path)
+    return trials
 
 
 def start_sweep(sweep: Sweep, todo: list[TrialSpec], out: Path) -> None:

@@ -46,8 +46,9 @@ def within_noise(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def epochs_trained(metrics_path: Path, final: dict[str, Any]) -> float | None:
     """Epochs the run trained up to its final eval: ``final["epoch"] + 1`` when that epoch ran to its end
-    (metrics.jsonl holds its epoch-total record), else its steps over the steps per epoch (read from a
-    whole epoch's record); None when no epoch ran whole (then the steps per epoch are unknown)."""
+    (metrics.jsonl holds its epoch-total record), else its steps over the steps per epoch (every train
+    record carries ``steps_per_epoch``; older runs: read from a whole epoch's record); None when
+    neither tells the steps per epoch."""
     try:
         lines = metrics_path.read_text().splitlines()
     except FileNotFoundError:
@@ -62,9 +63,10 @@ def epochs_trained(metrics_path: Path, final: dict[str, Any]) -> float | None:
     totals = [r for r in records if "epoch_time_s" in r]
     if any(r["epoch"] == epoch for r in totals):
         return float(epoch + 1)
-    if not totals:
-        return None
-    return final["step"] / totals[-1]["batch"]  # a whole epoch's last record: batch = steps per epoch
+    per_epoch = next((r["steps_per_epoch"] for r in reversed(records) if r.get("steps_per_epoch")), None)
+    if per_epoch is None and totals:  # a run logged before records carried steps_per_epoch
+        per_epoch = totals[-1]["batch"]  # a whole epoch's last record: batch = steps per epoch
+    return final["step"] / per_epoch if per_epoch else None
 
 
 def collect(trials: list[TrialSpec]) -> list[dict[str, Any]]:

@@ -175,6 +175,25 @@ def slurm_job(trials: list[TrialSpec], folder: Path, parallel: int, options: dic
     return job
 
 
+def check_executor(executor: str) -> None:
+    """Before anything is made (a data subset, trial folders): the executor can run here. Slurm: sbatch
+    on PATH and a controller that answers squeue; one line otherwise."""
+    if executor != "slurm":
+        return
+    if shutil.which("sbatch") is None:
+        raise SweepError("executor slurm: sbatch is not on PATH; run the sweep on a Slurm login node, or use "
+                         "--executor local")
+    try:
+        proc = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SweepError(f"executor slurm: squeue did not answer ({e}); run the sweep where a Slurm controller is "
+                         f"reachable, or use --executor local") from None
+    if proc.returncode != 0:
+        said = next((ln.strip() for ln in proc.stderr.splitlines() if ln.strip()), f"exit {proc.returncode}")
+        raise SweepError(f"executor slurm: squeue cannot reach a Slurm controller ({said}); run the sweep on a Slurm "
+                         f"login node, or use --executor local")
+
+
 def run_slurm(trials: list[TrialSpec], folder: Path, parallel: int, options: dict[str, Any],
               on_done: Callable[[dict], None], poll_s: float = POLL_S) -> list[dict[str, Any]]:
     """Submit the trials as one array job (``parallel`` tasks at a time) and wait until Slurm lists
