@@ -39,3 +39,27 @@ def test_every_command_names_what_was_typed(name, monkeypatch, capsys):
     typed = TYPED[module]
     argv0 = str(ROOT / "engine" / "run.py") if module == "engine.run" else typed.split()[1]  # as Python sets it
     check(help_in_process(module, argv0, monkeypatch, capsys), typed)
+
+
+@pytest.mark.parametrize("script", ["evaluate", "profile_throughput", "gradcam", "launch_slurm", "sweep",
+                                    "make_demo_data"])
+def test_help_answers_before_torch_is_imported(script):
+    """--help (and a usage error) of a tool is parsed before its work imports torch (2-4 s here): the
+    import list Python itself prints (-X importtime) holds no torch. The engine imports it only after
+    its recipe is checked (rsb-train's help test above runs the same way)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-X", "importtime", f"tools/{script}.py", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stderr[-2000:]
+    imported = [ln.rsplit("|", 1)[-1].strip() for ln in proc.stderr.splitlines() if ln.startswith("import time:")]
+    assert "torch" not in imported, [m for m in imported if m.startswith("torch")][:5]
+
+
+def test_convert_help_shows_each_default_once():
+    import sys
+
+    text = help_text([sys.executable, "tools/convert_imagenet.py"])
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: beside the ground-truth file)" in " ".join(text.split())

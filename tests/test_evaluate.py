@@ -70,6 +70,15 @@ def test_imagenet_v2_class_index_folders(tiny_runs, fmnist_tree, tmp_path):
     # without the flag the tree is read as named class folders: the empty one is an error, one line
     wrong = evaluate(ckpt, "--data", v2)
     assert wrong.returncode == 2 and "classes 11" in wrong.stderr and wrong.stderr.count("\n") == 1
+    # the flag is never ignored: a data root holding the class-index tree as val/ is read by index ...
+    shutil.copytree(v2, tmp_path / "root" / "val")
+    under_val = evaluate(ckpt, "--data", tmp_path / "root", "--imagenet-v2", "--json", tmp_path / "root.json")
+    c = json.loads((tmp_path / "root.json").read_text())
+    assert under_val.returncode == 0 and (c["val_top1"], c["val_images"]) == (b["val_top1"], b["val_images"])
+    # ... and one whose val/ has named class folders is refused, not evaluated as if the flag were not there
+    named_root = evaluate(ckpt, "--data", fmnist_tree, "--imagenet-v2")
+    assert named_root.returncode == 2 and named_root.stderr.count("\n") == 1, named_root.stderr
+    assert "class-index folders expected" in named_root.stderr and "'c0'" in named_root.stderr
 
 
 def test_class_index_folders_label_by_number_not_by_sorted_name(fmnist_tree, tmp_path):

@@ -401,3 +401,27 @@ def test_png_marks_the_bottleneck_and_keeps_legends_off_the_data():
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def test_the_two_ratio_columns_are_labelled_apart():
+    """e2e / bare step and stage 1 + stage 2 / stage 2 alone are different ratios: each its own column,
+    named in a legend under the table (the table once put both under one "vs ceil")."""
+    from workflows.profiling.report import COLUMNS, LEGEND, format_table
+
+    base = dict(pipeline="dali", batch=64, res=224, images_per_s_per_worker=None, data_wait_frac=None,
+                precision="fp32", channels_last=True, compile=False)
+    rows = [dict(base, mode="e2e", what="recipe step", images_per_s=900.0, vs_ceiling=0.75),
+            dict(base, mode="data", what="stage1+stage2", images_per_s=1200.0, vs_ceiling=0.5),
+            dict(base, mode="model", what="bare step", images_per_s=1200.0, vs_ceiling=None)]
+    lines = format_table(rows).splitlines()
+    edges, at = {}, 0
+    for name, width in COLUMNS:
+        edges[name] = (at, at + width)
+        at += width + 1
+    column = lambda line, name: line[slice(*edges[name])].strip()  # noqa: E731
+    assert column(lines[0], "of step") == "of step" and column(lines[0], "of stage2") == "of stage2"
+    e2e, data, model = lines[2:5]
+    assert (column(e2e, "of step"), column(e2e, "of stage2")) == ("0.75", "-")
+    assert (column(data, "of step"), column(data, "of stage2")) == ("-", "0.50")
+    assert (column(model, "of step"), column(model, "of stage2")) == ("-", "-")
+    assert lines[-1] == LEGEND and "of step: e2e images/s / the bare step's" in LEGEND

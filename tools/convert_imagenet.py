@@ -31,7 +31,13 @@ def _csv(text: str) -> list[str]:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults after each option's help; the examples in the epilog as written."""
+    """Defaults after each option's help, where there is one to show (not None, not a flag's False, not
+    where the help says it already); the examples in the epilog as written."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,7 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-shuffle", action="store_true", help="keep train in sorted order (sequential tar reads)")
     p.add_argument("--verify", action="store_true", help="re-read every output and check it against the manifest")
     p.add_argument("--overwrite", action="store_true", help="discard an earlier conversion in OUT")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress (default: a bar on a terminal, else a line every 5%% of the images)")
     return p.parse_args(argv)
 
 

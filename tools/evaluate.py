@@ -22,13 +22,8 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from common.cli import examples, prog
-from common.config import CHOICES, ConfigError
-from pipelines.base import DataError, MissingBackendError
-from workflows.evaluate import evaluate_checkpoint
-from workflows.load_model import CheckpointError
+from common.config import CHOICES
 
 SCRIPT = "python tools/evaluate.py"
 
@@ -50,14 +45,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--imagenet-v2", action="store_true",
                    help="class folders are named by class index (0..999), as ImageNet-V2's (reference pipeline)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: the run's train.precision")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when torch sees a GPU, else cpu)")
     p.add_argument("--recipe", help="recipe for a .safetensors export that carries no config")
     p.add_argument("--json", type=Path, help="also write the result here")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # before torch is imported: --help and usage errors answer at once
+    import torch
+
+    from common.config import ConfigError
+    from pipelines.base import DataError, MissingBackendError
+    from workflows.evaluate import evaluate_checkpoint
+    from workflows.load_model import CheckpointError
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         result = evaluate_checkpoint(args.checkpoint, data=args.data, pipeline=args.pipeline, res=args.res,
                                      crop_pct=args.crop_pct, batch_size=args.batch_size, workers=args.workers,

@@ -29,13 +29,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from common.cli import examples, prog
-from common.config import ConfigError, LogConfig
-from pipelines.base import DataError
-from workflows.gradcam import LayerError, compare, layer_lines, log_wandb, predictions_right, render_grid
-from workflows.load_model import CheckpointError
+from common.config import LogConfig
 
 SCRIPT = "python tools/gradcam.py"
 
@@ -54,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layer", help="target module by name, e.g. layer3 (default: the deepest stage at least 4x4)")
     p.add_argument("--out", type=Path, default=Path("gradcam.png"), help="PNG to write (default gradcam.png)")
     p.add_argument("--cell-px", type=int, default=160, help="pixels per grid cell; PNG is cols x rows cells")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when torch sees a GPU, else cpu)")
     p.add_argument("--recipe", help="recipe for a .safetensors export that carries no config")
     p.add_argument("--wandb", choices=["off", "offline", "online"], default="off")
     p.add_argument("--wandb-project", default=LogConfig.project)
@@ -63,7 +58,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # before torch is imported: --help and usage errors answer at once
+    import torch
+
+    from common.config import ConfigError
+    from pipelines.base import DataError
+    from workflows.gradcam import LayerError, compare, layer_lines, log_wandb, predictions_right, render_grid
+    from workflows.load_model import CheckpointError
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         result = compare(args.checkpoints, labels=args.labels, data=args.data, num_images=args.num_images,
                          res=args.res, crop_pct=args.crop_pct, layer=args.layer, device=args.device,

@@ -24,13 +24,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from common.cli import examples, prog
-from common.config import ConfigError
-from models.factory import UnknownModelError
-from pipelines.base import DataError, MissingBackendError
-from workflows import profiling
 
 SCRIPT = "python tools/profile_throughput.py"
 
@@ -68,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
+    from workflows import profiling
+
     report = profiling.profile(args.recipe, args.mode, overrides=args.overrides, batch_sizes=args.batch_sizes,
                                resolutions=args.resolutions, steps=args.steps, warmup=args.warmup,
                                repeats=args.repeats, threads=args.threads, device=args.device, amp=args.amp,
@@ -84,7 +80,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # before torch is imported: --help and usage errors answer at once
+    import torch
+
+    from common.config import ConfigError
+    from models.factory import UnknownModelError
+    from pipelines.base import DataError, MissingBackendError
+    from workflows import profiling
+
     try:
         return run(args)
     except (ConfigError, DataError, MissingBackendError, UnknownModelError, profiling.ProfileError) as e:

@@ -37,6 +37,12 @@ def val_pipeline_for(cfg: Config, device: torch.device | str = "cpu", imagenet_v
     device = torch.device(device)
     data = Path(cfg.data.root)
     split_dir = bare_class_folder(data)
+    if imagenet_v2 and split_dir is None:  # a data root: its val/ class folders, or a converter output
+        if (data / "manifest.json").is_file():
+            raise DataError(f"--imagenet-v2 reads a class-index folder tree (ImageNet-V2's download: DIR/0 ... "
+                            f"DIR/999), but {data} is a converter output folder; give the ImageNet-V2 folder as "
+                            f"--data, or drop --imagenet-v2")
+        split_dir = data / "val"  # class-index folders checked by the reader (one line if they are names)
     if cfg.data.pipeline == "reference" and (split_dir is not None or imagenet_v2):
         return ReferencePipeline(str(data), "val", batch_size=cfg.eval.batch_size, res=cfg.eval.res,
                                  crop_pct=cfg.eval.crop_pct, workers=cfg.data.workers, device=device,

@@ -356,8 +356,11 @@ def _run_tasks(tasks: list, workers: int, progress: bool, total: int, initial: i
 
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     counter = ctx.Value("Q", 0)
-    bar = tqdm(total=total, initial=initial, unit="img", disable=not progress, smoothing=0.05,
-               dynamic_ncols=True, desc="convert")
+    if sys.stderr.isatty() or not progress:
+        bar = tqdm(total=total, initial=initial, unit="img", disable=not progress, smoothing=0.05,
+                   dynamic_ncols=True, desc="convert")
+    else:  # a log file or a pipe: lines, not a bar's carriage returns
+        bar = ProgressLines(total, initial)
     pool = ctx.Pool(max(1, min(workers, len(tasks))), initializer=_init_worker, initargs=(counter,))
     try:
         results = pool.imap_unordered(process_chunk, tasks, chunksize=1)
@@ -380,6 +383,32 @@ def _run_tasks(tasks: list, workers: int, progress: bool, total: int, initial: i
     finally:
         pool.join()
         bar.close()
+
+
+class ProgressLines:
+    """The bar's figures as a line every :data:`STEP` of the images (to stderr): what a redirected
+    conversion (``2> convert.log``, a Slurm job's log) shows instead of a bar's ``\\r`` updates."""
+
+    STEP = 0.05
+
+    def __init__(self, total: int, initial: int):
+        self.total, self.done, self.start, self.first = total, initial, time.monotonic(), initial
+        self.next = initial + max(1, int(total * self.STEP))
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.done < self.next or self.done >= self.total:
+            return
+        self.next = self.done + max(1, int(self.total * self.STEP))
+        rate = (self.done - self.first) / max(time.monotonic() - self.start, 1e-9)
+        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        print(f"convert: {self.done:,} of {self.total:,} images ({self.done / self.total:.0%}), {rate:,.0f} img/s, "
+              f"about {left / 60:.0f} min left", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.done > self.first:
+            took = time.monotonic() - self.start
+            print(f"convert: {self.done:,} of {self.total:,} images, {took:.0f} s", file=sys.stderr, flush=True)
 
 
 def skip_problems(manifest: dict, max_skip_frac: float) -> list[str]:
