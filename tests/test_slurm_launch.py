@@ -96,7 +96,7 @@ def test_the_readme_shows_the_dry_run_as_it_is():
 
 @pytest.mark.parametrize("args,message", [
     (["--set", "optim.lrr=1"], "unknown key optim.lrr"),
-    (["--nodes", "3", "--tasks-per-node", "5", "--set", "train.global_batch_size=64"], "not divisible by 15 processes"),
+    (["--nodes", "3", "--tasks-per-node", "5", "--set", "train.global_batch_size=64"], "does not split over 15 processes"),
     (["--time", "10", "--signal-lead", "600"], "--signal-lead 600 s does not fit --time 10"),
     (["--time", "1 day"], "is not a Slurm time"),
     (["--nodes", "0"], "--nodes and --tasks-per-node must be >= 1"),
@@ -169,3 +169,23 @@ def test_a_sweep_is_one_array_job_task_i_running_trial_i_also_for_one_trial(tmp_
         for i, t in enumerate(todo):
             assert f"  {i}) OUT={t.folder}\n" in script and f"workflows.slurm_task trial {t.folder})" in script
         assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+def test_a_multi_node_run_folder_on_a_node_local_file_system_is_warned_about(tmp_path):
+    from workflows.slurm_launch import file_system, out_warning
+
+    mounts = ("/dev/vda / ext4 rw 0 0\ntmpfs /tmp tmpfs rw 0 0\nhome:/export /home nfs4 rw 0 0\n"
+              "lustre@tcp:/fs /lustre lustre rw 0 0\n/dev/nvme0n1 /scratch/local xfs rw 0 0\n")
+    assert file_system(Path("/home/me/runs/a1"), mounts) == ("/home", "nfs4")
+    assert file_system(Path("/tmp/x/y"), mounts) == ("/tmp", "tmpfs")
+    for shared in ("/home/me/runs/a1", "/lustre/proj/runs/a1"):
+        assert out_warning(Path(shared), 4, mounts) is None
+    for local in ("/tmp/runs/a1", "/scratch/local/a1", "/opt/runs/a1"):
+        warning = out_warning(Path(local), 4, mounts)
+        assert warning.startswith(f"warning: --out {local} is on ") and "with 4 nodes every node must see" in warning
+    assert out_warning(Path("/tmp/runs/a1"), 1, mounts) is None  # one node: its own disk is fine
+    # the launcher says it, on the real machine's mounts
+    proc = launch("recipes/a3.toml", "--nodes", "2", "--tasks-per-node", "1", "--out", tmp_path / "run", "--dry-run")
+    found = file_system(tmp_path)
+    shared = found is not None and found[1] in __import__("workflows.slurm_launch").slurm_launch.SHARED_FILE_SYSTEMS
+    assert shared or f"# warning: --out {tmp_path / 'run'} is on " in proc.stderr, proc.stderr

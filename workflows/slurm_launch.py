@@ -240,6 +240,46 @@ class Job:
             raise LaunchError(f"a job runs one run, or an array job one per task; got {len(self.runs)} runs")
 
 
+# file systems every node of a cluster mounts alike; anything else (ext4, xfs, tmpfs, overlay...) is
+# taken as this node's own
+SHARED_FILE_SYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "beegfs", "ceph", "cephfs", "glusterfs", "fuse.glusterfs",
+                       "cifs", "smb3", "panfs", "wekafs", "afs", "orangefs", "pvfs2", "quobyte", "fuse.quobyte",
+                       "fuse.juicefs", "fuse.sshfs", "fuse.gcsfuse", "fuse.s3fs", "virtiofs", "9p")
+
+
+def file_system(path: Path, mounts: str | None = None) -> tuple[str, str] | None:
+    """(mount point, type) of the file system ``path`` (or its nearest existing parent) is on, from
+    ``/proc/mounts`` (``mounts``: its text, for tests); None where it cannot be read."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return None
+    path = Path(path).absolute()
+    best = None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        if (path == Path(point) or Path(point) in path.parents) and (best is None or len(point) > len(best[0])):
+            best = (point, fields[2])
+    return best
+
+
+def out_warning(out: Path, nodes: int, mounts: str | None = None) -> str | None:
+    """A warning when a job of several nodes would keep its run folder on a file system of this node
+    alone: rank 0 writes the checkpoints there and every start's ``--resume auto`` reads them, from
+    whichever nodes Slurm gives the job next time."""
+    found = file_system(out, mounts)
+    if nodes < 2 or found is None or found[1] in SHARED_FILE_SYSTEMS:
+        return None
+    point, kind = found
+    return (f"warning: --out {out} is on {point} (file system type {kind}), this node's own as far as it can tell: "
+            f"with {nodes} nodes every node must see the run folder (checkpoints, --resume auto); use a shared file "
+            f"system (NFS, Lustre, GPFS, BeeGFS...) unless {point} is shared on your cluster")
+
+
 # --------------------------------------------------------------------------- the job script
 def sbatch_options(job: Job) -> list[str]:
     r = job.resources
@@ -451,6 +491,9 @@ def run_job(launch: Launch) -> tuple[Job, str]:
     except ConfigError as e:
         raise LaunchError(str(e)) from None
     r = choose_cpus_and_memory(r, cfg.data.workers, node_shape(r.partition))
+    warning = out_warning(out, r.nodes)
+    if warning:
+        r = replace(r, why=(*r.why, warning))
     state = out / "slurm"
     task = ["--", str(state / "recipe.toml"), "--out", str(out), "--resume", "auto"]
     if launch.launcher == "torchrun":
