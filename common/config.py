@@ -96,6 +96,11 @@ class TrainConfig:
     eval_every: int = key(1, "epochs between evaluations; the last epoch is always evaluated")
     log_every: int = key(50, "steps between log points (metrics, loss checks, mid-epoch checkpoints, stop decisions)")
     loss_limit: float = key(1000.0, "a logged mean train loss above this stops the run as diverging; 0 = no limit")
+    dist_timeout_s: float = key(300.0, "under DDP: seconds a rank may go without progress (waiting in a collective, "
+                                       "for a batch, in a write) before the run stops with one line naming it; the "
+                                       "process group's own timeout is 60 s later, the last resort")
+    dist_start_timeout_s: float = key(900.0, "the same until the first training step: the rendezvous and the start's "
+                                             "collectives wait for every rank's imports, data and checkpoint load")
     progressive: ProgressiveConfig = key(ProgressiveConfig(), "progressive resolution (table [train.progressive])")
 
 
@@ -386,7 +391,8 @@ def validate(cfg: Config) -> None:
         if value not in options:
             guess = _closest(str(value), list(options))
             raise ConfigError(f"{key} = {value!r} is not one of {', '.join(options)}; did you mean {guess!r}?")
-    positive = ["train.epochs", "train.global_batch_size", "train.train_res", "eval.res", "data.num_classes"]
+    positive = ["train.epochs", "train.global_batch_size", "train.train_res", "eval.res", "data.num_classes",
+                "train.dist_timeout_s", "train.dist_start_timeout_s"]
     for key in positive:
         if get_value(cfg, key) <= 0:
             raise ConfigError(f"{key} must be > 0, got {get_value(cfg, key)}")

@@ -166,10 +166,12 @@ def read_record(path: Path) -> dict[str, Any] | None:
         raise UnreadableCheckpoint(f"its record {rec.name} is unreadable ({type(e).__name__})") from None
 
 
-def verify(path: Path) -> dict[str, Any] | None:
-    """Check ``path`` against its record (size, then sha256); raises UnreadableCheckpoint."""
+def verify(path: Path, record: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Check ``path`` against its record (size, then sha256), or against ``record`` when given (another
+    rank's reading of it: then every rank loads the same bytes); raises UnreadableCheckpoint."""
     path = Path(path)
-    record = read_record(path)
+    if record is None:
+        record = read_record(path)
     if record is None:
         return None
     size = path.stat().st_size
@@ -180,12 +182,16 @@ def verify(path: Path) -> dict[str, Any] | None:
     return record
 
 
-def load(path: Path) -> dict[str, Any]:
-    """A checkpoint's contents, verified against its record and loaded with ``weights_only=True``."""
+def load(path: Path, record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A checkpoint's contents, verified against its record (or ``record``: :func:`verify`) and
+    loaded with ``weights_only=True``."""
     path = Path(path)
-    if not path.is_file():
-        raise UnreadableCheckpoint("no such file")
-    verify(path)
+    try:
+        if not path.is_file():
+            raise UnreadableCheckpoint("no such file")
+        verify(path, record)
+    except OSError as e:  # EIO, ESTALE: the file system failed this reader
+        raise UnreadableCheckpoint(f"it cannot be read here ({e.strerror or type(e).__name__})") from None
     if not zipfile.is_zipfile(path):
         raise UnreadableCheckpoint("not a complete checkpoint: torch.save writes a zip archive and this file does "
                                    "not end like one (truncated, or another kind of file)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import signal
 import sys
 import traceback
@@ -21,13 +22,14 @@ import torch
 from common.config import Config, ConfigError, to_dict
 from engine import checkpoint as ckpt
 from engine import run_folder
-from engine.distributed import DistInfo, any_rank, barrier, cleanup, init_distributed, reduce_bn_stats
+from engine.distributed import (DistInfo, any_rank, barrier, cleanup, init_distributed, reduce_bn_stats,
+                                set_collective_timeout)
 from engine.evaluate import EvalProgress, EvaluationStopped, evaluate
 from engine.failures import FailureBoard
 from engine.logging import RunLogger
 from engine.progressive import regularization_scale, resolution_for_epoch
 from engine.setup import batch_composition, build_pipelines, cpu_lines, quiet, say, set_up_device, wrap_for_training
-from engine.state import EpochProgress, NonFiniteLossError, RanksDisagreeError, StopReason
+from engine.state import AgreedDataError, EpochProgress, NonFiniteLossError, RanksDisagreeError, StopReason
 from engine.step import StepContext, build_step, train_one_epoch
 from models.factory import UnknownModelError
 from pipelines.base import DataError, MissingBackendError
@@ -80,34 +82,61 @@ def train(cfg: Config, out: Path, resume: str | None = None, max_steps: int | No
     when stopped by SIGTERM/SIGINT (after an ``interrupted`` checkpoint), 1 for a crash (its
     traceback). Under DDP a failure on any rank ends every rank within seconds and its line is
     printed once (``engine.failures``)."""
-    d = init_distributed()
-    board = FailureBoard(d.rank, d.world_size, d.local_rank)
+    d = init_distributed(out, cfg.train.dist_start_timeout_s)
+    board = FailureBoard(d.rank, d.world_size, d.local_rank, stall_s=cfg.train.dist_timeout_s,
+                         start_stall_s=cfg.train.dist_start_timeout_s)
     existed = out.exists()
     try:
-        code = _train(cfg, d, out, resume, max_steps)
-        board.close()
-        barrier()  # every rank has stopped watching before rank 0 (the store's host under srun) ends
+        code = _train(cfg, d, out, resume, max_steps, board)
+        board.tick("export")
+        # Rank 0 writes the export and closes W&B before this barrier, the others wait in it: the
+        # board stays open over both, so a failure there (a full disk, a quota) ends every rank too.
+        barrier()
         return code
     except Exception as e:
+        if board.enabled:  # the run is ending with this failure: a launcher's SIGTERM (torchrun's, on seeing
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):  # a peer die) must not cut its line
+                signal.signal(sig, signal.SIG_IGN)
         code, line, agreed = _failure(e, cfg, d, out)
-        if line is None:  # not a failure we know: a bug, or a library's error; its traceback first
+        if line is None:  # not a failure we know: a bug, a library's error, or a peer that vanished
             if not board.enabled:
                 raise
-            if board.posted_code() is None:  # not the consequence of another rank's failure
+            posted = board.posted_code()
+            if posted is None and _collective_error(e):  # did a peer die? its neighbour will say so
+                posted = board.await_diagnosis()
+            if posted is None:
                 traceback.print_exc()
-            line = f"error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} " \
-                   f"(traceback above)"
+                line = f"error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} " \
+                       f"(traceback above)"
+            # else: the consequence of another rank's failure, whose line is out: nothing of ours to add
         board.fail(line, code, agreed=agreed)
-        return board.posted_code() or code
+        code = board.posted_code() or code
+        if board.enabled:  # told the others: end now (tearing down a group with a dead or stuck peer may hang)
+            if not existed and d.is_main:
+                run_folder.remove_if_empty(out)
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os._exit(code)
+        return code
     finally:
         board.close()
         cleanup()
         if not existed and d.is_main:
             run_folder.remove_if_empty(out)
 
+
+def _collective_error(e: Exception) -> bool:
+    """A collective's own error (gloo: "connection closed by peer", a timeout; NCCL: an aborted
+    communicator): the cause may be another rank, so its diagnosis is awaited before a traceback."""
+    name = type(e).__name__
+    return name.startswith("Dist") or any(w in str(e) for w in ("gloo", "Gloo", "NCCL", "Connection", "Timed out",
+                                                                  "timed out", "timeout"))
+
 def _failure(e: Exception, cfg: Config, d: DistInfo, out: Path) -> tuple[int, str | None, bool]:
     """(exit status, the one line, whether every rank raised it at the same step) for a failure the
     user can act on; (1, None, False) for anything else."""
+    if isinstance(e, AgreedDataError):
+        return 2, f"error: {e}", True
     if isinstance(e, (ConfigError, DataError, MissingBackendError, UnknownModelError)):
         return 2, f"error: {e}", False
     if isinstance(e, NonFiniteLossError):  # raised on reduced values only: every rank at the same step
@@ -120,12 +149,15 @@ def _failure(e: Exception, cfg: Config, d: DistInfo, out: Path) -> tuple[int, st
         return 2, (f"error: out of GPU memory at per-device batch {per_device}; set "
                    f"train.per_device_batch_size={max(1, per_device // 2)} (gradient accumulation keeps the global "
                    f"batch {cfg.train.global_batch_size})"), False
+    if _collective_error(e) and any(w in str(e) for w in ("Timed out", "timed out", "timeout")):
+        return 1, (f"error: a collective waited longer than the process group's timeout (train.dist_timeout_s = "
+                   f"{cfg.train.dist_timeout_s:g} s, + 60 s) for another rank; continue with --resume auto"), False
     if isinstance(e, OSError) and ckpt.is_disk_full(e):
         detail = e.strerror if isinstance(e, ckpt.DiskFullError) else str(ckpt.disk_full(out, 0).strerror)
         return 2, f"error: {detail}; earlier checkpoints are intact, continue with --resume auto", False
     return 1, None, False
 
-def _train(cfg: Config, d: DistInfo, out: Path, resume: str | None, max_steps: int | None) -> int:
+def _train(cfg: Config, d: DistInfo, out: Path, resume: str | None, max_steps: int | None, board: FailureBoard) -> int:
     """The run top to bottom: set-up, resume, the epoch loop (log points, mid-epoch checkpoints,
     stop decisions, evaluation, end-of-epoch checkpoints), the export."""
     requested = cfg.train.precision
@@ -147,7 +179,8 @@ def _train(cfg: Config, d: DistInfo, out: Path, resume: str | None, max_steps: i
     stage2_eval = build_stage2(cfg.data, cfg.augment, train=False, channels_last=t.channels_last)
     ctx = build_step(cfg, device, steps_per_epoch)
     prog, best = EpochProgress(), {"val_top1": -1.0}
-    resumed = run_folder.resume(resume, out, ctx, train_pipe, stage2, prog, best, d, log=log.info)
+    resumed = run_folder.resume(resume, out, ctx, train_pipe, stage2, prog, best, d, log=log.info,
+                                composition=(per_device, accum))
     # Records an interrupted run logged after its last checkpoint (all of them, when it wrote none
     # and this run starts fresh) are logged again: one record per step.
     log.truncate(prog.records, prog.step)
@@ -162,12 +195,15 @@ def _train(cfg: Config, d: DistInfo, out: Path, resume: str | None, max_steps: i
                  + (f"; the evaluation of epoch {prog.eval_pending} is redone (a stop came during it)"
                     if prog.eval_pending is not None else ""))
     saver = run_folder.Checkpointer(out, cfg, d, ctx.raw_model, ctx.optimizer, ctx.scaler, ctx.ema, train_pipe,
-                                    stage2, log)
+                                    stage2, log, tick=board.tick)
     if resumed is not None and d.is_main:
         saver.await_check(resumed)  # good once the first loss check after it passes
     res = resolution_for_epoch(t.progressive, min(prog.epoch, epochs_total - 1), epochs_total, t.train_res)
     wrap_for_training(ctx, d, accum, t.compile, input_shape=(per_device, 3, res, res),
                        channels_last=t.channels_last, ema_from_model=not resumed)
+    # every rank has loaded its data and checkpoint and met the others in DDP's first collectives:
+    # from here a collective waits train.dist_timeout_s (the board's stall check) and 60 s more
+    set_collective_timeout(t.dist_timeout_s + 60.0)
     final_metrics: dict[str, Any] = {}
     stopped = None
     with StopRequest() as stop:
@@ -180,7 +216,7 @@ def _train(cfg: Config, d: DistInfo, out: Path, resume: str | None, max_steps: i
                 log.epoch_start(epoch, steps_per_epoch, prog.batch // accum, res)
                 for rec in train_one_epoch(ctx, train_pipe, stage2, prog, steps_per_epoch=steps_per_epoch,
                                            log_every=t.log_every, stop=None if d.enabled else stop,
-                                           max_steps=max_steps, loss_limit=t.loss_limit):
+                                           max_steps=max_steps, loss_limit=t.loss_limit, tick=board.tick):
                     saver.confirm_pending()  # the loss window up to this step has passed its check
                     if "train_loss" in rec:
                         log.metrics({**rec, "steps_per_epoch": steps_per_epoch})
@@ -211,7 +247,7 @@ def _train(cfg: Config, d: DistInfo, out: Path, resume: str | None, max_steps: i
             if evaluated:
                 try:
                     final_metrics = _evaluate(ctx, val_pipe, stage2_eval, cfg, d, out, epoch, prog, best, log, stop,
-                                              reduce_bn=reduce_bn)
+                                              reduce_bn=reduce_bn, tick=board.tick)
                 except EvaluationStopped:
                     name, code = signal.Signals(stop.signal).name, stop.exit_code()
                     stopped = StopReason.SIGNAL
@@ -255,7 +291,8 @@ def _finish(cfg: Config, d: DistInfo, out: Path, ctx: StepContext, prog: EpochPr
     return stopped_by.exit_code() if stopped_by is not None else 0
 
 def _evaluate(ctx: StepContext, val_pipe, stage2_eval, cfg: Config, d: DistInfo, out: Path, epoch: int,
-              prog: EpochProgress, best: dict, log, stop: StopRequest, *, reduce_bn: bool = True) -> dict[str, Any]:
+              prog: EpochProgress, best: dict, log, stop: StopRequest, *, reduce_bn: bool = True,
+              tick=lambda phase: None) -> dict[str, Any]:
     """Validation of the evaluated weights (the EMA's when kept) after BatchNorm statistics are
     averaged over ranks (``reduce_bn``; a resumed evaluation finds them averaged already); a NaN/Inf
     validation loss stops the run like a training one. It says what it evaluates and shows its
@@ -271,9 +308,15 @@ def _evaluate(ctx: StepContext, val_pipe, stage2_eval, cfg: Config, d: DistInfo,
              + (" (EMA weights)" if ema else ""))
     shown = EvalProgress(len(val_pipe), total, d.world_size, tty=log.tty, enabled=d.is_main and cfg.log.progress,
                          write=log.info)
+
+    def progress(batches: int, images: int) -> None:
+        tick("eval")
+        shown(batches, images)
+
+    tick("eval")
     try:
         metrics = evaluate(eval_model, val_pipe, stage2_eval, device=d.device, precision=cfg.train.precision,
-                           stop=stop, progress=shown)
+                           stop=stop, progress=progress)
     finally:
         shown.close()
     if not math.isfinite(metrics["val_loss"]):

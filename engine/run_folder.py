@@ -34,8 +34,10 @@ from torch import nn
 
 from engine import checkpoint as ckpt
 from common.config import Config, ConfigError, to_dict
-from engine.distributed import DistInfo, barrier, bn_running_stats, gather_objects, reduce_bn_stats
-from engine.state import EpochProgress, NonFiniteLossError, RanksDisagreeError, advice, trained_epoch
+from engine.distributed import (DistInfo, barrier, bn_running_stats, broadcast_from_main, gather_objects,
+                                gather_to_main, reduce_bn_stats)
+from engine.setup import batch_composition
+from engine.state import AgreedDataError, EpochProgress, NonFiniteLossError, RanksDisagreeError, advice, trained_epoch
 from pipelines.base import DataError, load_random_state, random_state
 
 RUN_FILES = ("metrics.jsonl", "best.safetensors", "model.safetensors")  # a run's output: never overwritten
@@ -115,8 +117,8 @@ class Checkpointer:
     """Saves the run's state at a step every rank reaches together; rank 0 writes the files."""
 
     def __init__(self, out: Path, cfg: Config, d: DistInfo, model: nn.Module, optimizer, scaler, ema, stage1, stage2,
-                 log):
-        self.out, self.cfg, self.d = out, cfg, d
+                 log, tick=lambda phase: None):
+        self.out, self.cfg, self.d, self.tick = out, cfg, d, tick
         self.model, self.optimizer, self.scaler, self.ema = model, optimizer, scaler, ema
         self.stage1, self.stage2 = stage1, stage2
         self.log = log
@@ -134,10 +136,12 @@ class Checkpointer:
 
     def save(self, prog: EpochProgress, best: dict, tag: str, *, confirmed: bool = False) -> Path | None:
         """Write a checkpoint of the state at ``prog``; returns its path on rank 0."""
+        self.tick("checkpoint")
         self._check_ranks(prog)
         own = [b.detach().clone() for b in bn_running_stats(*self._modules())]
         reduce_bn_stats(*self._modules())  # the checkpoint holds the average over ranks ...
-        per_rank = gather_objects({"stage1": random_state(self.stage1), "stage2": self.stage2.state_dict(),
+        # to the writer only (an all-gather would send every rank's state to every rank)
+        per_rank = gather_to_main({"stage1": random_state(self.stage1), "stage2": self.stage2.state_dict(),
                                    "rng": ckpt.rng_state(),
                                    "window": [prog.window_loss, prog.window_count, prog.window_nonfinite],
                                    "bn": [b.cpu() for b in own] if self.d.enabled else None}, self.d)
@@ -181,9 +185,12 @@ class Checkpointer:
                                      f"checkpoint with --resume auto")
 
     def _write(self, prog: EpochProgress, best: dict, tag: str, per_rank: list, confirmed: bool) -> Path:
+        per_device, accum = batch_composition(self.cfg.train.global_batch_size, self.d.world_size,
+                                              self.cfg.train.per_device_batch_size)
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "ema": self.ema.module.state_dict() if self.ema else None,
                  "progress": prog.state_dict(), "per_rank": per_rank, "world_size": self.d.world_size,
+                 "per_device_batch": per_device, "accum_steps": accum,  # the composition a mid-epoch resume needs
                  "config": to_dict(self.cfg), "best": dict(best), "tag": tag,
                  "workdir": str(Path.cwd())}  # what the config's relative paths (data.root) are relative to
         epoch = trained_epoch(prog)
@@ -222,30 +229,110 @@ def reject_after_failure(out: Path) -> str:
 
 
 def resume(spec: str | None, out: Path, parts, stage1, stage2, prog: EpochProgress, best: dict, d: DistInfo,
-           log=print) -> Path | None:
-    """Loads the checkpoint ``spec`` names (see the module doc) into the run; returns its path."""
+           log=print, composition: tuple[int, int] | None = None) -> Path | None:
+    """Loads the checkpoint ``spec`` names (see the module doc) into the run; returns its path.
+
+    Every rank loads the same checkpoint: rank 0 lists the folder and names each candidate with its
+    record (size, sha256), every rank verifies its own read of that file against it, and the ranks'
+    verdicts are gathered before any of them uses it. A checkpoint one rank cannot read (EIO or
+    ESTALE on one node, a stale directory listing) is passed over by all of them together; ranks
+    that resumed from different checkpoints would hold different steps, schedules and optimizer
+    moments (DDP broadcasts only the weights) and meet in mismatched collectives.
+    ``composition``: this run's (per-device batch, accumulation steps)."""
     if spec in (None, "fresh"):
         return None
     if spec == "auto":
-        try:
-            found = ckpt.newest_usable(out, log=log)
-        except ckpt.NoUsableCheckpoint as e:
-            raise DataError(f"--resume auto: {e}; fix or remove them, or start over with --resume fresh") from None
+        found = _agreed_newest(out, d, log)
         if found is None:
             log(f"--resume auto: no checkpoint in {out}; starting fresh")
             return None
         path, state = found
     else:
         path = Path(spec)
-        try:
-            state = ckpt.load(path)
-        except ckpt.UnreadableCheckpoint as e:
-            raise DataError(f"--resume {spec}: cannot use this file: {e}") from None
+        state, problem = _load_everywhere(path, d)
+        if problem:
+            raise AgreedDataError(f"--resume {spec}: cannot use this file: {problem}")
         if not isinstance(state, dict) or not {"model", "optimizer", "progress"} <= set(state):
-            raise DataError(f"--resume {spec}: not a training checkpoint of engine.run (an export or another "
-                            f"file?); pass a ckpt-*.pt from a run folder")
+            raise AgreedDataError(f"--resume {spec}: not a training checkpoint of engine.run (an export or another "
+                                  f"file?); pass a ckpt-*.pt from a run folder")
+    _check_composition(path, state, d, composition)
     _load_into(state, parts, stage1, stage2, prog, best, d, log)
     return path
+
+
+def _load_everywhere(path: Path, d: DistInfo) -> tuple[dict[str, Any] | None, str]:
+    """(contents, "") when every rank loaded ``path`` as rank 0's record describes it; else (None,
+    why: the first ranks that could not, each with its reason)."""
+    try:
+        seen = (ckpt.read_record(path), "") if d.is_main else None
+    except ckpt.UnreadableCheckpoint as e:
+        seen = (None, str(e))
+    record, problem = broadcast_from_main(seen, d)
+    state = None
+    if not problem:
+        try:
+            state = ckpt.load(path, record)
+        except ckpt.UnreadableCheckpoint as e:
+            problem = str(e)
+    verdicts = gather_objects(problem, d)  # small: every rank must know whether all of them can go on
+    bad = [(r, why) for r, why in enumerate(verdicts) if why]
+    if not bad:
+        return state, ""
+    return None, "; ".join(f"rank {r}: {why}" if d.enabled else why for r, why in bad[:3]) + \
+        (f"; and {len(bad) - 3} more rank(s)" if len(bad) > 3 else "")
+
+
+def _agreed_newest(out: Path, d: DistInfo, log) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint of rank 0's listing that every rank can load (see :func:`resume`)."""
+    names = broadcast_from_main([p.name for p in reversed(ckpt.list_checkpoints(out))] if d.is_main else None, d)
+    failures = []
+    for name in names:
+        state, problem = _load_everywhere(out / name, d)
+        if not problem:
+            return out / name, state
+        failures.append(f"{name}: {problem}")
+        log(f"checkpoint {name} is unusable ({problem}); " + ("every rank takes an older one" if d.enabled else
+                                                               "trying an older one"))
+    if failures:
+        raise AgreedDataError(f"--resume auto: {out} holds {len(failures)} checkpoint(s) and none can be used: "
+                              + "; ".join(failures) + "; fix or remove them, or start over with --resume fresh")
+    return None
+
+
+def _check_composition(path: Path, state: dict, d: DistInfo, composition: tuple[int, int] | None) -> None:
+    """A checkpoint written mid-epoch continues only on the batch composition that wrote it: its
+    position is a count of micro-batches of this rank's shard, and with another process count, per-
+    device batch or accumulation the rest of the epoch would not be the samples it has left (some
+    seen twice, some never) and the epoch would take another number of steps. At an epoch's end any
+    composition continues (README: Exactness)."""
+    batch = int(state["progress"].get("batch", 0))
+    then = (state.get("world_size"), state.get("per_device_batch"), state.get("accum_steps"))
+    now = (d.world_size, *(composition or (None, None)))
+    same = all(a is None or b is None or a == b for a, b in zip(then, now))
+    if batch == 0 or same:
+        return
+    epoch = int(state["progress"]["epoch"])
+    boundary = _newest_epoch_end(path.parent, before=path)
+    how = (f"--resume {boundary} (the end of epoch {epoch - 1}: epoch {epoch} is then trained from its start)"
+           if boundary is not None else "--resume fresh (no end-of-epoch checkpoint is left)")
+    shown = lambda c: " x ".join(str(v) for v in c if v is not None)  # noqa: E731
+    raise AgreedDataError(f"{path.name} was written in the middle of epoch {epoch} (micro-batch {batch}) by "
+                          f"{shown(then)} (processes x per-device batch x accumulation); this run has {shown(now)}: "
+                          f"the rest of the epoch would repeat or skip samples. Continue it with the same composition, "
+                          f"or from an epoch boundary with {how}")
+
+
+def _newest_epoch_end(folder: Path, before: Path) -> Path | None:
+    found = None
+    for p in ckpt.list_checkpoints(folder):
+        if p == before:
+            break
+        try:
+            if (ckpt.read_record(p) or {}).get("tag", "epoch") == "epoch":
+                found = p
+        except ckpt.UnreadableCheckpoint:
+            continue
+    return found
 
 
 def _load_into(state: dict, parts, stage1, stage2, prog: EpochProgress, best: dict, d: DistInfo, log) -> None:
@@ -259,9 +346,10 @@ def _load_into(state: dict, parts, stage1, stage2, prog: EpochProgress, best: di
     for k, v in state["progress"].items():
         setattr(prog, k, v)
     best.update(state.get("best", {}))
-    if state["world_size"] != d.world_size:  # the run continues, but not bit-exactly
-        log(f"resuming a {state['world_size']}-process checkpoint on {d.world_size} processes: augmentation RNG "
-            "streams restart from the seed, BatchNorm statistics start from their average")
+    if state["world_size"] != d.world_size:  # at an epoch's end (_check_composition): continues, not bit-exactly
+        log(f"resuming a {state['world_size']}-process checkpoint on {d.world_size} processes at the start of epoch "
+            f"{prog.epoch}: augmentation RNG streams restart from the seed, BatchNorm statistics start from their "
+            f"average")
         return
     own = state["per_rank"][d.rank]
     load_random_state(stage1, own.get("stage1"))

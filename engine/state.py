@@ -46,6 +46,11 @@ class NonFiniteLossError(RuntimeError):
         super().__init__(message)
         self.step = step
 
+class AgreedDataError(Exception):
+    """A data or resume error every rank raises alike at the same point, from values all ranks agreed
+    on (a checkpoint none can use, one written by another process count): printed once, by rank 0."""
+
+
 class RanksDisagreeError(RuntimeError):
     """Ranks that must hold the same weights do not (found at a checkpoint, from every rank's
     fingerprint, so every rank raises it at the same step)."""

@@ -168,9 +168,13 @@ def _check(r: WindowReading, ctx: StepContext, prog: "EpochProgress", loss_limit
                                  f"train.loss_limit={loss_limit:g}: the run is diverging; {advice(ctx.precision)}",
                                  step=prog.step)
 
+def _no_tick(phase: str) -> None:
+    pass
+
+
 def train_one_epoch(ctx: StepContext, pipeline, stage2, prog: EpochProgress, *, steps_per_epoch: int,
                     log_every: int, stop: Any = None, max_steps: int | None = None,
-                    loss_limit: float = 0.0) -> Iterator[dict[str, Any]]:
+                    loss_limit: float = 0.0, tick: Callable[[str], None] = _no_tick) -> Iterator[dict[str, Any]]:
     """Trains the rest of ``prog.epoch`` from ``prog.batch``, yielding one record at every log point
     (every ``log_every``-th optimizer step *within the epoch*, as timm counts ``batch_idx``, and the
     epoch's last step); the caller logs it and makes its decisions (checkpoint, stop) there, where the
@@ -183,7 +187,9 @@ def train_one_epoch(ctx: StepContext, pipeline, stage2, prog: EpochProgress, *, 
     then read into ``prog`` (so a checkpoint written now resumes the running sums exactly) and the
     last record carries ``"stopped"``. ``prog.window_*`` are up to date at every yield. Micro-batches beyond the last full accumulation group are not used. Raises
     :class:`NonFiniteLossError` at the log point that finds a NaN/Inf loss or a mean above
-    ``loss_limit`` (0 = no limit).
+    ``loss_limit`` (0 = no limit). ``tick(phase)`` is told where the loop is ("data": waiting for a
+    batch, "step": the step and its all-reduce) at every micro-batch: the failure board's
+    watcher (``engine.failures``) reports a rank that stops making progress.
     """
     ctx.model.train()
     usable = steps_per_epoch * ctx.accum_steps
@@ -193,12 +199,14 @@ def train_one_epoch(ctx: StepContext, pipeline, stage2, prog: EpochProgress, *, 
     window_wait = 0.0
     it = iter(pipeline)
     while prog.batch < usable:
+        tick("data")
         t0 = time.perf_counter()
         try:
             batch = next(it)
         except StopIteration:
             break
         window_wait += time.perf_counter() - t0
+        tick("step")
         micro = prog.batch % ctx.accum_steps
         if micro == 0:
             apply_lr(ctx.optimizer, ctx.lr_at(prog.step))

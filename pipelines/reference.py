@@ -50,10 +50,12 @@ import functools
 import hashlib
 import math
 import os
+import select
 import signal
 import struct
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -268,6 +270,39 @@ def _ignore_stop_signals(worker_id: int, main_pid: int) -> None:
     if hasattr(signal, "sigwaitinfo"):  # not on macOS: there torch's handler lets any SIGTERM end the worker
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
         threading.Thread(target=_exit_on_parent_sigterm, args=(main_pid,), daemon=True).start()
+    threading.Thread(target=_exit_with_main, args=(main_pid,), daemon=True).start()
+
+
+def _exit_with_main(main: int) -> None:
+    """End this worker when the main process has ended, however it ended (kill -9, the OOM killer, the
+    ``os._exit`` of a rank whose group failed). torch's own check watches the worker's parent, which
+    for a forkserver's worker is the server, and the server lives as long as a worker holds its
+    pipe: without this, orphaned workers and the server would live on, holding the job's output
+    pipes open. A pidfd (Linux 5.3+) becomes readable when the process ends, no polling."""
+    try:
+        fd = os.pidfd_open(main)
+    except ProcessLookupError:
+        os._exit(0)
+    except (AttributeError, OSError):  # no pidfd here: look once a second
+        while _running(main):
+            time.sleep(1.0)
+        os._exit(0)
+    select.select([fd], [], [])
+    os._exit(0)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
 
 
 def _exit_on_parent_sigterm(parent: int) -> None:

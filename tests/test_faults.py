@@ -88,3 +88,31 @@ def test_a_stop_during_evaluation_is_honoured_and_resumed_exactly(faults, nproc)
 def test_resume_auto_never_overwrites_output_without_checkpoint(faults):
     """Before: "no checkpoint in OUT; starting fresh", metrics.jsonl cut and both exports replaced."""
     check(faults.resume_auto_without_checkpoint())
+
+
+def test_ranks_resume_from_one_checkpoint_when_one_rank_cannot_read_the_newest(faults):
+    """Before: each rank took its own newest readable checkpoint; rank 1 resumed a step behind rank 0."""
+    check(faults.unreadable_on_one_rank())
+
+
+def test_a_failed_final_export_on_rank_0_ends_every_rank(faults):
+    """Before: the others had closed the board at the final barrier; under srun (rank 0 hosts the store)
+    rank 1 printed a traceback and a second line when rank 0's process went."""
+    check(faults.export_fails_on_rank_0())
+
+
+def test_a_rank_killed_without_a_word_ends_the_group_with_its_name(faults):
+    """Before: rank 0 died in the next collective with gloo's "Connection reset by peer" traceback (with
+    NCCL nothing would arrive at all); nothing said that rank 1 had died."""
+    check(faults.silent_death())
+
+
+def test_a_rank_stuck_alive_ends_the_group_at_the_recipes_timeout(faults):
+    """Before: rank 0 waited in the all-reduce for the process group's default timeout (30 min on gloo)."""
+    check(faults.stuck_rank())
+
+
+def test_a_mid_epoch_resume_on_another_process_count_is_refused_with_the_boundary_to_use(faults):
+    """Before: the position (a micro-batch count of the old shard) was applied to the new shard: samples
+    repeated or skipped, the epoch a different number of steps."""
+    check(faults.world_size_change())

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -231,3 +232,40 @@ def test_main_process_still_ends_its_workers_at_exit(damaged):
     proc = subprocess.run([sys.executable, "-c", EXIT_WITH_LIVE_WORKERS, str(out)], capture_output=True, text=True,
                           timeout=60, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr[-2000:]
+
+
+KILLED_WITH_LIVE_WORKERS = textwrap.dedent("""
+    import os, signal, sys
+    from pipelines.reference import ReferencePipeline
+    it = iter(ReferencePipeline(sys.argv[1], "train", batch_size=4, res=32, workers=2))
+    next(it)
+    print("ok", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # the OOM killer, kill -9: no shutdown of anything
+""")
+
+
+def test_workers_and_the_forkserver_end_when_the_main_process_is_killed(damaged):
+    """Before: a forkserver's workers are the server's children, so torch's parent check never fired,
+    and they held the server's pipe open, so the server lived on too: both outlived a kill -9 of the
+    training process for good, holding its stdout and stderr (a caller reading them never saw EOF)."""
+    out, _ = damaged
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WITH_LIVE_WORKERS, str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
+                            start_new_session=True)
+    stdout, _ = proc.communicate(timeout=60)  # EOF on both pipes: every process that held them has ended
+    assert proc.returncode == -signal.SIGKILL and stdout == "ok\n"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _session_members(proc.pid):
+        time.sleep(0.1)
+    assert not _session_members(proc.pid)
+
+
+def _session_members(sid: int) -> list[int]:
+    found = []
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.getsid(int(proc_dir.name)) == sid:
+                found.append(int(proc_dir.name))
+        except OSError:
+            continue
+    return found

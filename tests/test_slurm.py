@@ -52,6 +52,14 @@ def test_f_sweep_on_slurm_finishes_with_a_preempted_trial_resumed(cases):
     check(cases.sweep())
 
 
+def test_h_a_rank_killed_without_a_word_ends_the_job_with_its_name_and_the_next_launch_resumes(cases):
+    """Before: the job ended as FAILED with rank 0's gloo traceback ("Connection reset by peer") as its
+    reason; nothing said that rank 1 had died (and with NCCL nothing would have arrived at all)."""
+    from tests.helpers.slurm_cases import silent_death
+
+    check(silent_death(cases))
+
+
 def test_g_each_rank_gets_and_names_the_cpus_it_asked_for_where_the_site_binds(fmnist_tree, tmp_path):
     """Its own cluster with CPU binding (task/affinity), nodes of 2 CPUs (tests/helpers/slurm_cases.py)."""
     from tests.helpers.slurm_cases import cpu_binding

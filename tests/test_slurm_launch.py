@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from engine.distributed import expand_nodelist, process_ranks, rendezvous_port, slurm_rendezvous
+from engine.distributed import expand_nodelist, process_ranks
 from tests.helpers.cli import run_main
 from workflows.slurm_launch import parse_time
 
@@ -144,12 +145,76 @@ def test_ranks_come_from_torchrun_first_then_from_an_srun_step():
     assert process_ranks(batch_script) == (0, 1, 0, "single")
 
 
-def test_every_start_of_a_job_has_its_own_rendezvous_port():
-    ports = {rendezvous_port(job, restart) for job in (123456, 123457) for restart in range(20)}
-    assert len(ports) == 40 and all(12000 <= p < 32768 for p in ports)  # below the ephemeral range
-    env = {"SLURM_JOB_ID": "123456", "SLURM_RESTART_COUNT": "2", "SLURM_STEP_NODELIST": "localhost,n7",
-           "SLURM_JOB_NODELIST": "n[7-8]"}
-    assert slurm_rendezvous(env) == ("localhost", rendezvous_port(123456, 2))
+def test_every_start_meets_on_a_port_of_its_own_published_in_the_run_folder(tmp_path):
+    """Before: the port was 12000 + (job id mod 1000) x 20 + restart: jobs 1000 and 2000 on one node
+    met on one port, and the range covered torchrun's 29500. Now rank 0 hosts the store on a port the
+    OS gives it and publishes it under a name of the start's own; the others read it there."""
+    import threading
+
+    from engine.distributed import LaunchError, publish_rendezvous, read_rendezvous, rendezvous_file
+
+    def env(job, step="0", restart="0", task=None):
+        e = {"SLURM_JOB_ID": str(job), "SLURM_STEP_ID": step, "SLURM_RESTART_COUNT": restart}
+        return {**e, "SLURM_ARRAY_TASK_ID": task} if task else e
+
+    names = {rendezvous_file(tmp_path, env(*a)).name for a in
+             ((1000,), (2000,), (1000, "1"), (1000, "0", "1"), (1000, "0", "0", "3"))}
+    assert len(names) == 5  # another job, step (salloc + srun twice), restart or array task: another name
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(a=read_rendezvous(tmp_path, 30, env(1000))))
+    reader.start()  # a rank that starts before rank 0 has published waits for it
+    time.sleep(0.5)
+    publish_rendezvous(tmp_path, "gpu-a01", 41234, env(1000))
+    reader.join(timeout=30)
+    assert got["a"] == ("gpu-a01", 41234)
+    with pytest.raises(LaunchError, match=r"did not publish this start's rendezvous in .* within 1 s: is .* on a "
+                                          r"file system every node sees"):
+        read_rendezvous(tmp_path, 1, env(2000))
+
+
+def test_the_first_node_is_found_in_slurms_node_list():
+    from engine.distributed import first_node_address
+
+    env = {"SLURM_STEP_NODELIST": "localhost,n7", "SLURM_JOB_NODELIST": "n[7-8]"}
+    assert first_node_address(env) == "localhost"
+
+
+@pytest.mark.parametrize("case,local_ranks,visible,tasks,sets,want", [
+    ("--gpus-per-task=1: one visible each", range(8), 1, 8, None, [0] * 8),
+    ("every GPU visible to every task (srun) or torchrun", range(8), 8, 8, None, list(range(8))),
+    ("--gpu-bind=closest, block: tasks 0-3 see GPUs 0-3, 4-7 see 4-7", range(8), 4, 8,
+     ["a"] * 4 + ["b"] * 4, [0, 1, 2, 3, 0, 1, 2, 3]),
+    ("--gpu-bind=closest, cyclic: even tasks on socket 0, odd on 1", range(8), 4, 8,
+     ["a", "b"] * 4, [0, 0, 1, 1, 2, 2, 3, 3]),
+    ("4 tasks, 2 visible each, cyclic over 2 sockets", range(4), 2, 4, ["a", "b", "a", "b"], [0, 0, 1, 1]),
+])
+def test_each_rank_takes_a_gpu_no_other_rank_of_its_node_takes(case, local_ranks, visible, tasks, sets, want):
+    """Before: one visible GPU or set_device(SLURM_LOCALID), which fails on local ranks 4-7 when a
+    task sees 4 of 8. With the GPUs a task sees named by their identities (sets), no two tasks that
+    see the same GPUs take the same one."""
+    from engine.distributed import ordinal_among, pick_cuda_device
+
+    everyone = [("node1", sets[lr] if sets else "all", lr) for lr in local_ranks]
+    got = [pick_cuda_device(lr, visible, tasks, ordinal_among(everyone[lr], everyone) if sets else None)
+           for lr in local_ranks]
+    assert got == want, case
+    physical = {(everyone[lr][1], g) for lr, g in zip(local_ranks, got)}
+    assert len(physical) == len(list(local_ranks)) or visible == 1  # never two tasks on one GPU
+
+
+def test_ranks_on_this_node_from_torchrun_or_slurm():
+    from engine.distributed import _tasks_on_this_node
+
+    assert _tasks_on_this_node({"LOCAL_WORLD_SIZE": "8"}) == 8
+    assert _tasks_on_this_node({"SLURM_STEP_TASKS_PER_NODE": "8(x4)", "SLURM_NODEID": "3"}) == 8
+    assert _tasks_on_this_node({"SLURM_STEP_TASKS_PER_NODE": "2,1", "SLURM_NODEID": "1"}) == 1
+    assert _tasks_on_this_node({"SLURM_TASKS_PER_NODE": "4(x2),3", "SLURM_NODEID": "2"}) == 3
+
+
+def test_the_job_keeps_numba_s_cache_on_node_local_disk(tmp_path):
+    script = launch("recipes/a3.toml", "--nodes", "2", "--tasks-per-node", "1", "--out", tmp_path / "r",
+                    "--dry-run").stdout
+    assert 'export NUMBA_CACHE_DIR=${NUMBA_CACHE_DIR:-${TMPDIR:-/tmp}/rsb-numba-$(id -u)}' in script
 
 
 def test_a_sweep_is_one_array_job_task_i_running_trial_i_also_for_one_trial(tmp_path):

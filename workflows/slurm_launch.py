@@ -350,6 +350,8 @@ JOB=${{SLURM_ARRAY_JOB_ID:+${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}}}
 JOB=${{JOB:-$SLURM_JOB_ID}}
 say() {{ echo "launch: [$(date '+%F %T.%3N')] $*"; }}
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${{OMP_NUM_THREADS:-1}}
+# numba's compiled loops are cached on this node's own disk, not beside the code on a shared file system
+export NUMBA_CACHE_DIR=${{NUMBA_CACHE_DIR:-${{TMPDIR:-/tmp}}/rsb-numba-$(id -u)}}
 unset MASTER_ADDR MASTER_PORT RANK WORLD_SIZE LOCAL_RANK  # every start computes its own rendezvous
 
 early=0 stopping=0 pid= nudger=

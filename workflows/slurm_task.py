@@ -21,6 +21,8 @@ import os
 import signal
 import sys
 
+RENDEZVOUS_WAIT_S = 900  # the other nodes' agents wait this long for the first node's (slow imports, a busy FS)
+
 
 def _exec_engine(engine_args: list[str]) -> None:
     os.execv(sys.executable, [sys.executable, "-m", "engine.run", *engine_args])
@@ -46,14 +48,21 @@ def _torchrun(nproc: int, engine_args: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    from engine.distributed import LaunchError, slurm_rendezvous
+    from engine.distributed import (LaunchError, first_node_address, free_port, publish_rendezvous, read_rendezvous,
+                                    rendezvous_file)
 
-    try:
-        host, port = slurm_rendezvous()
+    env = os.environ
+    out = Path(engine_args[engine_args.index("--out") + 1]) if "--out" in engine_args else Path.cwd()
+    first = env.get("SLURM_NODEID", "0") == "0"
+    try:  # the first node's agent hosts the c10d rendezvous on a port the OS gives it, published in OUT
+        if first:
+            host, port = first_node_address(), free_port()
+            publish_rendezvous(out, host, port)
+        else:
+            host, port = read_rendezvous(out, RENDEZVOUS_WAIT_S)
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    env = os.environ
     nnodes = env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_JOB_NUM_NODES", "1")
     run_id = f"{env.get('SLURM_JOB_ID', 'job')}-{env.get('SLURM_RESTART_COUNT', '0')}"
     args = get_args_parser().parse_args([
@@ -65,7 +74,6 @@ def _torchrun(nproc: int, engine_args: list[str]) -> int:
               file=sys.stderr, flush=True)
     # the agent's own messages (closing signals, "failed (exitcode: 140)") go to a side log, not the
     # run's: the run's log ends with the engine's last line (workflows.slurm_launch)
-    out = Path(engine_args[engine_args.index("--out") + 1]) if "--out" in engine_args else Path.cwd()
     agent_log = logging.getLogger("torch.distributed.elastic")
     agent_log.propagate = False
     handler = logging.FileHandler(out / "slurm" / f"torchrun-node{env.get('SLURM_NODEID', '0')}.log")
@@ -82,6 +90,13 @@ def _torchrun(nproc: int, engine_args: list[str]) -> int:
     except Exception:  # e.g. the rendezvous store went with the first node's agent after a failure there
         agent_log.error("the agent stopped:\n%s", traceback.format_exc())
         return 1
+    finally:
+        if first:
+            rendezvous_file(out).unlink(missing_ok=True)
+            try:
+                rendezvous_file(out).parent.rmdir()
+            except OSError:
+                pass
 
 
 def _trial(folder: str) -> int:
@@ -93,8 +108,22 @@ def _trial(folder: str) -> int:
 
     # SIGTERM reaches the engine from Slurm directly; this process waits for it to stop and records
     signal.signal(signal.SIGTERM, lambda *_: None)
-    spec = TrialSpec.from_json(json.loads((Path(folder) / "trial-spec.json").read_text()))
-    record = run_trial(spec)  # the engine's own output goes to the trial's log.txt
+    data = json.loads((Path(folder) / "trial-spec.json").read_text())
+    spec = TrialSpec.from_json(data)
+    if data.get("study"):  # an adaptive sweep: report to the study trial this trial is bound to
+        from workflows.sweep import study as st
+
+        args = data["study"]
+        bound = st.bind(st.open_study_from(args), spec, args["prune"]["metric"])
+        if bound is None:  # the study has finished it (complete or pruned) before this start
+            return 0
+        record = run_trial(spec, bound=bound, metric=args["prune"]["metric"], budget_epochs=args["epochs"])
+    else:
+        record = run_trial(spec)  # the engine's own output goes to the trial's log.txt
+    if record.get("status") == "pruned":
+        print(f"trial {spec.name} pruned after epoch {record['pruned_at_epoch']}: it stopped with a checkpoint, its "
+              f"folder is kept", file=sys.stderr, flush=True)
+        return 0
     if record.get("status") == "done":
         return 0
     line = str(record.get("error") or f"exit status {record.get('returncode')}")

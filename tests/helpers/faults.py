@@ -464,3 +464,188 @@ class Faults:
                    f"exit {again.returncode}; {said[0] if said else 'no line'}; {len(before)} file(s) "
                    f"{'kept in ' + moved[0].name if kept else 'NOT KEPT'}; new metrics.jsonl "
                    f"{'fresh' if fresh else 'NOT FRESH'}", ok)
+
+    # ------------------------------------------------------------------ one rank unlike the others (issue: 64 ranks)
+    def _fault_env(self, rules: str, log: Path) -> dict[str, str]:
+        """ENV with the rank-local fault injector (tests/helpers/fault_inject/sitecustomize.py) active."""
+        inject = str(ROOT / "tests" / "helpers" / "fault_inject")
+        return {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [inject, ENV.get("PYTHONPATH", "")])),
+                "RSB_FAULT": rules, "RSB_FAULT_LOG": str(log)}
+
+    def unreadable_on_one_rank(self) -> Row:
+        """torchrun, 2 ranks, a copy of the finished 2-epoch run without its exports: rank 1 alone gets
+        EIO reading the newest checkpoint (its node's view of the shared folder)."""
+        full = self.full("reference", 2)
+        src = self.work / f"full-reference-2-{abs(hash(())) % 10**6}"
+        out = self.work / "unreadable-rank1"
+        shutil.copytree(src, out)
+        for name in ("model.safetensors", "best.safetensors"):
+            (out / name).unlink(missing_ok=True)
+        newest = sorted(out.glob("ckpt-*.pt"))[-1]
+        log = self.work / "unreadable-rank1.faults"
+        env = self._fault_env(f"rank=1,open={newest.name}", log)
+        cmd = engine_cmd(self.data, out, nproc=2, port=29720, args=("--resume", "auto"))
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+        hit = log.read_text() if log.exists() else ""
+        said = [ln for ln in proc.stderr.splitlines() if ln.startswith(f"checkpoint {newest.name} is unusable (rank 1:")]
+        same = proc.returncode == 0 and (out / "model.safetensors").exists() and identical(weights(out), full)
+        ok = bool(hit) and len(said) == 1 and "every rank takes an older one" in said[0] and same
+        return Row("torchrun 2 ranks: rank 1 alone cannot read the newest checkpoint (EIO), --resume auto",
+                   "every rank resumes from the same (older) checkpoint, one line naming rank 1 and why; final "
+                   "weights identical to the uninterrupted run",
+                   f"fault hit: {'yes' if hit else 'NO'}; {said[0] if said else 'no line'}; exit {proc.returncode}; "
+                   f"weights {'identical' if same else 'DIFFER'}" + (f"; {error_lines(proc.stderr)[:1]}"
+                                                                     if proc.returncode else ""), ok)
+
+    def _srun_like(self, out: Path, env: dict, *sets: str, world: int = 2, job: int = 4242) -> list[subprocess.Popen]:
+        """``world`` engine processes as the tasks of an ``srun`` step on this machine (Slurm's variables
+        set by hand): rank 0 hosts the store, as under srun, which torchrun does not show."""
+        procs = []
+        for r in range(world):
+            task = {"SLURM_STEP_ID": "0", "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r), "SLURM_NODEID": "0",
+                    "SLURM_STEP_NUM_TASKS": str(world), "SLURM_STEP_TASKS_PER_NODE": str(world),
+                    "SLURM_JOB_ID": str(job), "SLURM_STEP_NODELIST": "localhost"}
+            procs.append(subprocess.Popen(engine_cmd(self.data, out, *sets), cwd=ROOT, env={**env, **task},
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        return procs
+
+    def export_fails_on_rank_0(self) -> Row:
+        """srun-style 2 ranks: rank 0's final export hits a full disk while rank 1 waits at the end."""
+        out = self.work / "export-fails"
+        log = self.work / "export-fails.faults"
+        env = self._fault_env("rank=0,replace=model.safetensors", log)
+        t0 = time.perf_counter()
+        procs = self._srun_like(out, env, "train.epochs=1")
+        results = [p.communicate(timeout=600) for p in procs]
+        took = time.perf_counter() - t0
+        codes = [p.returncode for p in procs]
+        err = "".join(e for _, e in results)
+        lines = error_lines(err)
+        ok = (bool(log.exists()) and codes == [2, 2] and len(lines) == 1 and lines[0].startswith("error: rank 0 of 2: ")
+              and "no space left" in lines[0] and "Traceback" not in err and took < 120)
+        return Row("srun-style 2 ranks (rank 0 hosts the store): rank 0's final export finds the disk full",
+                   "one line naming rank 0, both ranks end with exit 2 within seconds",
+                   f"exit codes {codes}; {len(lines)} error line(s): {lines[0] if lines else err[-300:]}; traceback: "
+                   f"{'yes' if 'Traceback' in err else 'no'}; ended {took:.0f} s after the start", ok)
+
+    def silent_death(self) -> Row:
+        """torchrun, 2 ranks, checkpoints at every log point: kill -9 of rank 1 in epoch 1 (what the OOM
+        killer does); then --resume auto."""
+        sets = ("checkpoint.every_minutes=1e-9", "checkpoint.keep_last=20", "train.epochs=4")
+        full = self.full("reference", 2, *sets)
+        out = self.work / "silent-death"
+        proc = subprocess.Popen(engine_cmd(self.data, out, *sets, nproc=2, port=29730), cwd=ROOT, env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        victim = _process_with_env(proc.pid, "RANK", "1")
+        reached = _wait_for_step(out, 13, proc)
+        t0 = time.perf_counter()
+        if victim:
+            os.kill(victim, signal.SIGKILL)
+        _, err = proc.communicate(timeout=300)
+        took = time.perf_counter() - t0
+        lines = error_lines(err)
+        resumed = run(engine_cmd(self.data, out, *sets, nproc=2, port=29731, args=("--resume", "auto")))
+        same = resumed.returncode == 0 and identical(weights(out), full)
+        ok = (reached and victim is not None and len(lines) == 1 and lines[0].startswith("error: rank 1 of 2 stopped "
+              "without a word") and took < 30 and same)
+        return Row("torchrun 2 ranks: kill -9 of rank 1 mid-run (no error of its own reaches anyone), then "
+                   "--resume auto",
+                   "the survivor ends within seconds with one line naming rank 1; the resumed run ends bit-identical",
+                   f"killed pid {victim}; survivor ended {took:.1f} s later; {len(lines)} error line(s): "
+                   f"{lines[0] if lines else err[-300:]}; resumed exit {resumed.returncode}, weights "
+                   f"{'identical' if same else 'DIFFER'}", ok)
+
+    def stuck_rank(self) -> Row:
+        """torchrun, 2 ranks, no DataLoader workers: rank 1's read of an image never returns (its
+        process alive, beating its heartbeat) while rank 0 waits in the gradient all-reduce."""
+        out = self.work / "stuck-rank"
+        log = self.work / "stuck-rank.faults"
+        env = self._fault_env("rank=1,hang=*.jpg,after=150", log)
+        t0 = time.perf_counter()
+        proc = subprocess.run(engine_cmd(self.data, out, "data.workers=0", "train.dist_timeout_s=8", nproc=2,
+                                         port=29740), cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+        took = time.perf_counter() - t0
+        lines = error_lines(proc.stderr)
+        hung = log.exists() and "hang at" in log.read_text()
+        ok = (hung and len(lines) == 1 and lines[0].startswith("error: rank 1 of 2: no progress for ")
+              and "waiting for its next batch" in lines[0] and "train.dist_timeout_s = 8 s" in lines[0] and took < 90)
+        return Row("torchrun 2 ranks: rank 1's image read never returns (alive, its watcher beating), "
+                   "train.dist_timeout_s=8",
+                   "one line naming rank 1 and where it waits, every rank ends shortly after the timeout",
+                   f"hang injected: {hung}; {len(lines)} error line(s): {lines[0] if lines else proc.stderr[-300:]}; "
+                   f"torchrun exit {proc.returncode}; ended {took:.0f} s after the start", ok)
+
+    def world_size_change(self) -> Row:
+        """A 2-rank run's mid-epoch checkpoint resumed on 4 ranks, and a 4-rank one's on 2: refused with
+        one line naming the epoch-boundary checkpoint to use; that one continues on the new count."""
+        sets = ("checkpoint.every_minutes=1e-9", "checkpoint.keep_last=20")
+        self.full("reference", 2, *sets)
+        two = self.work / f"full-reference-2-{abs(hash(sets)) % 10**6}"
+        seen, ok = [], True
+        for src, nproc in ((two, 4), (self._four_ranks(), 2)):
+            out = self.work / f"resize-{nproc}"
+            shutil.copytree(src, out)
+            for p in list(out.iterdir()):  # cut back to a mid-epoch checkpoint of the last epoch
+                m = re.fullmatch(r"ckpt-e(\d+)-s(\d+)\.pt", p.name)
+                if (m and int(m.group(2)) > (14 if src == two else 4)) or p.suffix == ".safetensors":
+                    p.unlink()
+                    Path(f"{p}.json").unlink(missing_ok=True)
+            epochs = "train.epochs=2" if src == two else "train.epochs=1"
+            tail = sets + (("data.workers=0", "augment.rand_augment=") if src != two else ())
+            refused = run(engine_cmd(self.data, out, *tail, epochs, nproc=nproc, port=29750 + nproc,
+                                     args=("--resume", "auto")))
+            lines = error_lines(refused.stderr)
+            boundary = re.search(r"--resume (\S+ckpt-e\d+-s\d+\.pt) \(the end of epoch", lines[0]) if lines else None
+            good = refused.returncode != 0 and len(lines) == 1 and "in the middle of epoch" in lines[0]
+            if src == two:  # 2 epochs: the end of epoch 0 is there and is named; it continues on 4 ranks
+                good = good and boundary is not None
+                cont = run(engine_cmd(self.data, out, *tail, epochs, nproc=nproc, port=29760,
+                                      args=("--resume", boundary.group(1)))) if boundary else None
+                good = good and cont is not None and cont.returncode == 0 and "resuming a 2-process checkpoint on 4" \
+                    in cont.stderr
+            else:  # 1 epoch: no boundary before it; fresh is what is left
+                good = good and "--resume fresh" in lines[0]
+            ok = ok and good
+            seen.append(f"{'2 -> 4' if src == two else '4 -> 2'}: exit {refused.returncode}, "
+                        f"{lines[0] if lines else refused.stderr[-200:]}")
+        return Row("a mid-epoch checkpoint resumed on another process count (2 -> 4 and 4 -> 2 gloo ranks)",
+                   "refused with one line that names the epoch-boundary checkpoint to resume from (or --resume "
+                   "fresh when there is none); from that boundary the run continues on the new count",
+                   "; ".join(seen), ok)
+
+    def _four_ranks(self) -> Path:
+        """The 4-rank 1-epoch run with a checkpoint at every log point (resume_4_ranks's), made once."""
+        full = self.work / "four-full"
+        if not (full / "model.safetensors").exists():
+            run(engine_cmd(self.data, full, "train.epochs=1", "checkpoint.every_minutes=1e-9", "checkpoint.keep_last=20",
+                           "data.workers=0", "augment.rand_augment=", nproc=4, port=29690), check=True)
+        return full
+
+
+def _process_with_env(root: int, key: str, value: str, timeout: float = 60) -> int | None:
+    """The pid of an engine process below ``root`` (torchrun starts its ranks in sessions of their
+    own) whose environment holds ``key=value``: a rank, by its RANK."""
+    want = f"{key}={value}".encode()
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        parent = {}
+        for proc_dir in Path("/proc").glob("[0-9]*"):
+            try:
+                parent[int(proc_dir.name)] = int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+        for pid in parent:
+            up = pid
+            while up in parent and up != root and up > 1:
+                up = parent[up]
+            if up != root or pid == root:
+                continue
+            try:
+                env = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+                cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if want in env and b"engine.run" in cmdline:
+                return pid
+        time.sleep(0.2)
+    return None

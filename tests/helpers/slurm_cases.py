@@ -283,6 +283,53 @@ class SlurmCases:
                    f"{resumed} (launches {launches}){'; ' + stderr.strip()[-300:] if proc.returncode else ''}", ok)
 
 
+def _rank_pid(conf: Path, rank: int, timeout: float = 120) -> int | None:
+    """The pid of the engine process of ``rank`` in a job of the cluster whose SLURM_CONF is ``conf``."""
+    want = {f"SLURM_CONF={conf}".encode(), f"SLURM_PROCID={rank}".encode()}
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for proc_dir in Path("/proc").glob("[0-9]*"):
+            try:
+                env = set((proc_dir / "environ").read_bytes().split(b"\0"))
+                cmdline = (proc_dir / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if want <= env and b"engine.run" in cmdline:
+                return int(proc_dir.name)
+        time.sleep(0.2)
+    return None
+
+
+def silent_death(cases: "SlurmCases") -> Row:
+    """h: kill -9 of rank 1 (on node n2) in epoch 3 of an 8-epoch 2-node job (what the OOM killer does: no
+    error of its own reaches anyone); then the same launch again."""
+    job, out = cases.launch("h-kill9", D_EPOCHS)
+    victim = _rank_pid(cases.cluster.conf, 1)
+    reached = cases.wait_step(out, 30, job)
+    killed_at = time.time()
+    if victim:
+        os.kill(victim, 9)
+    state = cases.wait_end(job)
+    ended = time.time() - killed_at
+    lines = [ln for ln in SlurmCases.log(out).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    again, _ = cases.launch("h-kill9", D_EPOCHS)
+    state2 = cases.wait_end(again)
+    same = (out / "model.safetensors").exists() and identical(weights(out), cases.reference(D_EPOCHS))
+    resumed = [ln for ln in SlurmCases.log(out).splitlines() if ln.startswith("resumed from ")]
+    # the job script repeats the reason at the end when other lines (multiprocessing's own warnings) followed it
+    errors = list(dict.fromkeys(errors))
+    ok = (victim is not None and reached is not None and state == "FAILED" and len(errors) == 1
+          and errors[0].startswith("error: rank 1 of 2 stopped without a word") and lines[-1] == errors[0]
+          and ended < 60 and state2 == "COMPLETED" and bool(resumed) and same)
+    return Row("h: kill -9 of rank 1 of a 2-node srun job in epoch 3, then the same launch again",
+               "the job ends within seconds, its log's last line (the only error line) names rank 1; the next "
+               "launch resumes and ends bit-identical to a 2-rank torchrun run",
+               f"killed pid {victim}; {state} {ended:.0f} s after the kill (Slurm's own polling included); "
+               f"{len(errors)} error line(s): {errors[0] if errors else '-'}; then {state2}, "
+               f"{resumed[0] if resumed else 'not resumed'}; weights {'identical' if same else 'DIFFER'}", ok)
+
+
 def _figures_text(figures: dict[str, float]) -> str:
     if not figures:
         return "no figures"
