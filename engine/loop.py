@@ -88,6 +88,8 @@ def train(cfg: Config, out: Path, resume: str | None = None, max_steps: int | No
     existed = out.exists()
     try:
         code = _train(cfg, d, out, resume, max_steps, board)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):  # the run is complete (or stopped and saved):
+            signal.signal(sig, signal.SIG_IGN)  # a late signal must not kill it in its last barrier
         board.tick("export")
         # Rank 0 writes the export and closes W&B before this barrier, the others wait in it: the
         # board stays open over both, so a failure there (a full disk, a quota) ends every rank too.

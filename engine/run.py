@@ -103,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path("runs") / Path(args.recipe).stem
     try:
         return train(cfg, out, resume=args.resume, max_steps=args.max_steps)
-    except KeyboardInterrupt:  # a second Ctrl-C: the first one's stop (and its checkpoint) was cut short
-        print("error: interrupted by a second Ctrl-C before the stop's checkpoint was written; continue from the "
-              "last checkpoint with --resume auto", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # Ctrl-C where no stop with a checkpoint could be made: starting up, or a second one
+        print("error: interrupted (Ctrl-C) where the run could not stop with a checkpoint (while starting up, or a "
+              "second Ctrl-C during the first one's checkpoint); continue from the last checkpoint with --resume auto",
+              file=sys.stderr, flush=True)
         return 130
 
 

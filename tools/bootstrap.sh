@@ -26,7 +26,7 @@ if ((${#missing[@]})) && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; th
   for p in "${SYS_PKGS[@]}"; do is_installed "$p" || missing+=("$p"); done
 fi
 
-extras=dali,wandb,dev
+extras=dali,wandb,sweep,dev
 have_ffcv_deps=1
 pkg-config --exists libturbojpeg 2>/dev/null && pkg-config --exists opencv4 2>/dev/null || have_ffcv_deps=0
 if ((have_ffcv_deps)); then

@@ -1,11 +1,14 @@
 """Run a hyper-parameter sweep over a recipe (fast A3 exploration) and tabulate it.
 
     python tools/sweep.py sweeps/a3_lr_demo.toml                  # -> runs/sweeps/a3_lr_demo/
+    python tools/sweep.py sweeps/a3_lr_asha_demo.toml             # the same grid, losing trials stopped early (ASHA)
     python tools/sweep.py SWEEP.toml --executor slurm             # one Slurm array task per trial
     python tools/sweep.py SWEEP.toml --report-only                # tables and plot from what is done
 
-The sweep file format is documented in workflows/sweep/plan.py; workflows/sweep/ holds the logic
-(this file parses options and prints). Each trial is a plain
+The sweep file format is documented in workflows/sweep/plan.py, with a worked example of [search]
+(grid, random, tpe) and [prune] (asha, hyperband, median); workflows/sweep/ holds the logic (this file
+parses options and prints). An adaptive sweep ([prune], or sampler tpe) keeps an Optuna study in
+OUT/study.journal (optuna-dashboard OUT/study.journal shows it in a browser). Each trial is a plain
 ``python -m engine.run BASE --out OUT/trials/<name> --set ... [--max-steps N]``; finished trials are
 skipped on a rerun, unfinished ones continue from their checkpoints. Writes OUT/results.csv,
 OUT/results.md (sorted by val top-1, plus mean and std over seeds) and OUT/sweep.png.
@@ -21,7 +24,7 @@ from common.cli import examples, prog
 from common.config import ConfigError
 from workflows.sweep.plan import EXECUTORS, SweepError, budget_text, default_out, plan_sweep, read_sweep, start_sweep
 from workflows.sweep.report import write_report
-from workflows.sweep.run import check_executor, pending, run_trials, trial_summary
+from workflows.sweep.run import check_executor, pending, run_adaptive, run_trials, study_trials, trial_summary
 
 SCRIPT = "python tools/sweep.py"
 
@@ -38,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "preemptible and resumed (workflows/slurm_launch.py). Default: [run] executor")
     p.add_argument("--parallel", type=int, default=None, help="trials at a time (default: [run] parallel)")
     p.add_argument("--report-only", action="store_true", help="launch nothing; write the tables and plot")
+    p.add_argument("--storage", default=None, metavar="URL",
+                   help="adaptive sweeps ([prune], sampler tpe): the study's database, e.g. postgresql://host/db "
+                        "(default: Optuna's journal file OUT/study.journal, fit for a shared file system)")
     p.add_argument("--dry-run", action="store_true", help="print the trial commands and exit")
     return p
 
@@ -66,26 +72,40 @@ def _main(args: argparse.Namespace) -> int:
     if not args.dry_run and not args.report_only:
         check_executor(executor)  # before the subset is made and any folder written
     trials = plan_sweep(sweep, out, prepare=not args.dry_run and not args.report_only)
-    title = f"{sweep.path.stem}: {len(trials)} trials ({budget_text(sweep)})"
+    tpe = sweep.sampler == "tpe"
+    total = sweep.random_trials * len(sweep.seeds) if tpe else len(trials)
+    title = f"{sweep.path.stem}: {total} trials ({budget_text(sweep)})"
     if args.dry_run:
+        if tpe:
+            print(f"# sampler tpe: {total} trials proposed as the sweep runs; the space's first draws:")
         for t in trials:
             print(" ".join(t.command()))
         return 0
-    todo = pending(trials)
-    if not args.report_only and todo:
-        start_sweep(sweep, todo, out)
-        print(f"sweep: {len(trials)} trials, {len(trials) - len(todo)} done, running {len(todo)} "
-              f"({executor}, {parallel} at a time) -> {out}", flush=True)
+    if sweep.adaptive and not args.report_only:
+        from workflows.sweep.study import open_study
+
+        open_study(sweep, out, args.storage)  # a missing Optuna, a bad --storage: one line, before anything runs
+    todo = pending(trials) if not tpe else trials  # TPE: the study knows what is left
+    listed = lambda: study_trials(out) if tpe else trials  # noqa: E731  (what the tables list)
+    if not args.report_only and (todo or tpe):
+        start_sweep(sweep, todo or trials, out)
+        print(f"sweep: {total} trials, {len(trials) - len(todo) if not tpe else len(study_trials(out))} "
+              f"{'done' if not tpe else 'started'} before, {executor}, {parallel} at a time"
+              f"{'; ' + sweep.prune.kind + ' pruning' if sweep.prune.kind != 'none' else ''}"
+              f"{'; TPE proposes the trials' if tpe else ''} -> {out}", flush=True)
         count = {"n": 0}
 
         def on_done(record: dict) -> None:
             count["n"] += 1
-            print(f"[{count['n']}/{len(todo)}] {trial_summary(record)}", flush=True)
+            print(f"[{count['n']}] {trial_summary(record)}", flush=True)
 
         try:
-            run_trials(todo, executor, parallel, out, sweep.slurm, on_done)
+            if sweep.adaptive:
+                run_adaptive(sweep, todo if not tpe else [], executor, parallel, out, args.storage, on_done)
+            else:
+                run_trials(todo, executor, parallel, out, sweep.slurm, on_done)
         except KeyboardInterrupt:
-            write_report(trials, sweep.swept_keys, out, title)
+            write_report(listed(), sweep.swept_keys, out, title, adaptive=_adaptive(sweep, total))
             if executor == "local":
                 print("sweep: interrupted; run the same command again to continue", file=sys.stderr)
             else:
@@ -97,8 +117,8 @@ def _main(args: argparse.Namespace) -> int:
         print(f"sweep: all {len(trials)} trials are done; writing the tables", flush=True)
     if not out.is_dir():
         raise SweepError(f"{out} does not exist: nothing has run yet (drop --report-only)")
-    rows = write_report(trials, sweep.swept_keys, out, title)
-    failed = [r for r in rows if r["status"] != "done"]
+    rows = write_report(listed(), sweep.swept_keys, out, title, adaptive=_adaptive(sweep, total))
+    failed = [r for r in rows if r["status"] not in ("done", "pruned")]
     best = rows[0] if rows and rows[0]["val_top1"] is not None else None
     if best:
         print(f"sweep: best val top-1 {best['val_top1']:.2f} ({best['overrides'] or 'base'}, seed {best['seed']}); "
@@ -108,6 +128,15 @@ def _main(args: argparse.Namespace) -> int:
               f"rerun the same command to retry them", file=sys.stderr)
         return 1
     return 0
+
+
+def _adaptive(sweep, total: int) -> dict | None:
+    """What the tables of an adaptive sweep add: each trial's state in the study, the compute used
+    against ``total`` trials run to the whole budget, the best trial as a command."""
+    if not sweep.adaptive:
+        return None
+    return {"epochs": sweep.epochs, "base": str(sweep.base), "fixed": sweep.fixed, "pruner": sweep.prune.kind,
+            "sampler": sweep.sampler, "full_trials": total}
 
 
 if __name__ == "__main__":

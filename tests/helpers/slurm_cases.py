@@ -246,15 +246,17 @@ class SlurmCases:
                    f"{lines[-1] if lines else '-'}", ok)
 
     def sweep(self) -> Row:
-        """4 trials (2 learning rates x 2 seeds), 2 at a time; trial 0 is preempted at its step 3."""
+        """4 trials (2 learning rates x 2 seeds) with ASHA pruning, 2 at a time, every array task a worker
+        of the same study (the journal in the sweep folder); trial 0 is preempted at its step 3."""
         self.work.mkdir(parents=True, exist_ok=True)
         sweep_file = self.work / "sweep.toml"
-        sets = {**{s.split("=", 1)[0]: s.split("=", 1)[1] for s in self.sets()}, "train.epochs": "1"}
+        sets = {s.split("=", 1)[0]: s.split("=", 1)[1] for s in self.sets()}
         del sets["optim.lr"]  # swept
-        lines = [f'base = "{ROOT / "recipes" / "a3.toml"}"', "seeds = [0, 1]", "[set]"]
+        lines = [f'base = "{ROOT / "recipes" / "a3.toml"}"', "seeds = [0, 1]", "[budget]", "epochs = 2", "[set]"]
         lines += [f'"{k}" = {json.dumps(v)}' for k, v in sets.items()]
-        lines += ["[grid]", '"optim.lr" = [0.002, 0.008]', "[run]", "parallel = 2", 'executor = "slurm"',
-                  "[run.slurm]", "gpus_per_node = 0", 'time = "10"', "signal_lead_s = 60"]
+        lines += ["[grid]", '"optim.lr" = [0.002, 0.008]', "[prune]", 'kind = "asha"', "min_epochs = 1", "[run]",
+                  "parallel = 2", 'executor = "slurm"', "[run.slurm]", "gpus_per_node = 0", 'time = "10"',
+                  "signal_lead_s = 60"]
         sweep_file.write_text("\n".join(lines) + "\n")
         out = self.work / "sweep"
         proc = subprocess.Popen([PY, "tools/sweep.py", str(sweep_file), "--out", str(out)], cwd=ROOT,
@@ -267,20 +269,35 @@ class SlurmCases:
             first = next((t.parent.parent for t in trials if t.read_text().strip().endswith("_0")), None)
             time.sleep(POLL_S)
         preempted = first is not None and self.wait_step(first, 3, timeout=120) is not None
+        number = json.loads((first / "study.json").read_text())["number"] if preempted else None
         if preempted:
             self.cluster.run("scontrol", "requeue", (first / "slurm" / "job").read_text().strip())
         stdout, stderr = proc.communicate(timeout=WAIT_S)
         results = out / "results.csv"
         rows = results.read_text().splitlines()[1:] if results.exists() else []
-        done = sum(",done," in r for r in rows)
+        finished = sum(",done," in r or ",pruned," in r for r in rows)
         resumed = first is not None and "resumed from" in (first / "log.txt").read_text()
         launches = json.loads((first / "trial.json").read_text())["launches"] if first is not None else 0
-        ok = proc.returncode == 0 and len(rows) == 4 and done == 4 and preempted and resumed and launches == 2
-        return Row("f: a 4-trial sweep on Slurm (array job, 2 at a time); trial 0 preempted (scontrol requeue) at its "
-                   "step 3",
-                   "every trial done, the preempted one resumed from its checkpoint; the report lists 4 trials",
-                   f"sweep exit {proc.returncode}; report rows {len(rows)}, done {done}; preempted trial resumed: "
-                   f"{resumed} (launches {launches}){'; ' + stderr.strip()[-300:] if proc.returncode else ''}", ok)
+        from workflows.sweep.study import study_states
+
+        import optuna
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        study = optuna.load_study(study_name="sweep", storage=JournalStorage(JournalFileBackend(str(out / "study.journal"))))
+        states = study_states(study)
+        same_trial = first is not None and json.loads((first / "study.json").read_text())["number"] == number and \
+            states.get(str(first), {}).get("state") in ("COMPLETE", "PRUNED")
+        ok = (proc.returncode == 0 and len(rows) == 4 and finished == 4 and preempted and resumed and launches == 2
+              and same_trial and len(study.trials) == 4)
+        return Row("f: a 4-trial ASHA sweep on Slurm (array job, 2 at a time, one study in the sweep folder's journal); "
+                   "trial 0 preempted (scontrol requeue) at its step 3",
+                   "every trial complete or pruned, the preempted one resumed from its checkpoint into the same study "
+                   "trial; the study holds 4 trials, the report lists 4",
+                   f"sweep exit {proc.returncode}; report rows {len(rows)}, finished {finished}; study trials "
+                   f"{len(study.trials)} ({', '.join(sorted(v['state'] for v in states.values()))}); preempted trial "
+                   f"resumed: {resumed} (launches {launches}), same study trial: {same_trial}"
+                   f"{'; ' + stderr.strip()[-300:] if proc.returncode else ''}", ok)
 
 
 def _rank_pid(conf: Path, rank: int, timeout: float = 120) -> int | None:

@@ -23,12 +23,28 @@ A sweep file (TOML)::
     seed = 0                        # the draw's seed: the same file gives the same trials
     "optim.lr" = {low = 1e-3, high = 2e-2, log = true}
     "optim.weight_decay" = [0.01, 0.02, 0.05]
+    [search]                        # optional
+    sampler = "grid"                # grid ([grid]) | random ([random]) | tpe (Optuna's TPE over [random]'s
+                                    # space: [random] trials configurations proposed one after another)
+    [prune]                         # optional: stop losing trials early (needs [budget] epochs)
+    kind = "asha"                   # none | asha (successive halving) | hyperband | median
+    metric = "val_top1"             # each epoch's evaluation reports it (val_top1, val_top5, val_loss)
+    direction = "maximize"
+    min_epochs = 1                  # the first rung: no trial stops before this many epochs
+    reduction_factor = 3            # asha, hyperband: 1 in 3 goes on at each rung (at 1, 3, 9 ... epochs)
+    startup_trials = 5              # median: trials that finish before any is stopped
     [run]
     parallel = 2                    # trials at a time (one GPU each where GPUs exist)
     executor = "local"              # local | slurm
     [run.slurm]                     # one trial's Slurm job (see SLURM_KEYS)
     partition = "gpu"
     time = "4:00:00"                # per start; the trial requeues itself before the limit
+
+A worked example, the demo's learning rates with ASHA (sweeps/a3_lr_asha_demo.toml): 7 lr x 2 seeds, 4
+epochs each at most; after its first epoch a trial goes on only if its val top-1 is in the best third of
+those evaluated at that rung so far, after 3 epochs again; a stopped trial keeps its checkpoint and its
+folder, and the report counts the trial-epochs saved. Adaptive sweeps (a [prune] kind, or sampler tpe)
+keep their study in OUT/study.journal (workflows/sweep/study.py).
 
 A trial is identified by its whole command (base, overrides, budget, seed): its folder name is a
 readable slug of the swept values plus a hash of that command, so a rerun finds finished trials and
@@ -54,10 +70,14 @@ from typing import Any, Callable
 from common.config import ConfigError, load_config, toml_value
 
 EXECUTORS = ("local", "slurm")
+SAMPLERS = ("grid", "random", "tpe")
+PRUNERS = ("none", "asha", "hyperband", "median")
 KEYS = {
-    "": ("base", "seeds", "budget", "set", "grid", "random", "run"),
+    "": ("base", "seeds", "budget", "set", "grid", "random", "search", "prune", "run"),
     "budget": ("epochs", "max_steps", "subset"),
     "budget.subset": ("src", "classes", "limit_per_class", "formats", "workers"),
+    "search": ("sampler",),
+    "prune": ("kind", "metric", "direction", "min_epochs", "reduction_factor", "startup_trials"),
     "run": ("parallel", "executor", "slurm"),
 }
 # [run.slurm]: what each trial's job asks for (workflows.slurm_launch.Resources and the requeue policy)
@@ -96,6 +116,18 @@ class Subset:
 
 
 @dataclass
+class Prune:
+    """[prune]: how losing trials stop early (workflows/sweep/study.py). Rungs and reports in epochs."""
+
+    kind: str = "none"  # none | asha | hyperband | median
+    metric: str = "val_top1"  # the evaluation record's key each epoch reports
+    direction: str = "maximize"
+    min_epochs: int = 1  # the first rung (asha, hyperband: min_resource); median: no stop before it
+    reduction_factor: int = 3  # asha, hyperband: 1 in this many goes on at each rung
+    startup_trials: int = 5  # median: trials that finish before any is stopped
+
+
+@dataclass
 class Sweep:
     path: Path
     base: Path
@@ -111,10 +143,17 @@ class Sweep:
     parallel: int
     executor: str
     slurm: dict[str, Any]
+    sampler: str = "grid"  # grid | random (our own trials) | tpe (Optuna's proposals over [random]'s space)
+    prune: Prune = field(default_factory=Prune)
 
     @property
     def swept_keys(self) -> list[str]:
         return list(self.grid or self.random_space)
+
+    @property
+    def adaptive(self) -> bool:
+        """Trials report to an Optuna study (a pruner, or TPE proposing them)."""
+        return self.sampler == "tpe" or self.prune.kind != "none"
 
 
 def _check_keys(table: dict[str, Any], where: str, path: Path) -> None:
@@ -205,6 +244,18 @@ def read_sweep(path: str | Path) -> Sweep:
     if subset is not None and "data.root" in (*fixed, *grid, *space):
         raise SweepError(f"{path}: [budget.subset] sets data.root; remove data.root from the other tables")
 
+    search = data.get("search", {})
+    _check_keys(search, "search", path)
+    sampler = search.get("sampler", "random" if space else "grid")
+    if sampler not in SAMPLERS:
+        raise SweepError(f"{path}: [search] sampler = {sampler!r} is not one of {', '.join(SAMPLERS)}")
+    if sampler == "grid" and space:
+        raise SweepError(f"{path}: [search] sampler = grid takes a [grid] table; [random] is for random and tpe")
+    if sampler in ("random", "tpe") and not space:
+        raise SweepError(f"{path}: [search] sampler = {sampler} draws from a [random] table, e.g. "
+                         f"\"optim.lr\" = {{low = 1e-3, high = 1e-2, log = true}}")
+    prune = _read_prune(data.get("prune", {}), path, epochs, max_steps)
+
     run = data.get("run", {})
     _check_keys(run, "run", path)
     parallel = _int(run.get("parallel", 1), "[run] parallel", path, 1)
@@ -220,7 +271,33 @@ def read_sweep(path: str | Path) -> Sweep:
             raise SweepError(f"{path}: unknown key [run.slurm] {key}; did you mean {guess[0]}?")
     return Sweep(path=path, base=base, seeds=seeds, fixed=fixed, grid=grid, random_space=space,
                  random_trials=random_trials if space else 0, random_seed=random_seed, epochs=epochs,
-                 max_steps=max_steps, subset=subset, parallel=parallel, executor=executor, slurm=dict(slurm))
+                 max_steps=max_steps, subset=subset, parallel=parallel, executor=executor, slurm=dict(slurm),
+                 sampler=sampler, prune=prune)
+
+
+def _read_prune(table: Any, path: Path, epochs: int | None, max_steps: int | None) -> Prune:
+    if not isinstance(table, dict):
+        raise SweepError(f'{path}: [prune] must be a table, e.g. kind = "asha"')
+    _check_keys(table, "prune", path)
+    prune = Prune(kind=table.get("kind", "none"), metric=table.get("metric", "val_top1"),
+                  direction=table.get("direction", "maximize"))
+    if prune.kind not in PRUNERS:
+        raise SweepError(f"{path}: [prune] kind = {prune.kind!r} is not one of {', '.join(PRUNERS)}")
+    if prune.direction not in ("maximize", "minimize"):
+        raise SweepError(f"{path}: [prune] direction = {prune.direction!r} is not one of maximize, minimize")
+    if prune.metric not in ("val_top1", "val_top5", "val_loss"):
+        raise SweepError(f"{path}: [prune] metric = {prune.metric!r} is not one of val_top1, val_top5, val_loss")
+    prune.min_epochs = _int(table.get("min_epochs", 1), "[prune] min_epochs", path, 1)
+    prune.reduction_factor = _int(table.get("reduction_factor", 3), "[prune] reduction_factor", path, 2)
+    prune.startup_trials = _int(table.get("startup_trials", 5), "[prune] startup_trials", path, 0)
+    if prune.kind != "none":
+        if epochs is None or max_steps is not None:
+            raise SweepError(f"{path}: [prune] compares trials at whole epochs: give [budget] epochs (and no "
+                             f"max_steps)")
+        if prune.min_epochs >= epochs:
+            raise SweepError(f"{path}: [prune] min_epochs = {prune.min_epochs} leaves no rung before the budget's "
+                             f"{epochs} epochs; lower it or raise [budget] epochs")
+    return prune
 
 
 def _read_subset(table: Any, path: Path) -> Subset:
@@ -291,7 +368,8 @@ class TrialSpec:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "TrialSpec":
-        return cls(**{**data, "overrides": tuple(data["overrides"])})
+        fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}  # "study" rides along for Slurm
+        return cls(**{**fields, "overrides": tuple(data["overrides"])})
 
 
 def format_value(value: Any) -> str:
@@ -336,11 +414,22 @@ def slug(swept: dict[str, Any], seed: int) -> str:
 
 def plan(sweep: Sweep, out: Path, subset_root: Path | None = None) -> list[TrialSpec]:
     """Expand the sweep into trials and check every trial's recipe with the engine's own validation,
-    so a bad key or value stops the sweep before anything is launched."""
+    so a bad key or value stops the sweep before anything is launched. TPE's trials are proposed as
+    the sweep runs (workflows/sweep/study.py): here one configuration per draw of the space stands
+    for them, so that every value the sampler may propose is checked before anything starts."""
+    return [trial_spec(sweep, out, subset_root, swept, seed) for swept in configurations(sweep)
+            for seed in sweep.seeds]
+
+
+def trial_spec(sweep: Sweep, out: Path, subset_root: Path | None, swept: dict[str, Any], seed: int) -> TrialSpec:
+    """One trial: the base recipe with the fixed keys, the budget, ``swept`` and the seed; its recipe
+    checked by the engine's validation; its folder named by its whole command."""
     cwd = Path.cwd()
     budget: dict[str, Any] = {}
     if sweep.epochs is not None:
         budget["train.epochs"] = sweep.epochs
+    if sweep.prune.kind != "none":
+        budget["train.eval_every"] = 1  # every epoch reports to the pruner
     if subset_root is not None:
         budget["data.root"] = str(subset_root)
         if sweep.subset and sweep.subset.classes:
@@ -349,24 +438,19 @@ def plan(sweep: Sweep, out: Path, subset_root: Path | None = None) -> list[Trial
                 raise SweepError(f"{sweep.path}: [budget.subset] keeps {n} classes but [set] says data.num_classes = "
                                  f"{sweep.fixed['data.num_classes']}; remove it (the subset sets it)")
             budget["data.num_classes"] = n
-    trials = []
-    for swept in configurations(sweep):
-        for seed in sweep.seeds:
-            values = {**sweep.fixed, **budget, **swept, "train.seed": seed}
-            overrides = tuple(f"{k}={format_value(v)}" for k, v in values.items())
-            try:
-                cfg = load_config(sweep.base, overrides)
-            except ConfigError as e:
-                raise SweepError(f"{sweep.path}: {e}") from None
-            if subset_root is not None and cfg.data.pipeline == "reference":
-                raise SweepError(f"{sweep.path}: [budget.subset] needs data.pipeline = ffcv or dali (the reference "
-                                 f"pipeline reads the converter's source tree, all of it); set it in [set]")
-            identity = json.dumps([os.path.relpath(sweep.base, cwd), overrides, sweep.max_steps])
-            name = f"{slug(swept, seed)}-{hashlib.sha1(identity.encode()).hexdigest()[:8]}"
-            trials.append(TrialSpec(name=name, folder=str((out / "trials" / name).resolve()), base=str(sweep.base),
-                                    cwd=str(cwd), swept=dict(swept), seed=seed, overrides=overrides,
-                                    max_steps=sweep.max_steps))
-    return trials
+    values = {**sweep.fixed, **budget, **swept, "train.seed": seed}
+    overrides = tuple(f"{k}={format_value(v)}" for k, v in values.items())
+    try:
+        cfg = load_config(sweep.base, overrides)
+    except ConfigError as e:
+        raise SweepError(f"{sweep.path}: {e}") from None
+    if subset_root is not None and cfg.data.pipeline == "reference":
+        raise SweepError(f"{sweep.path}: [budget.subset] needs data.pipeline = ffcv or dali (the reference "
+                         f"pipeline reads the converter's source tree, all of it); set it in [set]")
+    identity = json.dumps([os.path.relpath(sweep.base, cwd), overrides, sweep.max_steps])
+    name = f"{slug(swept, seed)}-{hashlib.sha1(identity.encode()).hexdigest()[:8]}"
+    return TrialSpec(name=name, folder=str((out / "trials" / name).resolve()), base=str(sweep.base), cwd=str(cwd),
+                     swept=dict(swept), seed=seed, overrides=overrides, max_steps=sweep.max_steps)
 
 
 def check_data(trial: TrialSpec) -> None:

@@ -81,6 +81,8 @@ def collect(trials: list[TrialSpec]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"trial": t.name, **{k: v for k, v in t.swept.items()}, "seed": t.seed}
         for m in METRICS:
             row[m] = final.get(m) if final else None
+        if status == "pruned":  # stopped by the study at this epoch: its last evaluation is its figure
+            row.update(pruned_at_epoch=record.get("pruned_at_epoch"))
         row.update(epochs=epochs_trained(Path(t.folder) / "metrics.jsonl", final) if final else None,
                    epoch=final.get("epoch") if final else None,
                    val_images=final.get("val_images") if final else None,
@@ -138,7 +140,7 @@ def group_seeds(rows: list[dict[str, Any]], swept_keys: list[str]) -> list[dict[
 
 def write_csv(rows: list[dict[str, Any]], swept_keys: list[str], path: Path) -> None:
     columns = ["trial", *swept_keys, "seed", *METRICS, "top1_2sigma", "within_noise", "val_images", "epochs", "step",
-               "wall_s", "status", "overrides", "folder"]
+               "wall_s", "status", "pruned_at_epoch", "overrides", "folder"]
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
@@ -292,10 +294,108 @@ def plot(rows: list[dict[str, Any]], swept_keys: list[str], path: Path, title: s
     return True
 
 
-def write_report(trials: list[TrialSpec], swept_keys: list[str], out: Path, title: str) -> list[dict[str, Any]]:
-    """results.csv, results.md and sweep.png in ``out``; returns the rows, best first."""
+def write_report(trials: list[TrialSpec], swept_keys: list[str], out: Path, title: str,
+                 adaptive: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """results.csv, results.md and sweep.png in ``out``; returns the rows, best first. ``adaptive``
+    (an adaptive sweep, tools/sweep.py's ``_adaptive``): also every trial's state and curve
+    (curves.png), the compute used and saved, and the best trial as a command."""
     rows = collect(trials)
     write_csv(rows, swept_keys, out / "results.csv")
-    (out / "results.md").write_text(markdown(rows, swept_keys, title))
+    text = markdown(rows, swept_keys, title)
+    if adaptive is not None:
+        curves = {t.folder: eval_curve(Path(t.folder) / "metrics.jsonl") for t in trials}
+        text += adaptive_section(rows, curves, adaptive)
+        plot_curves(rows, curves, swept_keys, out / "curves.png", title)
+    (out / "results.md").write_text(text)
     plot(rows, swept_keys, out / "sweep.png", title)
     return sort_rows(rows)
+
+
+def eval_curve(metrics_path: Path) -> list[tuple[int, float]]:
+    """(epoch, val top-1) of every evaluation a run logged, the newest record per epoch."""
+    try:
+        lines = metrics_path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    by_epoch: dict[int, float] = {}
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "val_top1" in rec:
+            by_epoch[int(rec["epoch"])] = float(rec["val_top1"])
+    return sorted(by_epoch.items())
+
+
+def _state(row: dict[str, Any], curve: list[tuple[int, float]]) -> str:
+    if row["status"] == "pruned":
+        return f"pruned after epoch {row.get('pruned_at_epoch')}"
+    if row["status"] == "done":
+        return "complete"
+    if row["status"] in ("running", "interrupted", "queued"):
+        return f"{row['status']} ({len(curve)} epoch(s) evaluated)"
+    return row["status"]
+
+
+def adaptive_section(rows: list[dict[str, Any]], curves: dict[str, list[tuple[int, float]]],
+                     info: dict[str, Any]) -> str:
+    """Every trial's state, the compute used and saved, and the best trial's command (markdown)."""
+    budget = info["epochs"]
+    used = 0.0
+    lines = ["", f"## Trials in the study ({info['sampler']} sampler, {info['pruner']} pruning)", "",
+             "| trial | state | epochs trained | last val top-1 | why |", "|---|---|---|---|---|"]
+    for r in rows:
+        curve = curves.get(r["folder"], [])
+        trained = r["epochs"] if r["status"] == "done" and r["epochs"] else len(curve)
+        used += trained or 0
+        last = f"{curve[-1][1]:.2f}" if curve else "-"
+        why = ""
+        if r["status"] == "failed":
+            why = str((read_trial(r["folder"]) or {}).get("error") or "").replace("|", "\\|")[:160]
+        lines.append(f"| {r['trial']} | {_state(r, curve)} | {trained or 0:g} | {last} | {why} |")
+    full = info["full_trials"] * budget
+    lines += ["", f"Compute: {used:g} trial-epochs of the {full:g} that {info['full_trials']} trials of {budget} "
+                  f"epochs would take ({used / full:.0%}; {full - used:g} saved)." if full else ""]
+    done = [r for r in sort_rows(rows) if r["val_top1"] is not None]
+    if done:
+        from workflows.sweep.study import best_command
+
+        best = done[0]
+        record = read_trial(best["folder"]) or {}
+        lines += ["", f"Best complete trial: {best['trial']} (val top-1 {best['val_top1']:.2f}); to train it:", "",
+                  "```bash", best_command({"swept": record.get("swept", {}), "seed": best["seed"]}, info["base"],
+                                          info["fixed"]), "```"]
+    lines += ["", "Curves of every trial (val top-1 after each epoch; pruned trials end in a cross): curves.png.", ""]
+    return "\n".join(lines)
+
+
+def plot_curves(rows: list[dict[str, Any]], curves: dict[str, list[tuple[int, float]]], swept_keys: list[str],
+                path: Path, title: str) -> bool:
+    """val top-1 over epochs, one line per trial; a pruned trial's line is dashed and ends in a cross."""
+    drawn = [(r, curves.get(r["folder"], [])) for r in rows if curves.get(r["folder"])]
+    if not drawn:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for r, curve in drawn:
+        xs, ys = [e for e, _ in curve], [v for _, v in curve]
+        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={format_value(r[k])}" for k in swept_keys) + f" s{r['seed']}"
+        pruned = r["status"] == "pruned"
+        line, = ax.plot(xs, ys, linestyle="--" if pruned else "-", marker="o", markersize=3, alpha=0.8,
+                        label=label + (" (pruned)" if pruned else ""))
+        if pruned:
+            ax.plot(xs[-1], ys[-1], marker="x", markersize=9, color=line.get_color())
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val top-1 (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True

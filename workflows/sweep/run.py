@@ -16,6 +16,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -58,17 +59,23 @@ def final_eval(metrics_path: Path) -> dict[str, Any] | None:
     return last if "val_top1" in last else None
 
 
-def run_trial(spec: TrialSpec, gpu: str | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
+def run_trial(spec: TrialSpec, gpu: str | None = None, env: dict[str, str] | None = None, bound=None,
+              metric: str = "val_top1", budget_epochs: int | None = None) -> dict[str, Any]:
     """Run one trial to the end (resuming its own checkpoints) and write ``trial.json``.
 
     Done means: the engine exited 0 and metrics.jsonl ends with the final eval record. A done trial
     is returned as is (a requeued Slurm job does not train it twice). ``interrupted``: the engine
     stopped with a checkpoint (Ctrl-C, SIGTERM, the early signal before a time limit) and the next
-    launch continues it."""
+    launch continues it.
+
+    ``bound`` (``workflows.sweep.study.Bound``): the study trial it reports to. Every evaluation the
+    run writes is reported as it appears (``metric`` after its epoch); when the pruner stops the
+    trial before ``budget_epochs``, the run is stopped as a preemption stops it (SIGTERM: the agreed
+    stop and an ``interrupted`` checkpoint) and the trial is ``pruned`` at that epoch."""
     folder = Path(spec.folder)
     folder.mkdir(parents=True, exist_ok=True)
     prev = read_trial(folder) or {}
-    if prev.get("status") == "done":
+    if prev.get("status") in FINISHED:
         return prev
     resume = any(folder.glob("ckpt-*.pt"))
     metrics = folder / "metrics.jsonl"
@@ -79,6 +86,8 @@ def run_trial(spec: TrialSpec, gpu: str | None = None, env: dict[str, str] | Non
               "max_steps": spec.max_steps, "command": cmd, "cwd": spec.cwd, "status": "running",
               "launches": prev.get("launches", 0) + 1, "wall_s": prev.get("wall_s", 0.0), "metrics": None,
               "returncode": None, "error": None}
+    if bound is not None:
+        record["study_trial"] = bound.trial.number
     _write_trial(folder, record)
     child_env = {**os.environ, **(env or {})}
     if gpu is not None:
@@ -86,23 +95,87 @@ def run_trial(spec: TrialSpec, gpu: str | None = None, env: dict[str, str] | Non
     log_path = folder / "log.txt"
     start = log_path.stat().st_size if log_path.exists() else 0
     t0 = time.monotonic()
+    pruned_at = None
     with log_path.open("a") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
-        rc = subprocess.call(cmd, cwd=spec.cwd, stdout=log, stderr=subprocess.STDOUT, env=child_env)
+        proc = subprocess.Popen(cmd, cwd=spec.cwd, stdout=log, stderr=subprocess.STDOUT, env=child_env)
+        if bound is None:
+            rc = proc.wait()
+        else:
+            pruned_at = _follow(proc, bound, metrics, metric, budget_epochs, folder)
+            rc = proc.returncode
     final = final_eval(metrics)
     done = rc == 0 and final is not None
+    if pruned_at is not None and final is not None and budget_epochs is not None \
+            and int(final["epoch"]) + 1 >= budget_epochs:
+        pruned_at, done = None, True  # the pruner spoke after the run had finished its last epoch: it is complete
     lines = log_path.read_text(errors="replace")[start:].splitlines()
     errors = [ln for ln in lines if ln.startswith("error:")]
     stops = [ln for ln in lines if ln.startswith("stopped by ")]
     interrupted = not done and not errors and rc in STOPPED_WITH_CHECKPOINT
-    error = None if done else (stops[-1] if interrupted and stops else errors[-1] if errors
-                               else f"exit status {rc}; see {log_path}")
-    record.update(status="done" if done else "interrupted" if interrupted else "failed", returncode=rc,
-                  metrics=final if done else None, wall_s=round(record["wall_s"] + time.monotonic() - t0, 2),
-                  error=error)
+    if pruned_at is not None and interrupted:
+        status, error = "pruned", None
+    else:
+        status = "done" if done else "interrupted" if interrupted else "failed"
+        error = None if done else (stops[-1] if interrupted and stops else errors[-1] if errors
+                                   else f"exit status {rc}; see {log_path}")
+    record.update(status=status, returncode=rc, metrics=final if done else None, error=error,
+                  wall_s=round(record["wall_s"] + time.monotonic() - t0, 2),
+                  **({"pruned_at_epoch": pruned_at - 1} if status == "pruned" else {}))  # its last evaluated epoch
     _write_trial(folder, record)
+    if bound is not None:
+        (folder / "heartbeat").unlink(missing_ok=True)  # no runner any more: the next sweep may take it over
+        if status != "interrupted":  # an interrupted trial stays RUNNING: its resume reports on
+            bound.finish(status, final.get(metric) if done else None)
     return record
+
+
+FINISHED = ("done", "pruned")  # a trial in these states is never run again
+
+
+def _follow(proc: subprocess.Popen, bound, metrics: Path, metric: str, budget_epochs: int | None,
+            folder: Path) -> int | None:
+    """While the run goes: report each evaluation to the study, keep the trial's heartbeat, stop the
+    run when the pruner says so; the epoch it was pruned at, or None."""
+    from workflows.sweep.study import HEARTBEAT_S, heartbeat
+
+    pruned_at, beat = None, 0.0
+    while True:
+        finished = proc.poll() is not None
+        if time.monotonic() - beat >= HEARTBEAT_S:
+            heartbeat(folder)
+            beat = time.monotonic()
+        for rec in _eval_records(metrics):
+            epochs = int(rec["epoch"]) + 1
+            if metric not in rec or pruned_at is not None:
+                continue
+            if bound.report(epochs, float(rec[metric])) and not finished and \
+                    (budget_epochs is None or epochs < budget_epochs):
+                pruned_at = epochs
+                proc.send_signal(signal.SIGTERM)  # the engine's agreed stop: an interrupted checkpoint, exit 143
+        if finished:
+            return pruned_at
+        time.sleep(FOLLOW_S)
+
+
+FOLLOW_S = 1.0  # how often a running trial's metrics are read for new evaluations
+
+
+def _eval_records(metrics: Path) -> list[dict[str, Any]]:
+    try:
+        lines = metrics.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # the line being written
+            continue
+        if "val_top1" in rec:
+            out.append(rec)
+    return out
 
 
 # --------------------------------------------------------------------------- executors
@@ -147,6 +220,90 @@ def run_local(trials: list[TrialSpec], parallel: int, on_done: Callable[[dict], 
         raise
     finally:
         pool.shutdown(wait=True)
+
+
+def run_study_local(sweep, trials: list[TrialSpec], out: Path, parallel: int, url: str | None,
+                    on_done: Callable[[dict], None], make_spec) -> list[dict[str, Any]]:
+    """An adaptive sweep here: ``parallel`` workers, each taking the next trial (the plan's, in order, for
+    grid and random; the sampler's proposal for TPE, after any trial a dead worker left RUNNING) and
+    running it bound to its study trial (:func:`run_trial`). Stops asking for trials at a Ctrl-C."""
+    import threading
+
+    from workflows.sweep import study as st
+
+    study = st.open_study(sweep, out, url)
+    gpus = visible_gpus()
+    if gpus and parallel > len(gpus):
+        raise SweepError(f"[run] parallel = {parallel} but {len(gpus)} GPU(s) are visible; one trial per GPU, "
+                         f"so set parallel <= {len(gpus)}")
+    env = {}
+    if not gpus and parallel > 1 and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+    lock, stop = threading.Lock(), threading.Event()
+    todo = list(trials) if sweep.sampler != "tpe" else []
+    orphans = st.running_without_runner(study) if sweep.sampler == "tpe" else []
+    results: list[dict[str, Any]] = []
+    metric = sweep.prune.metric
+
+    def next_trial():
+        with lock:
+            while todo:
+                spec = todo.pop(0)
+                bound = st.bind(study, spec, metric)
+                if bound is not None:
+                    return bound
+            while orphans:
+                spec_file = Path(orphans.pop(0)) / "trial-spec.json"
+                if spec_file.is_file():
+                    bound = st.bind(study, TrialSpec.from_json(json.loads(spec_file.read_text())), metric)
+                    if bound is not None:
+                        return bound
+            if sweep.sampler == "tpe" and not stop.is_set():
+                return st.tpe_next(study, sweep, make_spec, metric)
+            return None
+
+    def worker(slot: int) -> None:
+        while not stop.is_set():
+            bound = next_trial()
+            if bound is None:
+                return
+            folder = Path(bound.spec.folder)
+            st.heartbeat(folder)
+            (folder / "trial-spec.json").write_text(json.dumps(bound.spec.to_json(), indent=1) + "\n")
+            record = run_trial(bound.spec, gpu=gpus[slot] if gpus else None, env=env, bound=bound, metric=metric,
+                               budget_epochs=sweep.epochs)
+            if record["status"] == "interrupted":  # Ctrl-C reached the engines: ask for no more trials
+                stop.set()
+            with lock:
+                results.append(record)
+            on_done(record)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(parallel)]
+    for t in threads:
+        t.start()
+    # Waiting by polling, not Thread.join: a KeyboardInterrupt inside a join can leave the thread's
+    # lock so that a later join returns at once, and the sweep would exit before its trials' records
+    try:
+        while any(t.is_alive() for t in threads):
+            time.sleep(0.2)
+    except KeyboardInterrupt:  # the engines got it too: they checkpoint and stop; their trials stay RUNNING
+        stop.set()
+        while any(t.is_alive() for t in threads):
+            time.sleep(0.2)
+        raise
+    return results
+
+
+def study_trials(out: Path) -> list[TrialSpec]:
+    """The trials an adaptive sweep has run or is running (their folders' trial-spec.json), oldest
+    first: a TPE sweep's list, which its plan cannot know in advance."""
+    specs = []
+    for spec_file in sorted((out / "trials").glob("*/trial-spec.json"), key=lambda p: p.stat().st_mtime):
+        try:
+            specs.append(TrialSpec.from_json(json.loads(spec_file.read_text())))
+        except (OSError, ValueError, TypeError):
+            continue
+    return specs
 
 
 def slurm_job(trials: list[TrialSpec], folder: Path, parallel: int, options: dict[str, Any]):
@@ -194,8 +351,32 @@ def check_executor(executor: str) -> None:
                          f"login node, or use --executor local")
 
 
+def run_study_slurm(sweep, trials: list[TrialSpec], out: Path, parallel: int, url: str | None,
+                    on_done: Callable[[dict], None], make_spec) -> list[dict[str, Any]]:
+    """An adaptive sweep on Slurm: every array task is a worker of the same study (its trial-spec.json
+    names the study, the journal in the sweep folder is shared). Grid and random: one array job of
+    the plan's trials. TPE: rounds of ``parallel`` proposals, each an array job, the next round
+    proposed from what the study knows by then (a trial left RUNNING by a dead job is resumed first)."""
+    from workflows.sweep import study as st
+
+    study = st.open_study(sweep, out, url)
+    args = st.study_args(sweep, out, url)
+    if sweep.sampler != "tpe":
+        return run_slurm(trials, out / "slurm", parallel, sweep.slurm, on_done, study=args)
+    results: list[dict[str, Any]] = []
+    orphans = [f for f in st.running_without_runner(study) if (Path(f) / "trial-spec.json").is_file()]
+    while True:
+        batch = [TrialSpec.from_json(json.loads((Path(f) / "trial-spec.json").read_text())) for f in orphans[:parallel]]
+        orphans = orphans[parallel:]
+        while len(batch) < parallel and (bound := st.tpe_next(study, sweep, make_spec, sweep.prune.metric)):
+            batch.append(bound.spec)
+        if not batch:
+            return results
+        results += run_slurm(batch, out / "slurm", parallel, sweep.slurm, on_done, study=args)
+
+
 def run_slurm(trials: list[TrialSpec], folder: Path, parallel: int, options: dict[str, Any],
-              on_done: Callable[[dict], None], poll_s: float = POLL_S) -> list[dict[str, Any]]:
+              on_done: Callable[[dict], None], poll_s: float = POLL_S, study: dict | None = None) -> list[dict[str, Any]]:
     """Submit the trials as one array job (``parallel`` tasks at a time) and wait until Slurm lists
     none of them any more. A trial whose job is still queued or running (a sweep started before and
     left) is waited for, not submitted again. A trial whose job ended without a final record (the
@@ -203,13 +384,13 @@ def run_slurm(trials: list[TrialSpec], folder: Path, parallel: int, options: dic
     from workflows.slurm_launch import LaunchError
 
     try:
-        return _run_slurm(trials, folder, parallel, options, on_done, poll_s)
+        return _run_slurm(trials, folder, parallel, options, on_done, poll_s, study)
     except LaunchError as e:  # sbatch refused, squeue failed: one line
         raise SweepError(str(e)) from None
 
 
 def _run_slurm(trials: list[TrialSpec], folder: Path, parallel: int, options: dict[str, Any],
-               on_done: Callable[[dict], None], poll_s: float) -> list[dict[str, Any]]:
+               on_done: Callable[[dict], None], poll_s: float, study: dict | None = None) -> list[dict[str, Any]]:
     from workflows import slurm_launch
 
     if shutil.which("sbatch") is None:
@@ -224,7 +405,8 @@ def _run_slurm(trials: list[TrialSpec], folder: Path, parallel: int, options: di
         job = slurm_job(todo, folder, parallel, options)
         for t in todo:
             Path(t.folder, "slurm").mkdir(parents=True, exist_ok=True)
-            (Path(t.folder) / "trial-spec.json").write_text(json.dumps(t.to_json(), indent=1) + "\n")
+            spec = {**t.to_json(), **({"study": study} if study else {})}  # a worker of the study, on its node
+            (Path(t.folder) / "trial-spec.json").write_text(json.dumps(spec, indent=1) + "\n")
         array = slurm_launch.submit(job)
         for i, t in enumerate(todo):
             (Path(t.folder) / "slurm" / "job").write_text(f"{array}_{i}\n")
@@ -240,7 +422,7 @@ def _run_slurm(trials: list[TrialSpec], folder: Path, parallel: int, options: di
             if job_id in listed:
                 continue
             record = read_trial(t.folder) or {"name": t.name, "swept": t.swept, "seed": t.seed}
-            if record.get("status") not in ("done", "failed", "interrupted"):
+            if record.get("status") not in ("done", "pruned", "failed", "interrupted"):
                 record.update(status="failed", error=f"job {job_id} ended without a result: "
                                                      f"{_last_line(Path(t.folder) / 'slurm' / 'job.log')}")
                 _write_trial(Path(t.folder), record)
@@ -261,8 +443,8 @@ def _last_line(path: Path) -> str:
 
 
 def pending(trials: list[TrialSpec]) -> list[TrialSpec]:
-    """Trials not yet done (never run, failed, interrupted, or cut short)."""
-    return [t for t in trials if (read_trial(t.folder) or {}).get("status") != "done"]
+    """Trials not yet finished (never run, failed, interrupted, or cut short); pruned ones are finished."""
+    return [t for t in trials if (read_trial(t.folder) or {}).get("status") not in FINISHED]
 
 
 def trial_summary(record: dict[str, Any]) -> str:
@@ -271,7 +453,22 @@ def trial_summary(record: dict[str, Any]) -> str:
     if record.get("status") == "done":
         m = record["metrics"]
         return f"{head}: val top-1 {m['val_top1']:.2f} (step {m['step']}, {record['wall_s']:.0f} s)"
+    if record.get("status") == "pruned":
+        return f"{head}: pruned after epoch {record['pruned_at_epoch']} ({record['wall_s']:.0f} s)"
     return f"{head}: {record.get('status')} - {record.get('error')}"
+
+
+def run_adaptive(sweep, todo: list[TrialSpec], executor: str, parallel: int, out: Path, storage: str | None,
+                 on_done: Callable[[dict], None]) -> list[dict[str, Any]]:
+    """An adaptive sweep's trials through the chosen executor (:func:`run_study_local`,
+    :func:`run_study_slurm`); TPE's trials are made as proposed (``trial_spec`` of each proposal)."""
+    from workflows.sweep.plan import subset_folder, trial_spec
+
+    subset_root = subset_folder(sweep.subset, out, sweep.path)[1] if sweep.subset is not None else None
+    make = lambda swept, seed: trial_spec(sweep, out, subset_root, swept, seed)  # noqa: E731
+    if executor == "local":
+        return run_study_local(sweep, todo, out, parallel, storage, on_done, make)
+    return run_study_slurm(sweep, todo, out, parallel, storage, on_done, make)
 
 
 def run_trials(todo: list[TrialSpec], executor: str, parallel: int, out: Path, slurm: dict[str, Any],
