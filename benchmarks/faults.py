@@ -32,7 +32,13 @@ DALI once), with a tiny ResNet in deterministic mode, and compares what happens 
   the final one: exit 128 + signal within seconds, an ``interrupted`` checkpoint with the evaluation
   pending, and the resumed run ends as an uninterrupted one;
 * ``no-checkpoint``: ``--resume auto`` on a folder with a ``--max-steps`` run's output and no checkpoint:
-  its files are moved aside with a line, never overwritten.
+  its files are moved aside with a line, never overwritten;
+* ``unreadable-on-one-rank``, ``export-fails``, ``silent-death``, ``stuck-rank``, ``world-size`` (what 64
+  ranks on 8 nodes meet): rank 1 alone cannot read the newest checkpoint (every rank takes the same
+  older one); rank 0's final export finds a full disk under srun-style ranks (every rank ends with one
+  line); kill -9 of rank 1 (the survivor ends in seconds naming it, the resume is bit-identical); rank
+  1's image read never returns (the group ends at ``train.dist_timeout_s`` with a line naming it); a
+  mid-epoch checkpoint resumed on another process count (refused, naming the epoch boundary to use).
 
 The cases live in tests/helpers/faults.py; the test suite runs them with fewer kill points
 (tests/test_faults.py), this script runs them all and writes the table.
@@ -53,7 +59,8 @@ from tests.helpers.faults import ROOT, Faults, Row
 
 
 CASES = ("kill9", "sigterm", "corrupt", "truncated", "all-bad", "enospc", "diverge", "stale-temp", "bad-resume",
-         "torchrun-config", "rank-error", "resume-4-ranks", "eval-stop", "no-checkpoint")
+         "torchrun-config", "rank-error", "resume-4-ranks", "eval-stop", "no-checkpoint", "unreadable-on-one-rank",
+         "export-fails", "silent-death", "stuck-rank", "world-size")
 
 
 def run_cases(faults: Faults, names: list[str], kill_points: int) -> list[Row]:
@@ -86,6 +93,16 @@ def run_cases(faults: Faults, names: list[str], kill_points: int) -> list[Row]:
             got = [faults.stop_during_eval(0), faults.stop_during_eval(2)]
         elif name == "no-checkpoint":
             got = [faults.resume_auto_without_checkpoint()]
+        elif name == "unreadable-on-one-rank":
+            got = [faults.unreadable_on_one_rank()]
+        elif name == "export-fails":
+            got = [faults.export_fails_on_rank_0()]
+        elif name == "silent-death":
+            got = [faults.silent_death()]
+        elif name == "stuck-rank":
+            got = [faults.stuck_rank()]
+        elif name == "world-size":
+            got = [faults.world_size_change()]
         else:
             got = [faults.torchrun_config()]
         for row in got:

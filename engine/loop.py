@@ -86,10 +86,10 @@ def train(cfg: Config, out: Path, resume: str | None = None, max_steps: int | No
     board = FailureBoard(d.rank, d.world_size, d.local_rank, stall_s=cfg.train.dist_timeout_s,
                          start_stall_s=cfg.train.dist_start_timeout_s)
     existed = out.exists()
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}  # put back at the end: the caller's own
     try:
         code = _train(cfg, d, out, resume, max_steps, board)
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):  # the run is complete (or stopped and saved):
-            signal.signal(sig, signal.SIG_IGN)  # a late signal must not kill it in its last barrier
+        _ignore_stop_signals()  # the run is complete (or stopped and saved): a late signal must not kill it now
         board.tick("export")
         # Rank 0 writes the export and closes W&B before this barrier, the others wait in it: the
         # board stays open over both, so a failure there (a full disk, a quota) ends every rank too.
@@ -97,8 +97,7 @@ def train(cfg: Config, out: Path, resume: str | None = None, max_steps: int | No
         return code
     except Exception as e:
         if board.enabled:  # the run is ending with this failure: a launcher's SIGTERM (torchrun's, on seeing
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):  # a peer die) must not cut its line
-                signal.signal(sig, signal.SIG_IGN)
+            _ignore_stop_signals()  # a peer die) must not cut its line
         code, line, agreed = _failure(e, cfg, d, out)
         if line is None:  # not a failure we know: a bug, a library's error, or a peer that vanished
             if not board.enabled:
@@ -125,6 +124,16 @@ def train(cfg: Config, out: Path, resume: str | None = None, max_steps: int | No
         cleanup()
         if not existed and d.is_main:
             run_folder.remove_if_empty(out)
+        for sig, handler in handlers.items():  # a caller in this process (a tool, a test) gets its own back,
+            signal.signal(sig, handler)  # and processes it starts later do not inherit an ignored signal
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+
+
+def _ignore_stop_signals() -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _collective_error(e: Exception) -> bool:

@@ -315,3 +315,20 @@ def test_changed_settings_on_same_out_refused(tmp_path):
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
     run_tool(src, tmp_path / "out", "--formats", "dali", "--jpeg-quality", "80", "--workers", "1", "--overwrite")
     assert manifest(tmp_path / "out")["settings"]["jpeg_quality"] == 80
+
+
+def test_progress_into_a_log_is_lines_not_carriage_returns(tmp_path):
+    """Before: tqdm's bar wrote its \\r updates into a redirected stderr (a log file, a Slurm job's log)."""
+    import subprocess
+    import sys
+
+    from tests.helpers.convert_tree import TOOL
+
+    src = build_tree(tmp_path / "src", per_class=8, val_per_class=2, odd=False)
+    proc = subprocess.run([sys.executable, str(TOOL), str(src), str(tmp_path / "out"), "--workers", "1",
+                           "--shard-size", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\r" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("convert: ")]
+    assert lines and all(" images" in ln for ln in lines) and len(lines) <= 2 * 21, proc.stderr
+    assert any("%)" in ln and "img/s" in ln for ln in lines) and lines[-1].endswith(" s")

@@ -233,12 +233,48 @@ def test_resume_auto_of_a_finished_run_says_so_and_trains_nothing(tiny_runs, fmn
     shutil.copytree(tiny_runs["plain"], out)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     sets = ("train.epochs=1", "augment.mixup_alpha=0.0", "augment.cutmix_alpha=0.0", "train.seed=1")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
     proc = run_main(main, engine_cmd(fmnist_tree, out, *sets)[3:] + ["--resume", "auto"])
+    # the engine ignores stop signals while it ends; a caller in the same process gets its own back
+    # (an ignored SIGTERM would be inherited by every process it starts later)
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
     assert proc.returncode == 0, proc.stderr[-2000:]
     said = proc.stdout + proc.stderr
     assert f"the run in {out} is finished (epoch 0 was its last, step 10): nothing to train" in said, said[-2000:]
     assert "resumed from" not in said and "epoch 0: train" not in said
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_evaluation_says_what_it_does_and_max_images_caps_it(fmnist_tree, tmp_path):
+    """Before: a smoke run's evaluation was silent (17 minutes of nothing on a1's 224-px val) and could
+    not be capped. Now it names what it evaluates, and eval.max_images takes that many images spread
+    evenly over the val set (every class kept: the val set is stored class by class)."""
+    from engine.run import main
+    from tests.helpers.cli import run_main
+
+    out = tmp_path / "capped"
+    proc = run_main(main, engine_cmd(fmnist_tree, out, "train.epochs=1", "eval.max_images=50")[3:] + ["--max-steps", "2"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "epoch 0: evaluating 50 images at 32 px (eval.max_images of 160)" in proc.stderr
+    evals = [r for r in metrics(out) if "val_top1" in r]
+    assert evals and evals[-1]["val_images"] == 50
+    from pipelines._stage1_common import val_indices
+
+    picked = val_indices(160, 0, 1, 50)
+    assert len(set(picked // 16)) == 10  # 16 val images per class, in class order: all 10 classes are there
+
+
+def test_evaluation_progress_is_a_line_every_so_often_off_a_terminal():
+    from engine.evaluate import EvalProgress
+
+    lines = []
+    shown = EvalProgress(total_batches=10, images_total=1000, world_size=2, tty=False, enabled=True,
+                         write=lines.append)
+    shown.LINE_EVERY_S = 0.0  # a line at each call after the first interval (30 s in a run)
+    shown(3, 150)
+    assert lines == ["evaluating: 300 of 1,000 images (30%), 0 s"]
+    shown(10, 500)  # the last batch: the result line follows, no progress line
+    assert len(lines) == 1
 
 
 def test_wandb_offline_run_has_config_metrics_and_artifact(fmnist_tree, tmp_path):

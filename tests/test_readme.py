@@ -37,7 +37,8 @@ LAUNCH_FILES = ("job.sh", "recipe.toml", "launch.json", "job.log", "srun.log", "
 WRITTEN_ELSEWHERE = {  # files a command the README names writes, on a machine this suite does not assume
     "benchmarks/results/gpu.md": "written by python -m benchmarks.gpu_check on a CUDA GPU",
 }
-TOOL_FILES = {"profile": ("profile.json", "profile.png"), "sweeps": ("results.csv", "results.md", "sweep.png")}
+TOOL_FILES = {"profile": ("profile.json", "profile.png"),
+              "sweeps": ("results.csv", "results.md", "sweep.png", "curves.png", "study.journal")}
 
 
 def last_checkpoint(recipe: str, train_images: int, world: int) -> str:
@@ -154,7 +155,8 @@ def test_every_path_the_readme_and_the_help_name_exists_or_is_made(monkeypatch, 
         argv0 = str(ROOT / "engine" / "run.py") if module == "engine.run" else typed.split()[1]
         helps.append(help_in_process(module, argv0, monkeypatch, capsys))
     spans += helps
-    written = command_outputs(spans) | {"runs/sweeps/a3_lr_demo"}  # the demo sweep's default folder
+    written = command_outputs(spans) | {"runs/sweeps/a3_lr_demo", "runs/sweeps/a3_lr_asha_demo"}  # the demo sweeps'
+    # default folders (tools/sweep.py: runs/sweeps/<sweep file name>)
     made = demo_outputs() | recipe_outputs() | written | \
         {f"{out}/{f}" for out in written for kind, files in TOOL_FILES.items() if kind in out for f in files} | \
         {f"{out}/slurm/{f}" for out in written for f in LAUNCH_FILES}

@@ -26,6 +26,16 @@ def launch(*args):
     return run_main(main, list(args))
 
 
+@pytest.fixture(autouse=True)
+def no_cluster_to_ask(monkeypatch):
+    """These dry runs show what the launcher writes where sinfo cannot describe the nodes (a laptop):
+    the session's throwaway cluster (tests/test_slurm.py), reachable through SLURM_CONF, must not
+    answer for them."""
+    import workflows.slurm_launch
+
+    monkeypatch.setattr(workflows.slurm_launch, "node_shape", lambda partition: None)
+
+
 def test_dry_run_for_4_nodes_of_8_gpus_is_the_job_a_user_expects(tmp_path):
     out = tmp_path / "a1"
     proc = launch("recipes/a1.toml", "--nodes", "4", "--gpus-per-node", "8", "--time", "24:00:00", "--out", out,

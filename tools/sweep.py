@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=None, help="trials at a time (default: [run] parallel)")
     p.add_argument("--report-only", action="store_true", help="launch nothing; write the tables and plot")
     p.add_argument("--storage", default=None, metavar="URL",
-                   help="adaptive sweeps ([prune], sampler tpe): the study's database, e.g. postgresql://host/db "
+                   help="adaptive sweeps ([prune], sampler tpe): the study's database, e.g. postgresql://USER@HOST/DB "
                         "(default: Optuna's journal file OUT/study.journal, fit for a shared file system)")
     p.add_argument("--dry-run", action="store_true", help="print the trial commands and exit")
     return p

@@ -48,7 +48,7 @@ class SlurmCases:
         """torchrun, 2 ranks on this machine, same recipe (and ``extra``): what the 2-node job must end with."""
         if extra not in self._references:
             out = self.work / ("reference" + "".join(f"-{e.split('=')[-1]}" for e in extra))
-            cmd = engine_cmd(self.data, out, "train.log_every=1", *extra, nproc=2, port=29690)
+            cmd = engine_cmd(self.data, out, "train.log_every=1", *extra, nproc=2, port=29790)
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=WAIT_S)
             if proc.returncode != 0:
                 raise RuntimeError(f"the one-machine reference failed: {proc.stderr[-1500:]}")
@@ -318,11 +318,11 @@ def _rank_pid(conf: Path, rank: int, timeout: float = 120) -> int | None:
 
 
 def silent_death(cases: "SlurmCases") -> Row:
-    """h: kill -9 of rank 1 (on node n2) in epoch 3 of an 8-epoch 2-node job (what the OOM killer does: no
-    error of its own reaches anyone); then the same launch again."""
-    job, out = cases.launch("h-kill9", D_EPOCHS)
+    """h: kill -9 of rank 1 (on node n2) at step 12 of a 2-epoch 2-node job, after the end-of-epoch-0
+    checkpoint (what the OOM killer does: no error of its own reaches anyone); then the same launch again."""
+    job, out = cases.launch("h-kill9")
     victim = _rank_pid(cases.cluster.conf, 1)
-    reached = cases.wait_step(out, 30, job)
+    reached = cases.wait_step(out, 12, job)
     killed_at = time.time()
     if victim:
         os.kill(victim, 9)
@@ -330,16 +330,16 @@ def silent_death(cases: "SlurmCases") -> Row:
     ended = time.time() - killed_at
     lines = [ln for ln in SlurmCases.log(out).splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("error:")]
-    again, _ = cases.launch("h-kill9", D_EPOCHS)
+    again, _ = cases.launch("h-kill9")
     state2 = cases.wait_end(again)
-    same = (out / "model.safetensors").exists() and identical(weights(out), cases.reference(D_EPOCHS))
+    same = (out / "model.safetensors").exists() and identical(weights(out), cases.reference())
     resumed = [ln for ln in SlurmCases.log(out).splitlines() if ln.startswith("resumed from ")]
     # the job script repeats the reason at the end when other lines (multiprocessing's own warnings) followed it
     errors = list(dict.fromkeys(errors))
     ok = (victim is not None and reached is not None and state == "FAILED" and len(errors) == 1
           and errors[0].startswith("error: rank 1 of 2 stopped without a word") and lines[-1] == errors[0]
           and ended < 60 and state2 == "COMPLETED" and bool(resumed) and same)
-    return Row("h: kill -9 of rank 1 of a 2-node srun job in epoch 3, then the same launch again",
+    return Row("h: kill -9 of rank 1 of a 2-node srun job at step 12 of 20, then the same launch again",
                "the job ends within seconds, its log's last line (the only error line) names rank 1; the next "
                "launch resumes and ends bit-identical to a 2-rank torchrun run",
                f"killed pid {victim}; {state} {ended:.0f} s after the kill (Slurm's own polling included); "

@@ -10,7 +10,11 @@ rank sees, with no hook in the project's code. ``RSB_FAULT`` is ``;``-separated 
 * ``replace=GLOB``: renaming a temporary file over a name that matches fails (ENOSPC by default): the
   last step of an atomic write on a full disk or an exceeded quota;
 * ``hang=GLOB``: opening a matching file never returns (the process stays alive: an NFS server that
-  stopped answering), from its ``after``-th match on (default 0).
+  stopped answering), from its ``after``-th match on (default 0);
+* ``slow=GLOB``: opening a file whose whole path matches takes ``seconds`` longer (a busy shared file
+  system): a phase that reads those files (an evaluation) lasts long enough to be interrupted.
+
+``rank`` is ``*`` for every process.
 
 ``rank`` is the process's global rank (``RANK`` under torchrun, ``SLURM_PROCID`` under srun). Every
 process that meets a fault appends one line to ``RSB_FAULT_LOG`` when it is set, so a test can tell
@@ -28,7 +32,7 @@ def _rules():
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID"))
     for text in filter(None, os.environ.get("RSB_FAULT", "").split(";")):
         fields = dict(part.split("=", 1) for part in text.split(","))
-        if fields.get("rank") == rank:
+        if fields.get("rank") in (rank, "*"):
             yield fields
 
 
@@ -42,7 +46,7 @@ def _fail(rule, kind, default, path):
 
 
 _real_open, _real_replace = builtins.open, os.replace
-_opens = [r for r in _rules() if "open" in r or "hang" in r]
+_opens = [r for r in _rules() if "open" in r or "hang" in r or "slow" in r]
 _replaces = [r for r in _rules() if "replace" in r]
 
 if _opens:
@@ -52,6 +56,8 @@ if _opens:
             for rule in _opens:
                 if "open" in rule and fnmatch.fnmatch(name, rule["open"]):
                     _fail(rule, "open", "EIO", file)
+                if "slow" in rule and fnmatch.fnmatch(os.fsdecode(file), rule["slow"]):
+                    time.sleep(float(rule.get("seconds", "0.05")))
                 if "hang" in rule and fnmatch.fnmatch(name, rule["hang"]):
                     rule["seen"] = rule.get("seen", 0) + 1
                     if rule["seen"] > int(rule.get("after", 0)):
