@@ -58,53 +58,40 @@ import torch
 from tests.helpers.faults import ROOT, Faults, Row
 
 
-CASES = ("kill9", "sigterm", "corrupt", "truncated", "all-bad", "enospc", "diverge", "stale-temp", "bad-resume",
-         "torchrun-config", "rank-error", "resume-4-ranks", "eval-stop", "no-checkpoint", "unreadable-on-one-rank",
-         "export-fails", "silent-death", "stuck-rank", "world-size")
+def cases(faults: Faults, kill_points: int) -> dict:
+    """Each case's name and what runs it (a list of rows)."""
+    return {
+        "kill9": lambda: [faults.kill9(kill_points)],
+        "sigterm": lambda: [faults.sigterm("reference"), faults.sigterm("dali"), faults.sigterm("ffcv")],
+        "corrupt": lambda: [faults.corrupt()],
+        "truncated": lambda: [faults.corrupt(truncate=True)],
+        "all-bad": lambda: [faults.all_bad()],
+        "enospc": lambda: faults.enospc(),
+        "diverge": lambda: [faults.diverge(), faults.diverge(nan=True)],
+        "stale-temp": lambda: [faults.stale_temp()],
+        "bad-resume": lambda: [faults.bad_resume()],
+        "torchrun-config": lambda: [faults.torchrun_config()],
+        "rank-error": lambda: [faults.rank_error()],
+        "resume-4-ranks": lambda: [faults.resume_4_ranks()],
+        "eval-stop": lambda: [faults.stop_during_eval(0), faults.stop_during_eval(2)],
+        "no-checkpoint": lambda: [faults.resume_auto_without_checkpoint()],
+        "unreadable-on-one-rank": lambda: [faults.unreadable_on_one_rank()],
+        "export-fails": lambda: [faults.export_fails_on_rank_0()],
+        "silent-death": lambda: [faults.silent_death()],
+        "stuck-rank": lambda: [faults.stuck_rank()],
+        "world-size": lambda: [faults.world_size_change()],
+    }
+
+
+CASES = tuple(cases(None, 0))  # type: ignore[arg-type]  (the names only)
 
 
 def run_cases(faults: Faults, names: list[str], kill_points: int) -> list[Row]:
     rows: list[Row] = []
+    runs = cases(faults, kill_points)
     for name in names:
         t0 = time.perf_counter()
-        if name == "kill9":
-            got = [faults.kill9(kill_points)]
-        elif name == "sigterm":
-            got = [faults.sigterm("reference"), faults.sigterm("dali"), faults.sigterm("ffcv")]
-        elif name == "corrupt":
-            got = [faults.corrupt()]
-        elif name == "truncated":
-            got = [faults.corrupt(truncate=True)]
-        elif name == "all-bad":
-            got = [faults.all_bad()]
-        elif name == "enospc":
-            got = faults.enospc()
-        elif name == "diverge":
-            got = [faults.diverge(), faults.diverge(nan=True)]
-        elif name == "stale-temp":
-            got = [faults.stale_temp()]
-        elif name == "bad-resume":
-            got = [faults.bad_resume()]
-        elif name == "rank-error":
-            got = [faults.rank_error()]
-        elif name == "resume-4-ranks":
-            got = [faults.resume_4_ranks()]
-        elif name == "eval-stop":
-            got = [faults.stop_during_eval(0), faults.stop_during_eval(2)]
-        elif name == "no-checkpoint":
-            got = [faults.resume_auto_without_checkpoint()]
-        elif name == "unreadable-on-one-rank":
-            got = [faults.unreadable_on_one_rank()]
-        elif name == "export-fails":
-            got = [faults.export_fails_on_rank_0()]
-        elif name == "silent-death":
-            got = [faults.silent_death()]
-        elif name == "stuck-rank":
-            got = [faults.stuck_rank()]
-        elif name == "world-size":
-            got = [faults.world_size_change()]
-        else:
-            got = [faults.torchrun_config()]
+        got = runs[name]()
         for row in got:
             print(f"[{row.verdict}] {row.case} ({time.perf_counter() - t0:.0f} s)\n    expected: {row.expected}\n"
                   f"    observed: {row.observed}", flush=True)

@@ -188,9 +188,9 @@ def visible_gpus() -> list[str]:
     return listed[:n] if listed else [str(i) for i in range(n)]
 
 
-def run_local(trials: list[TrialSpec], parallel: int, on_done: Callable[[dict], None]) -> list[dict[str, Any]]:
-    """N trials at a time as subprocesses; slot i owns GPU i (one GPU per trial), on CPU each of the N
-    processes gets an equal share of the cores."""
+def local_slots(parallel: int) -> tuple[list[str], dict[str, str]]:
+    """(the GPU of each of the ``parallel`` slots, the trials' environment): one GPU per trial; on CPU
+    each of the processes gets an equal share of the cores."""
     gpus = visible_gpus()
     if gpus and parallel > len(gpus):
         raise SweepError(f"[run] parallel = {parallel} but {len(gpus)} GPU(s) are visible; one trial per GPU, "
@@ -198,6 +198,13 @@ def run_local(trials: list[TrialSpec], parallel: int, on_done: Callable[[dict], 
     env = {}
     if not gpus and parallel > 1 and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+    return gpus, env
+
+
+def run_local(trials: list[TrialSpec], parallel: int, on_done: Callable[[dict], None]) -> list[dict[str, Any]]:
+    """N trials at a time as subprocesses; slot i owns GPU i (one GPU per trial), on CPU each of the N
+    processes gets an equal share of the cores."""
+    gpus, env = local_slots(parallel)
     slots: queue.Queue[int] = queue.Queue()
     for i in range(parallel):
         slots.put(i)
@@ -232,13 +239,7 @@ def run_study_local(sweep, trials: list[TrialSpec], out: Path, parallel: int, ur
     from workflows.sweep import study as st
 
     study = st.open_study(sweep, out, url)
-    gpus = visible_gpus()
-    if gpus and parallel > len(gpus):
-        raise SweepError(f"[run] parallel = {parallel} but {len(gpus)} GPU(s) are visible; one trial per GPU, "
-                         f"so set parallel <= {len(gpus)}")
-    env = {}
-    if not gpus and parallel > 1 and "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+    gpus, env = local_slots(parallel)
     lock, stop = threading.Lock(), threading.Event()
     todo = list(trials) if sweep.sampler != "tpe" else []
     orphans = st.running_without_runner(study) if sweep.sampler == "tpe" else []
