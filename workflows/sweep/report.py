@@ -372,7 +372,8 @@ def adaptive_section(rows: list[dict[str, Any]], curves: dict[str, list[tuple[in
 
 def plot_curves(rows: list[dict[str, Any]], curves: dict[str, list[tuple[int, float]]], swept_keys: list[str],
                 path: Path, title: str) -> bool:
-    """val top-1 over epochs, one line per trial; a pruned trial's line is dashed and ends in a cross."""
+    """val top-1 against the epochs trained (the engine's 0-based epoch + 1), one line per trial; a pruned
+    trial's line is dashed and ends in a cross at the epochs it trained."""
     drawn = [(r, curves.get(r["folder"], [])) for r in rows if curves.get(r["folder"])]
     if not drawn:
         return False
@@ -383,14 +384,15 @@ def plot_curves(rows: list[dict[str, Any]], curves: dict[str, list[tuple[int, fl
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for r, curve in drawn:
-        xs, ys = [e for e, _ in curve], [v for _, v in curve]
+        xs, ys = [e + 1 for e, _ in curve], [v for _, v in curve]
         label = ", ".join(f"{k.rsplit('.', 1)[-1]}={format_value(r[k])}" for k in swept_keys) + f" s{r['seed']}"
         pruned = r["status"] == "pruned"
         line, = ax.plot(xs, ys, linestyle="--" if pruned else "-", marker="o", markersize=3, alpha=0.8,
                         label=label + (" (pruned)" if pruned else ""))
         if pruned:
             ax.plot(xs[-1], ys[-1], marker="x", markersize=9, color=line.get_color())
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("epochs trained")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("val top-1 (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
