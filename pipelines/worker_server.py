@@ -1,5 +1,6 @@
 """Where the reference pipeline's DataLoader workers come from: multiprocessing's forkserver, a clean
-single-threaded process that imports torch and :mod:`pipelines.reference` once and forks a worker in a
+single-threaded process that imports torch and :mod:`pipelines.reference` once (through
+:mod:`pipelines.worker_server_preload`, which also makes it exit quickly) and forks a worker in a
 fraction of a second. Not a fork of the training process: a fork copies only the forking thread, so a
 worker could inherit a lock that another thread (a queue's feeder, gloo, the failure watcher) held at
 that instant and wait for it forever (seen here about once in 20 runs of 8 epochs under torchrun,
@@ -28,7 +29,7 @@ import multiprocessing
 import signal
 from multiprocessing import forkserver, resource_tracker
 
-PRELOAD = ["pipelines.reference"]  # imports torch, torchvision and PIL in the server once
+PRELOAD = ["pipelines.worker_server_preload"]  # imports torch, torchvision and PIL in the server once
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR2}
 
 

@@ -99,4 +99,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common.process_exit import exit_without_teardown
+
+    exit_without_teardown(main())  # no interpreter teardown: common/process_exit.py
