@@ -11,12 +11,28 @@ ResNet code, so the engine runs the same path as for ResNet-50.
 """
 from __future__ import annotations
 
-import timm
-import torch.nn as nn
-from timm.layers import BlurPool2d
-from timm.models.resnet import BasicBlock, ResNet
+import sys
 
-from common.config import ModelConfig
+import torch.nn as nn
+
+# timm.utils.summary imports wandb whenever it is installed (reached through timm.models -> timm.data),
+# for a CSV/W&B summary writer this project never calls: 0.6-0.7 s of every process start on the 2-core
+# box, a tenth of a short run's start-up, paid by every rank of every trial of a sweep. While timm loads,
+# `import wandb` fails (a None entry in sys.modules makes it raise ImportError, which timm catches);
+# engine/logging.py imports the real one when a run logs to W&B. A process that imported wandb first
+# keeps it.
+_WANDB_HIDDEN = "wandb" not in sys.modules
+if _WANDB_HIDDEN:
+    sys.modules["wandb"] = None  # type: ignore[assignment]
+try:
+    import timm
+    from timm.layers import BlurPool2d
+    from timm.models.resnet import BasicBlock, ResNet
+finally:
+    if _WANDB_HIDDEN:
+        del sys.modules["wandb"]
+
+from common.config import ModelConfig  # noqa: E402 (after timm's import above)
 
 
 def _resnet_tiny(**kwargs) -> nn.Module:
