@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             cluster.start()
             os.environ["SLURM_CONF"] = str(cluster.conf)
             described = cluster.describe()
-            rows = run_cases(SlurmCases(cluster, work / "runs", data), names)
+            rows = run_cases(SlurmCases(cluster, work / "runs", data, overlap=False), names)
         finally:
             cluster.stop()
         left = cluster.leftovers()
