@@ -35,6 +35,9 @@ from models.factory import UnknownModelError
 from pipelines.base import DataError, MissingBackendError
 from pipelines.build import build_stage2
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+
+
 class StopRequest:
     """SIGINT/SIGTERM/SIGUSR2 set a flag that the loop acts on at a consistent point (after an
     optimizer step; under DDP at the next log point, where ranks agree), so a checkpoint is written
@@ -60,7 +63,7 @@ class StopRequest:
         return self.signal is not None
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+        for sig in STOP_SIGNALS:
             self._old[sig] = signal.signal(sig, self._handler)
         return self
 
@@ -127,8 +130,6 @@ def train(cfg: Config, out: Path, resume: str | None = None, max_steps: int | No
         for sig, handler in handlers.items():  # a caller in this process (a tool, a test) gets its own back,
             signal.signal(sig, handler)  # and processes it starts later do not inherit an ignored signal
 
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
 
 def _ignore_stop_signals() -> None:
