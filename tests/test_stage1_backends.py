@@ -357,7 +357,7 @@ def interpolation_choices(pipe, root, epochs: int, decoder: str) -> tuple[list[b
     from PIL import Image
 
     sources = sorted((root.parent / "src" / "train").rglob("*.jpg"))
-    candidates = torch.stack([torch.from_numpy(np.asarray(Image.fromarray(decoded(p, decoder)).resize(
+    candidates = torch.stack([torch.from_numpy(np.array(Image.fromarray(decoded(p, decoder)).resize(
         (INTERP_RES, INTERP_RES), f))).permute(2, 0, 1).float()
         for p in sources for f in (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)])
     gap = (candidates[0::2] - candidates[1::2]).abs().mean(dim=(1, 2, 3))  # per source: the filters' difference
