@@ -9,8 +9,12 @@ export PYTHONUNBUFFERED := 1
 setup:
 	@bash tools/bootstrap.sh
 
+# 2 workers, whole files each: the suite waits on subprocesses and Slurm for a third of its time
+# (tests/conftest.py orders the files); PYTEST_WORKERS=0 runs it in one process
+PYTEST_WORKERS ?= 2
+
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile tests
 
 demo: setup
 	$(PY) tools/demo.py
