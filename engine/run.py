@@ -110,7 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``rsb-train`` console script: :func:`main`, then the same end as ``python -m``: at once, without
+    the interpreter's teardown (common/process_exit.py)."""
     from common.process_exit import exit_without_teardown
 
-    exit_without_teardown(main())  # a run ends 1-2.5 s sooner: common/process_exit.py
+    exit_without_teardown(main())
+
+
+if __name__ == "__main__":
+    cli()

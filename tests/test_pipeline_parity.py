@@ -40,7 +40,7 @@ def reference_eval(photos_root: Path) -> tuple[torch.Tensor, torch.Tensor]:
     tf = create_transform(EVAL_RES, is_training=False, crop_pct=EVAL_CROP, interpolation="bicubic")
     tf.transforms = tf.transforms[:-2]  # drop ToTensor + Normalize: compare uint8 pixels
     files = sorted(src.glob("*/*.jpg"))
-    ims = [torch.from_numpy(np.asarray(tf(Image.open(f).convert("RGB")))).permute(2, 0, 1) for f in files]
+    ims = [torch.from_numpy(np.array(tf(Image.open(f).convert("RGB")))).permute(2, 0, 1) for f in files]
     labels = [int(f.parent.name[1:]) for f in files]
     return torch.stack(ims), torch.tensor(labels)
 

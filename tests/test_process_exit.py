@@ -66,7 +66,16 @@ def test_the_forkserver_ends_at_its_first_exit_handler():
     assert "an earlier exit handler ran" not in proc.stdout
 
 
-@pytest.mark.parametrize("script", ["engine/run.py", "tools/sweep.py", "tools/evaluate.py", "tools/profile_throughput.py"])
-def test_the_heavy_tools_end_that_way(script):
-    main_block = (ROOT / script).read_text().split('if __name__ == "__main__":', 1)[1]
-    assert "exit_without_teardown(main())" in main_block
+@pytest.mark.parametrize("module,script", [("engine.run", "rsb-train"), ("tools.sweep", "rsb-sweep"),
+                                           ("tools.evaluate", "rsb-evaluate"),
+                                           ("tools.profile_throughput", "rsb-profile")])
+def test_the_heavy_tools_end_that_way(module, script):
+    """``python -m`` and the installed console script both end through the tool's ``cli()``."""
+    from importlib.metadata import entry_points
+
+    source = (ROOT / (module.replace(".", "/") + ".py")).read_text()
+    assert source.split('if __name__ == "__main__":', 1)[1].strip() == "cli()"
+    cli = source.split("\ndef cli(", 1)[1].split("\ndef ", 1)[0]
+    assert "exit_without_teardown(main())" in cli
+    installed = {e.name: e.value for e in entry_points(group="console_scripts")}
+    assert installed.get(script) == f"{module}:cli", f"{script} -> {installed.get(script)} (make setup reinstalls)"

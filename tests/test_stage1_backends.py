@@ -427,7 +427,7 @@ def test_eval_interpolation_reaches_every_backend(name, photos_root):
         for interpolation, images in ref.items():
             tf = create_transform(EVAL_RES, is_training=False, crop_pct=EVAL_CROP, interpolation=interpolation)
             tf.transforms = tf.transforms[:-2]  # uint8 pixels: no ToTensor / Normalize
-            timm_images = torch.stack([torch.from_numpy(np.asarray(tf(Image.open(f).convert("RGB")))).permute(2, 0, 1)
+            timm_images = torch.stack([torch.from_numpy(np.array(tf(Image.open(f).convert("RGB")))).permute(2, 0, 1)
                                        for f in files]).float()
             assert torch.equal(images, timm_images), interpolation
         assert (ref["bilinear"] - ref["bicubic"]).abs().mean() > 0.5  # the filters differ on these photos

@@ -98,7 +98,13 @@ def main(argv=None) -> int:
         return 2
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``rsb-profile`` console script: :func:`main`, then the same end as ``python -m``: at once, without
+    the interpreter's teardown (common/process_exit.py)."""
     from common.process_exit import exit_without_teardown
 
-    exit_without_teardown(main())  # no interpreter teardown: common/process_exit.py
+    exit_without_teardown(main())
+
+
+if __name__ == "__main__":
+    cli()
