@@ -1,5 +1,5 @@
 """The launcher and the sweep's Slurm executor against a real two-node Slurm cluster on this machine
-(the session's ``slurm_cluster`` fixture; tests/helpers/slurm_cases.py holds the cases; benchmarks/slurm.py runs them
+(the module's ``slurm_cluster`` fixture; tests/helpers/slurm_cases.py holds the cases; benchmarks/slurm.py runs them
 standalone with the figures): a-f of the issue, on the tiny deterministic run of the fault
 benchmark through the reference pipeline.
 

@@ -48,12 +48,14 @@ def tiny_runs(fmnist_tree, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def slurm_cluster(tmp_path_factory):
-    """A throwaway two-node Slurm cluster (tests/helpers/slurm_cluster.py) shared by every Slurm test,
-    started on first use; clients find it through SLURM_CONF while it runs. At the end it cancels
-    every job, stops each daemon by its PID (also after a failed test), and fails the session if
-    any of its processes is left."""
+    """A throwaway two-node Slurm cluster (tests/helpers/slurm_cluster.py) shared by the Slurm tests of
+    a module (tests/test_slurm.py), started on first use; clients find it through SLURM_CONF while it
+    runs. When the module ends it cancels every job, stops each daemon by its PID (also after a failed
+    test), and fails if any of its processes is left. Not for the whole session: a pytest-xdist worker
+    runs other files after this one, and a process they start (W&B's service, which outlives its run)
+    would inherit SLURM_CONF and count as the cluster's."""
     from tests.helpers.slurm_cluster import SlurmCluster, skip_or_fail, unavailable
 
     why = unavailable()
