@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from common.config import Config, ConfigError, to_dict
+from common.stop_signals import STOP_SIGNALS
 from engine import checkpoint as ckpt
 from engine import run_folder
 from engine.distributed import (DistInfo, any_rank, barrier, cleanup, init_distributed, reduce_bn_stats,
@@ -34,8 +35,6 @@ from engine.step import StepContext, build_step, train_one_epoch
 from models.factory import UnknownModelError
 from pipelines.base import DataError, MissingBackendError
 from pipelines.build import build_stage2
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
 
 class StopRequest:

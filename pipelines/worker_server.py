@@ -29,8 +29,9 @@ import multiprocessing
 import signal
 from multiprocessing import forkserver, resource_tracker
 
+from common.stop_signals import STOP_SIGNALS
+
 PRELOAD = ["pipelines.worker_server_preload"]  # imports torch, torchvision and PIL in the server once
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR2}
 
 
 def worker_context():

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common.fileio import commit
+from common.stop_signals import STOP_SIGNALS
 from workflows.sweep.plan import SweepError, TrialSpec, format_value
 
-STOPPED_WITH_CHECKPOINT = (130, 140, 143)  # the engine's exit after SIGINT, SIGUSR2, SIGTERM
+STOPPED_WITH_CHECKPOINT = tuple(128 + sig for sig in STOP_SIGNALS)  # the engine's exit after a stop: 130, 143, 140
 POLL_S = 5.0  # how often the sweep looks at Slurm's queue and the trials' records
 
 
