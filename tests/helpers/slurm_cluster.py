@@ -3,7 +3,8 @@
 
 ``munged`` (its own key and socket), ``slurmctld`` and two ``slurmd -N n1|n2`` run in the foreground
 as children of the calling process, so each one's PID is known and it is stopped by that PID
-(SIGTERM, then SIGKILL) in :meth:`SlurmCluster.stop`, also when a case fails. Both nodes live on
+(SIGTERM, then SIGKILL) in :meth:`SlurmCluster.stop`, also when a case fails, and a job process
+Slurm's clean-up missed is killed by its environment (:meth:`SlurmCluster._kill_strays`). Both nodes live on
 127.0.0.1 with a port each (``NodeAddr``/``Port``: Slurm's way to run several slurmd on one host),
 one CPU each (``cpus``), no cgroups (``proctrack/linuxproc``), no CPU binding (``task/none``; a cluster
 made with ``task_plugin="task/affinity"`` binds each task to the CPUs it was given), no accounting (``sacct`` does
@@ -71,6 +72,7 @@ class SlurmCluster:
         self.kill_wait = kill_wait
         self.cpus, self.task_plugin = cpus, task_plugin  # per node; task/affinity binds each task to its CPUs
         self.procs: dict[str, subprocess.Popen] = {}
+        self.strays: list[tuple[int, str]] = []  # (pid, command) :meth:`stop` had to SIGKILL
         self.conf = self.work / "slurm.conf"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
         self.env["SLURM_CONF"] = str(self.conf)
@@ -232,7 +234,8 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
 
     # ---------------------------------------------------------------- tear-down
     def stop(self) -> None:
-        """Cancel every job, wait for its processes to end, then stop each daemon by its PID."""
+        """Cancel every job, wait for its processes to end, stop each daemon by its PID, then kill
+        any job process Slurm missed (:meth:`_kill_strays`)."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             try:
                 self._run(["scancel", "--full", "--user", "root"], timeout=20)
@@ -251,23 +254,52 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=30)
+        self._kill_strays()
+
+    def _kill_strays(self, timeout: float = 30) -> None:
+        """SIGKILL what Slurm's own clean-up missed: with ``proctrack/linuxproc`` a job is tracked by
+        its process tree, so a child forked while scancel walks that tree (a job cancelled just after
+        it started, as a failing test does) is reparented to init and escapes the kill. Only job
+        processes (``SLURM_JOB_ID`` in their environment) and slurmstepd are touched; each one
+        killed is kept in :attr:`strays` and printed, so a test can tell Slurm's clean-up from this one."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [(pid, cmd) for pid, cmd, env in self._marked()
+                     if any(v.startswith(b"SLURM_JOB_ID=") for v in env) or cmd.startswith("slurmstepd")]
+            if not found or time.monotonic() > deadline:
+                return
+            for pid, cmd in found:
+                if (pid, cmd) not in self.strays:
+                    self.strays.append((pid, cmd))
+                    print(f"slurm test cluster: killed a process Slurm left running: {cmd[:80]} (pid {pid})")
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+
+    def _marked(self) -> list[tuple[int, str, list[bytes]]]:
+        """(pid, command line, environment) of every other process with this cluster's SLURM_CONF in
+        its environment. A process that has exited (a zombie too) shows an empty environment."""
+        marker = f"SLURM_CONF={self.conf}".encode()
+        found = []
+        for proc_dir in Path("/proc").glob("[0-9]*"):
+            if int(proc_dir.name) == os.getpid():
+                continue
+            try:
+                environ = (proc_dir / "environ").read_bytes().split(b"\0")
+                cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                continue
+            if marker in environ:
+                found.append((int(proc_dir.name), cmdline or "?", environ))
+        return found
 
     def leftovers(self) -> list[str]:
         """Processes still running that this cluster started: its daemons (by PID) and anything with
         its SLURM_CONF in the environment (slurmstepd and job processes, which slurmd started)."""
         left = [f"{n} (pid {p.pid})" for n, p in self.procs.items() if p.poll() is None]
-        marker = f"SLURM_CONF={self.conf}".encode()
-        for proc_dir in Path("/proc").glob("[0-9]*"):
-            if int(proc_dir.name) == os.getpid():
-                continue
-            try:
-                environ = (proc_dir / "environ").read_bytes()
-                cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-            except OSError:
-                continue
-            if marker in environ.split(b"\0"):
-                left.append(f"{cmdline[:80] or '?'} (pid {proc_dir.name})")
-        return left
+        return left + [f"{cmd[:80]} (pid {pid})" for pid, cmd, _ in self._marked()]
 
 
 def skip_or_fail(why: str):
