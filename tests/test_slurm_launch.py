@@ -264,3 +264,43 @@ def test_a_multi_node_run_folder_on_a_node_local_file_system_is_warned_about(tmp
     found = file_system(tmp_path)
     shared = found is not None and found[1] in __import__("workflows.slurm_launch").slurm_launch.SHARED_FILE_SYSTEMS
     assert shared or f"# warning: --out {tmp_path / 'run'} is on " in proc.stderr, proc.stderr
+
+
+def test_an_early_signal_before_the_step_starts_still_reaches_the_step(tmp_path):
+    """Slurm's early signal can come while the job script has not started its step yet (a slow start
+    on a loaded node or file system; a time limit an admin cut with scontrol): the script must pass it
+    on once the step exists, or the run trains into the hard limit and is not requeued. The script runs here under
+    bash with a fake ``srun`` (records what reaches it) and a ``touch`` (the script's last command
+    before the step) that holds the script until the signal has been sent."""
+    import signal
+
+    from workflows.slurm_launch import EARLY_SIGNAL
+
+    script = launch("recipes/a3.toml", "--nodes", "1", "--tasks-per-node", "1", "--out", tmp_path / "r",
+                    "--dry-run").stdout
+    (tmp_path / "job.sh").write_text(script)
+    bin_dir, rec, held, go = tmp_path / "bin", tmp_path / "srun.rec", tmp_path / "held", tmp_path / "go"
+    bin_dir.mkdir()
+    (bin_dir / "touch").write_text(f'#!/bin/bash\n: > {held}\nwhile [ ! -e {go} ]; do sleep 0.05; done\n'
+                                   f'exec /usr/bin/touch "$@"\n')
+    (bin_dir / "srun").write_text(f"#!/bin/bash\ntrap 'echo {EARLY_SIGNAL} >> {rec}; exit 0' {EARLY_SIGNAL}\n"
+                                  f"echo started >> {rec}\nfor i in $(seq 100); do sleep 0.1; done\n"
+                                  f"echo finished >> {rec}\n")
+    for f in ("touch", "srun"):
+        (bin_dir / f).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n1")
+    job = subprocess.Popen(["bash", str(tmp_path / "job.sh")], env=env)
+    deadline = time.monotonic() + 30
+    while not held.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert held.exists(), "the job script did not reach its step"
+    os.kill(job.pid, getattr(signal, f"SIG{EARLY_SIGNAL}"))
+    go.touch()
+    job.wait(timeout=60)
+    log = (tmp_path / "r" / "slurm" / "job.log").read_text()
+    assert "early signal" in log
+    got = rec.read_text().split() if rec.exists() else []
+    assert "finished" not in got, (got, log)  # the step did not run to its end
+    # the step trapped the signal, or (sent before its trap was set) the signal ended it
+    assert EARLY_SIGNAL in got or "stopped before the time limit without a checkpoint" in log, (got, log)

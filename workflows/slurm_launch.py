@@ -355,13 +355,15 @@ export NUMBA_CACHE_DIR=${{NUMBA_CACHE_DIR:-${{TMPDIR:-/tmp}}/rsb-numba-$(id -u)}
 unset MASTER_ADDR MASTER_PORT RANK WORLD_SIZE LOCAL_RANK  # every start computes its own rendezvous
 
 early=0 stopping=0 pid= nudger=
-on_early() {{
-  early=1
-  say "early signal ({EARLY_SIGNAL}): the time limit is near; the run stops at its next log point with a checkpoint"
-  [ -n "$pid" ] || return 0
+forward_early() {{
   kill -{EARLY_SIGNAL} "$pid" 2>/dev/null  # srun passes it to every process of the step
   # a rank still starting up ignores it until the engine listens: repeat until the step ends
   [ -n "$nudger" ] || {{ ( while sleep 2 && kill -0 "$pid" 2>/dev/null; do kill -{EARLY_SIGNAL} "$pid"; done ) & nudger=$!; }}
+}}
+on_early() {{
+  early=1
+  say "early signal ({EARLY_SIGNAL}): the time limit is near; the run stops at its next log point with a checkpoint"
+  [ -z "$pid" ] || forward_early  # before the step exists: forwarded as soon as it starts (below)
 }}
 on_term() {{
   stopping=1
@@ -377,6 +379,7 @@ touch "$STATE/.start"
 from=$(stat -c %s "$LOG")
 {' '.join(srun)} "${{TASK[@]}}" 2>>"$STATE/srun.log" &
 pid=$!
+((early)) && forward_early  # it came before the step started (a slow start, a limit cut by scontrol)
 while :; do
   wait "$pid"; rc=$?
   ((rc > 128)) && kill -0 "$pid" 2>/dev/null || break  # > 128 with the step alive: a trapped signal ended the wait
