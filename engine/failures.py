@@ -59,7 +59,11 @@ CLIENT_TIMEOUT_S = 2.0  # one request of the board's own store clients
 SILENT_S = 6.0  # a rank's heartbeat stopped this long: it is gone
 START_GRACE_S = 300.0  # a rank's first heartbeat may come this late (imports on a slow shared file system)
 STEP_GRACE_S = 10.0  # a rank stalled inside the step (a collective) waits this much more before it claims
-DIAGNOSIS_S = SILENT_S + 4 * POLL_S  # a rank with an unexplained error waits this long for a diagnosis
+# A rank with an unexplained error waits this long for a diagnosis: the dead rank's neighbour sees
+# SILENT_S of silence up to 2 polls late (the last beat before the death, then its own poll), and on
+# a loaded node each of its poll's 3 store requests may take up to CLIENT_TIMEOUT_S. Returns as soon
+# as the line is posted, so the margin costs time only when no diagnosis comes.
+DIAGNOSIS_S = SILENT_S + 2 * POLL_S + 3 * CLIENT_TIMEOUT_S
 
 
 def _prefix() -> str:
