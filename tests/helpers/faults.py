@@ -385,7 +385,9 @@ class Faults:
                    f"{len(lines)} line(s): {lines[0] if lines else '-'}", len(lines) == 1)
 
     # ------------------------------------------------------------------ stops during evaluation, output kept
-    SLOW_VAL = "rank=*,slow=*/val/*,seconds=0.05"  # every val image read 50 ms late: an evaluation of seconds
+    # every val image read 100 ms late: an evaluation of seconds, so a signal sent when it starts lands
+    # inside it on a loaded machine too (two ranks agree on a stop only every few batches)
+    SLOW_VAL = "rank=*,slow=*/val/*,seconds=0.1"
 
     def _signal_during_eval(self, out: Path, epoch: int, sig: int, nproc: int, port: int, resume: bool,
                             ) -> tuple[int, str, float]:
@@ -625,7 +627,7 @@ class Faults:
         return full
 
 
-def _process_with_env(root: int, key: str, value: str, timeout: float = 60) -> int | None:
+def _process_with_env(root: int, key: str, value: str, timeout: float = 300) -> int | None:
     """The pid of an engine process below ``root`` (torchrun starts its ranks in sessions of their
     own) whose environment holds ``key=value``: a rank, by its RANK."""
     want = f"{key}={value}".encode()

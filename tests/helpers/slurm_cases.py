@@ -96,8 +96,9 @@ class SlurmCases:
         return self._poll(look, job, timeout)
 
     def wait_log(self, out: Path, text: str, job: str | None = None, timeout: float = WAIT_S) -> str | None:
-        """The first line of the job log that holds ``text``."""
-        return self._poll(lambda: next((ln for ln in self.log(out).splitlines() if text in ln), None), job, timeout)
+        """The first whole line (its newline written) of the job log that holds ``text``."""
+        return self._poll(lambda: next((ln for ln in self.log(out).split("\n")[:-1] if text in ln), None), job,
+                          timeout)
 
     @staticmethod
     def log(out: Path) -> str:
@@ -279,7 +280,8 @@ class SlurmCases:
             trials = sorted((out / "trials").glob("*/slurm/job")) if (out / "trials").is_dir() else []
             first = next((t.parent.parent for t in trials if t.read_text().strip().endswith("_0")), None)
             time.sleep(POLL_S)
-        preempted = first is not None and self.wait_step(first, 3, timeout=120) is not None
+        preempted = first is not None and self.wait_step(
+            first, 3, job=(first / "slurm" / "job").read_text().strip()) is not None
         number = json.loads((first / "study.json").read_text())["number"] if preempted else None
         if preempted:
             self.cluster.run("scontrol", "requeue", (first / "slurm" / "job").read_text().strip())
