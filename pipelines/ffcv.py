@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -72,14 +73,28 @@ from pipelines import counter_rng, pil_resize
 
 def _set_decode_threads(cls, n: int) -> None:
     """FFCV's ``Compiler.set_num_threads`` (ffcv/pipeline/compiler.py), which ``Loader`` calls at
-    construction and its decoding thread at every epoch, without its ``torch.set_num_threads(n)``:
-    that line set torch's intra-op threads, the training step's, to ``data.workers``, so a change of
-    decoding threads changed the step's CPU reductions and the weights. Numba's count (the decode's
-    threads) is set as FFCV sets it; torch's stays what the user or ``OMP_NUM_THREADS`` chose."""
+    construction (in the main thread) and its decoding thread at every epoch, with torch's count
+    kept the user's: FFCV's ``torch.set_num_threads(n)`` set torch's intra-op threads, the training
+    step's, to ``data.workers``, so a change of decoding threads changed the step's CPU reductions
+    and the weights. Numba's count (the decode's threads) is set as FFCV sets it.
+
+    The decoding thread still makes torch's call, with the count the main thread holds: measured on
+    the 2-core box (FFCV demo e2e, epochs 1-4 of 5, interleaved), leaving it out, as this method
+    did from 533866e on, cost 10-17% of the training images/s (ff77b6e's FFCV pipeline with this
+    method as it was: as slow; the same with the call: as fast as ff77b6e); a call of
+    ``torch.get_num_threads()`` there instead did not help. benchmarks/results/guard-ffcv-threads.md."""
+    global _torch_threads
     if n < 1:
         n = os.cpu_count() or 1
     cls.num_threads = n
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    if threading.current_thread() is threading.main_thread():
+        _torch_threads = torch.get_num_threads()  # the user's, read where the user (or the engine) set it
+    else:
+        torch.set_num_threads(_torch_threads)
+
+
+_torch_threads = _USER_THREADS
 
 
 Compiler.set_num_threads = classmethod(_set_decode_threads)
