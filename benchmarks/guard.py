@@ -3,6 +3,7 @@
     python -m benchmarks.guard --base origin/main            # at the end of every change to a hot path
     python -m benchmarks.guard --base 2e12bd0 --rounds 3 --write benchmarks/results/guard.md
     python -m benchmarks.guard --base HEAD~3 --only e2e-ffcv,parts
+    python -m benchmarks.guard --base ff77b6e --only e2e-ffcv --rounds 5 --e2e-epochs 5
 
 Why: correctness has tests, speed had nothing that runs twice. A change that makes any backend slower
 is a defect even with every test green (docs/design.md), and on a shared 2-core machine one timing
@@ -22,7 +23,8 @@ How:
   converts them with its own converter; when the two converters are the same files the conversion
   is shared.
 * Workloads (guard_work.py says exactly what each runs): e2e training images/s per backend
-  (``recipes/demo.toml``, 2 epochs at 32 px, the second epoch's figure); stage 1 alone per backend at
+  (``recipes/demo.toml``, 2 epochs at 32 px, the second epoch's figure; ``--e2e-epochs N``: N epochs,
+  the mean of epochs 2..N, steadier on a noisy machine); stage 1 alone per backend at
   224 px; FFCV's and DALI's own stock pipelines on the same files (the anchors: ours / stock says
   what our fidelity, PIL's filters and timm's crop sampler, costs or saves against the library as
   it comes); stage 2 per batch; the bare step; evaluation images/s per backend; the converter.
@@ -176,13 +178,15 @@ def _env(tree: Path) -> dict:
     return env
 
 
-def run_workload(name: str, tree: Path, work: Path, data: Path, scratch: Path) -> tuple[dict, float, str]:
+def run_workload(name: str, tree: Path, work: Path, data: Path, scratch: Path,
+                 e2e_epochs: int = 2) -> tuple[dict, float, str]:
     """One workload in ``tree`` by the script ``work``: (figures, seconds, error line or "")."""
     result = scratch / f"{name}.json"
     result.unlink(missing_ok=True)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, str(work), name, "--data", str(data), "--out", str(result),
-                           "--scratch", str(scratch)], cwd=tree, capture_output=True, text=True, env=_env(tree))
+                           "--scratch", str(scratch), "--e2e-epochs", str(e2e_epochs)], cwd=tree,
+                          capture_output=True, text=True, env=_env(tree))
     seconds = time.perf_counter() - start
     if proc.returncode != 0 or not result.is_file():
         lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
@@ -191,7 +195,8 @@ def run_workload(name: str, tree: Path, work: Path, data: Path, scratch: Path) -
 
 
 # ----------------------------------------------------------------------------- the run
-def measure(base_tree: Path, head_tree: Path, data: Path, rounds: int, workloads: list[str], log=print):
+def measure(base_tree: Path, head_tree: Path, data: Path, rounds: int, workloads: list[str], log=print,
+            e2e_epochs: int = 2):
     """{side: {figure: [rounds...]}}, and the errors met."""
     make_sources(data)
     trees = {"base": base_tree, "head": head_tree}
@@ -205,7 +210,8 @@ def measure(base_tree: Path, head_tree: Path, data: Path, rounds: int, workloads
                 for side in order:
                     scratch = Path(tmp) / side
                     scratch.mkdir(exist_ok=True)
-                    got, seconds, error = run_workload(name, trees[side], head_tree / WORK, inputs[side], scratch)
+                    got, seconds, error = run_workload(name, trees[side], head_tree / WORK, inputs[side], scratch,
+                                                       e2e_epochs)
                     if error:
                         errors[f"{side} {name}"] = error
                     for figure, value in got.items():
@@ -266,11 +272,16 @@ def main(argv: list[str] | None = None) -> int:
                                                                 f"{','.join(WORKLOADS)})")
     p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "rsb-guard-data",
                    help="where the data sets are made and kept between runs")
+    p.add_argument("--e2e-epochs", type=int, default=2,
+                   help="epochs of each e2e training run, the first not measured (default 2; at least 2): more "
+                        "epochs give a steadier e2e figure on a noisy machine, at ~3 s per epoch and run here")
     p.add_argument("--write", type=Path, default=ROOT / "benchmarks" / "results" / "guard.md",
                    help="the results file (default benchmarks/results/guard.md)")
     a = p.parse_args(argv)
     workloads = [w for w in a.only.split(",") if w]
     try:
+        if a.e2e_epochs < 2:
+            raise GuardError(f"--e2e-epochs {a.e2e_epochs}: at least 2 (the first epoch is not measured)")
         if a.rounds < 3:
             raise GuardError(f"--rounds {a.rounds}: at least 3 rounds, so that a spread means something")
         unknown = [w for w in workloads if w not in WORKLOADS]
@@ -293,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
               f" (this tree, as of now); each in a worktree of its own; {a.rounds} rounds of {', '.join(workloads)}",
               flush=True)
         figures, errors = measure(trees["base"], trees["head"], a.data, a.rounds, workloads,
-                                  log=lambda line: print(line, flush=True))
+                                  log=lambda line: print(line, flush=True), e2e_epochs=a.e2e_epochs)
     except GuardError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

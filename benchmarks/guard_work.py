@@ -15,8 +15,9 @@ converted; ``photos/`` ImageNet-like photo crops as benchmarks/bench_pipelines.p
 
 * ``e2e-<backend>``: ``recipes/demo.toml`` for 2 epochs at 32 px (progressive resolution off),
   batch 256, 2 workers, on the demo subset; the figures are the second epoch's training images/s as
-  the run logged it (``epoch_images_per_s``: the first epoch carries start-up and FFCV's compile) and
-  its evaluation's images/s (the demo subset's 1,000 val images over the time between the epoch's
+  the run logged it (``epoch_images_per_s``: the first epoch carries start-up and FFCV's compile;
+  with ``--e2e-epochs N`` the run has N epochs and the figure is the mean of epochs 2..N's, steadier
+  where one 3-second epoch swings by 20%) and the second epoch's evaluation's images/s (the demo subset's 1,000 val images over the time between the epoch's
   last train record and its eval record, as the run's own clock wrote them).
 * ``parts``: in one process, each backend's stage 1 alone on the photos at 224 px (batch 64), the
   libraries' own stock pipelines on the same files (FFCV's ``Loader`` with its
@@ -45,12 +46,13 @@ STAGE1_EPOCHS = 3  # timed epochs of the photo set per stage-1 figure, after one
 CONVERT_PASSES = 3  # conversions of the photo set (each from scratch, worker start-up included)
 
 
-def e2e(backend: str, data: Path, scratch: Path) -> dict:
+def e2e(backend: str, data: Path, scratch: Path, epochs: int = 2) -> dict:
     import subprocess
 
     out = scratch / f"e2e-{backend}"
     shutil.rmtree(out, ignore_errors=True)
-    sets = [f"data.root={data / 'demo' / 'converted'}", f"data.pipeline={backend}", *DEMO_SETS]
+    sets = [f"data.root={data / 'demo' / 'converted'}", f"data.pipeline={backend}", *DEMO_SETS,
+            f"train.epochs={epochs}"]
     cmd = [sys.executable, "-m", "engine.run", "recipes/demo.toml", "--out", str(out)]
     cmd += [a for s in sets for a in ("--set", s)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -58,11 +60,13 @@ def e2e(backend: str, data: Path, scratch: Path) -> dict:
         raise SystemExit(f"e2e {backend}: the engine failed: {proc.stderr.strip().splitlines()[-1:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(out, ignore_errors=True)
-    last = [r for r in records if r.get("epoch") == 1 and "epoch_images_per_s" in r][-1]
+    per_epoch = [[r for r in records if r.get("epoch") == e and "epoch_images_per_s" in r][-1]
+                 for e in range(1, epochs)]
+    last = per_epoch[0]
     # the second epoch's evaluation, from the records' own clock: its record is written when it ends,
     # right after the epoch's last train record (the first evaluation also starts workers and compiles)
     evaluated = next(r for r in records if r.get("epoch") == 1 and "val_top1" in r)
-    return {f"e2e training, {backend}": last["epoch_images_per_s"],
+    return {f"e2e training, {backend}": statistics.fmean(r["epoch_images_per_s"] for r in per_epoch),
             f"evaluation, {backend}": evaluated["val_images"] / (evaluated["time"] - last["time"])}
 
 
@@ -214,10 +218,11 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--scratch", type=Path, default=Path("/tmp/rsb-guard-scratch"))
+    p.add_argument("--e2e-epochs", type=int, default=2, help="epochs of an e2e run (the first is not measured)")
     a = p.parse_args(argv)
     a.scratch.mkdir(parents=True, exist_ok=True)
     if a.workload.startswith("e2e-"):
-        figures = e2e(a.workload[4:], a.data, a.scratch)
+        figures = e2e(a.workload[4:], a.data, a.scratch, a.e2e_epochs)
     elif a.workload == "parts":
         figures = parts(a.data)
     elif a.workload == "convert":
