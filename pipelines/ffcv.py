@@ -78,11 +78,13 @@ def _set_decode_threads(cls, n: int) -> None:
     step's, to ``data.workers``, so a change of decoding threads changed the step's CPU reductions
     and the weights. Numba's count (the decode's threads) is set as FFCV sets it.
 
-    The decoding thread still makes torch's call, with the count the main thread holds: measured on
-    the 2-core box (FFCV demo e2e, epochs 1-4 of 5, interleaved), leaving it out, as this method
-    did from 533866e on, cost 10-17% of the training images/s (ff77b6e's FFCV pipeline with this
-    method as it was: as slow; the same with the call: as fast as ff77b6e); a call of
-    ``torch.get_num_threads()`` there instead did not help. benchmarks/results/guard-ffcv-threads.md."""
+    The decoding thread still makes torch's call, as FFCV's own method does, with the count the
+    main thread holds. Measured on the 2-core box (FFCV demo e2e, epochs 2-5 of 5, trees interleaved;
+    benchmarks/results/guard-ffcv-threads.md): in three comparisons, leaving the call out (as this
+    method did from 533866e on) cost 10-17% of the training images/s, ff77b6e's FFCV pipeline with
+    the call left out was as slow, and a ``torch.get_num_threads()`` there did not help; in a fourth
+    (6 rounds), ff77b6e, the tree without the call and the tree with it were within 3% of each other,
+    inside the rounds' 20% spread. Kept for FFCV's own behaviour, at no measured cost."""
     global _torch_threads
     if n < 1:
         n = os.cpu_count() or 1

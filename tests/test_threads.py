@@ -92,8 +92,8 @@ def test_no_pipeline_or_engine_set_up_changes_torchs_threads(fmnist_converted):
     assert not changed, f"torch's threads are no longer the user's {USER_THREADS} after: {changed}"
     assert len(seen) == 5 + 3 * 4  # every point looked at
     # FFCV's decoding thread sets torch's count at each epoch, as FFCV's own Compiler.set_num_threads
-    # does, and with the user's count: without that call the FFCV demo trained 10-17% slower on the
-    # 2-core box (pipelines/ffcv.py's _set_decode_threads says what was measured)
+    # does, and with the user's count: without that call the FFCV demo trained 10-17% slower in three
+    # of four interleaved comparisons on the 2-core box (pipelines/ffcv.py's _set_decode_threads)
     in_decoding_threads = [n for main, n in got["calls"] if not main]
     assert in_decoding_threads, "FFCV's decoding thread no longer sets torch's threads"
     assert set(in_decoding_threads) == {USER_THREADS}, got["calls"]
