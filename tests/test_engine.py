@@ -284,7 +284,7 @@ def test_wandb_offline_run_has_config_metrics_and_artifact(fmnist_tree, tmp_path
     assert len(runs) == 1
     from tests.helpers.wandb_reader import read_offline_run
 
-    found = read_offline_run(runs[0])
+    found = read_offline_run(runs[0], until=lambda f: any(a["type"] == "model" for a in f["artifacts"]))
     assert found["config"]["optim"]["lr"] == 0.005 and found["config"]["model"]["arch"] == "resnet_tiny"
     assert any("train_loss" in h for h in found["history"]) and any("val_top1" in h for h in found["history"])
     assert any(a["type"] == "model" for a in found["artifacts"])

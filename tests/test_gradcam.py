@@ -98,7 +98,8 @@ def test_grid_png_and_wandb_table(tiny_runs, tmp_path):
     ema_cell, plain_cell = px[10:50, 50:100], px[10:50, 100:150]
     assert np.abs(ema_cell - plain_cell).mean() > 1  # the two overlays are not the same picture
     (run_dir,) = (tmp_path / "wb" / "wandb").glob("offline-run-*")
-    rows = [r for r in read_offline_run(run_dir)["history"] if "gradcam/_type" in r]
+    found = read_offline_run(run_dir, until=lambda f: any("gradcam/_type" in r for r in f["history"]))
+    rows = [r for r in found["history"] if "gradcam/_type" in r]
     assert len(rows) == 1 and rows[0]["gradcam/_type"] == "table-file" and rows[0]["gradcam/nrows"] == 3
     table = json.loads((run_dir / "files" / rows[0]["gradcam/path"]).read_text())
     assert table["columns"] == ["image", "true class", "ema Grad-CAM", "ema prediction",

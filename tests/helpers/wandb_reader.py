@@ -48,8 +48,29 @@ def iter_records(path: Path):
         yield record
 
 
-def read_offline_run(run_dir: Path) -> dict:
-    """{"config": nested dict, "history": [row dicts], "artifacts": [{"type", "name", "metadata"}]}."""
+def read_offline_run(run_dir: Path, until=None, timeout_s: float = 30.0) -> dict:
+    """{"config": nested dict, "history": [row dicts], "artifacts": [{"type", "name", "metadata"}]}.
+
+    ``until(found)``: read again (every 0.2 s, up to ``timeout_s``) until it holds. wandb-core, a
+    process of its own that outlives the run, writes the file: seen once in a CI-like run, a
+    process that had called ``run.finish()`` and exited left its last history row to be written
+    after the test had read the file."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            found = _read_offline_run(run_dir)
+        except Exception:  # a record being written at the file's end
+            if time.monotonic() > deadline:
+                raise
+            found = None
+        if found is not None and (until is None or until(found) or time.monotonic() > deadline):
+            return found
+        time.sleep(0.2)
+
+
+def _read_offline_run(run_dir: Path) -> dict:
     (path,) = Path(run_dir).glob("run-*.wandb")
     config, history, artifacts = {}, [], []
     for r in iter_records(path):
