@@ -17,8 +17,9 @@ converted; ``photos/`` ImageNet-like photo crops as benchmarks/bench_pipelines.p
   batch 256, 2 workers, on the demo subset; the figures are the second epoch's training images/s as
   the run logged it (``epoch_images_per_s``: the first epoch carries start-up and FFCV's compile;
   with ``--e2e-epochs N`` the run has N epochs and the figure is the mean of epochs 2..N's, steadier
-  where one 3-second epoch swings by 20%) and the second epoch's evaluation's images/s (the demo subset's 1,000 val images over the time between the epoch's
-  last train record and its eval record, as the run's own clock wrote them).
+  where one 3-second epoch swings by 20%) and the second epoch's evaluation's images/s (the demo
+  subset's 1,000 val images over the time between that epoch's last train record and its eval
+  record, as the run's own clock wrote them).
 * ``parts``: in one process, each backend's stage 1 alone on the photos at 224 px (batch 64), the
   libraries' own stock pipelines on the same files (FFCV's ``Loader`` with its
   ``RandomResizedCropRGBImageDecoder`` and ``RandomHorizontalFlip``; DALI's
@@ -62,12 +63,12 @@ def e2e(backend: str, data: Path, scratch: Path, epochs: int = 2) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     per_epoch = [[r for r in records if r.get("epoch") == e and "epoch_images_per_s" in r][-1]
                  for e in range(1, epochs)]
-    last = per_epoch[0]
+    second = per_epoch[0]
     # the second epoch's evaluation, from the records' own clock: its record is written when it ends,
     # right after the epoch's last train record (the first evaluation also starts workers and compiles)
     evaluated = next(r for r in records if r.get("epoch") == 1 and "val_top1" in r)
     return {f"e2e training, {backend}": statistics.fmean(r["epoch_images_per_s"] for r in per_epoch),
-            f"evaluation, {backend}": evaluated["val_images"] / (evaluated["time"] - last["time"])}
+            f"evaluation, {backend}": evaluated["val_images"] / (evaluated["time"] - second["time"])}
 
 
 def _photo_cfg(backend: str, data: Path):
